@@ -1,0 +1,80 @@
+"""What a node's ``run(inputs, ctx)`` may use besides its inputs."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from graphsd.errors import RunInterrupted
+from graphsd.events import Event, Progress
+
+
+@dataclass
+class Settings:
+    """Plain settings an :class:`~graphsd.engine.Engine` is built from (JSON-friendly, so an
+    engine can be constructed in another process from them)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "output"
+    models_dir: str = "models"
+    plugins_dirs: list[str] = field(default_factory=list)
+    allow_pickle: bool = False
+    cache_budget_mb: float = 2048.0
+    ram_budget_mb: float | None = None
+    vram_budget_mb: float | None = None
+    load_entry_points: bool = True
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class Context:
+    """Per-node view of the engine.
+
+    - ``models``: the ModelManager (load components, ``use`` them on the device)
+    - ``device``: the compute device; ``settings``: the engine settings
+    - ``output_dir`` / ``models_dir``: resolved folders
+    - ``progress(value, total, **info)``: report progress (also checks for interruption)
+    - ``check_interrupted()``: raise :class:`RunInterrupted` if the run was interrupted
+    - ``workflow``: the workflow document being run (for embedding in saved images)
+    - ``samplers``: name → sampler factory registered through ``graphsd_register_samplers``
+    """
+
+    node_id: str
+    node_type: str
+    run_id: str
+    models: Any
+    device: torch.device
+    settings: Settings
+    workflow: dict[str, Any]
+    samplers: dict[str, Any]
+    emit: Callable[[Event], None]
+    interrupt_flag: threading.Event
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.settings.output_dir)
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.settings.models_dir)
+
+    def check_interrupted(self) -> None:
+        if self.interrupt_flag.is_set():
+            raise RunInterrupted(self.node_id)
+
+    def progress(self, value: int, total: int, **info: Any) -> None:
+        self.emit(Progress(run_id=self.run_id, node_id=self.node_id, value=value, total=total, info=info))
+        self.check_interrupted()
+
+    def wrote_file(self, path: str | Path) -> None:
+        """Record a file this node wrote (shown by the CLI, returned by the API)."""
+        self.files.append(str(path))

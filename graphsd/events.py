@@ -1,0 +1,123 @@
+"""Typed events emitted while a workflow runs.
+
+Every event is a small frozen dataclass with a ``kind`` string and plain-JSON fields, so the
+same objects feed the CLI progress display, the ``graphsd_event`` plugin hook, a Python
+callback, and (later) websocket messages of an HTTP server. ``to_dict()`` gives that JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    run_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class RunStart(Event):
+    """The plan is made: ``planned`` lists the node ids that will be visited, in order."""
+
+    kind: ClassVar[str] = "run_start"
+    planned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeCached(Event):
+    """A node's outputs came from the cache; it did not run."""
+
+    kind: ClassVar[str] = "node_cached"
+    node_id: str = ""
+    node_type: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class NodeStart(Event):
+    kind: ClassVar[str] = "node_start"
+    node_id: str = ""
+    node_type: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    """Progress inside a long node (denoise steps, training steps). ``info`` carries extras
+    such as the current training loss."""
+
+    kind: ClassVar[str] = "progress"
+    node_id: str = ""
+    value: int = 0
+    total: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeDone(Event):
+    kind: ClassVar[str] = "node_done"
+    node_id: str = ""
+    node_type: str = ""
+    duration_s: float = 0.0
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeError(Event):
+    """A node failed (``skipped`` lists the descendants that therefore did not run)."""
+
+    kind: ClassVar[str] = "node_error"
+    node_id: str = ""
+    node_type: str = ""
+    message: str = ""
+    error_type: str = ""
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheEvent(Event):
+    """A decision of the output cache: ``action`` is ``hit``, ``miss``, ``store`` or ``evict``."""
+
+    kind: ClassVar[str] = "cache"
+    action: str = ""
+    key: str = ""
+    node_id: str = ""
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelEvent(Event):
+    """A ModelManager decision: ``action`` is ``load``, ``reuse``, ``place`` (to the compute
+    device), ``offload`` (back to CPU), ``evict`` (dropped from RAM) or ``oom_retry``."""
+
+    kind: ClassVar[str] = "model"
+    action: str = ""
+    key: str = ""
+    device: str = ""
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class Interrupted(Event):
+    kind: ClassVar[str] = "interrupted"
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class RunDone(Event):
+    """``status`` is ``success``, ``failed`` (some node failed) or ``interrupted``."""
+
+    kind: ClassVar[str] = "run_done"
+    status: str = "success"
+    executed: tuple[str, ...] = ()
+    cached: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    duration_s: float = 0.0
+
+
+EventCallback = Callable[[Event], None]

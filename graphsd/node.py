@@ -1,0 +1,191 @@
+"""The Node contract.
+
+A node type is one class::
+
+    class Invert(Node):
+        type = "InvertImage"
+        category = "image"
+        description = "Invert the colours of an image."
+
+        class Inputs(NodeIO):
+            image: Image = Field(description="Image to invert")
+            amount: float = Field(1.0, ge=0.0, le=1.0, description="0 = unchanged, 1 = inverted")
+
+        class Outputs(NodeIO):
+            image: Image
+
+        def run(self, inputs, ctx):
+            p = inputs.image.pixels
+            return self.Outputs(image=Image(p + (1 - 2 * p) * inputs.amount))
+
+plus one line in a ``graphsd_register_nodes`` hook implementation returning it. ``run`` is a
+pure function of its inputs and the context: nodes keep no state between runs and hold no
+weights (models come from ``ctx.models``). Inputs declared with a :class:`~graphsd.types.Socket`
+type only accept links; plain types (int, float, str, bool, ``Literal[...]``) accept a literal
+or a link of the same type. Defaults, ranges (``ge``/``le``/``gt``/``lt``), enums
+(``Literal``) and descriptions declared on the fields are what validation checks and what
+``graphsd nodes`` and :meth:`Node.schema` export.
+"""
+
+from __future__ import annotations
+
+import types as _pytypes
+import typing
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic.fields import FieldInfo
+
+from graphsd.types import Socket
+
+if TYPE_CHECKING:
+    from graphsd.executor import Context
+
+_NONE_TYPE = type(None)
+
+
+class NodeIO(BaseModel):
+    """Base for a node's ``Inputs`` and ``Outputs`` models."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", frozen=False)
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = get_origin(annotation)
+    if origin in (Union, _pytypes.UnionType):
+        args = [a for a in get_args(annotation) if a is not _NONE_TYPE]
+        optional = len(args) < len(get_args(annotation))
+        if len(args) == 1:
+            return args[0], optional
+    return annotation, False
+
+
+def socket_class(annotation: Any) -> type[Socket] | None:
+    """The Socket subclass an annotation names (through Optional), or None for literals."""
+    inner, _ = _strip_optional(annotation)
+    if isinstance(inner, type) and issubclass(inner, Socket):
+        return inner
+    return None
+
+
+def type_label(annotation: Any) -> str:
+    """Short human name of a field type: ``Latent``, ``int``, ``choice``..."""
+    inner, optional = _strip_optional(annotation)
+    if isinstance(inner, type) and issubclass(inner, Socket):
+        name = inner.type_name()
+    elif get_origin(inner) is Literal:
+        name = "choice"
+    elif isinstance(inner, type):
+        name = inner.__name__
+    else:
+        name = str(inner).replace("typing.", "")
+    return f"{name}?" if optional else name
+
+
+def types_compatible(out_annotation: Any, in_annotation: Any) -> bool:
+    """Can an output declared ``out_annotation`` feed an input declared ``in_annotation``?"""
+    out_sock, in_sock = socket_class(out_annotation), socket_class(in_annotation)
+    if out_sock or in_sock:
+        return bool(out_sock and in_sock and issubclass(out_sock, in_sock))
+    out_t, _ = _strip_optional(out_annotation)
+    in_t, _ = _strip_optional(in_annotation)
+    if in_t is Any or out_t is Any or out_t == in_t:
+        return True
+    if get_origin(in_t) is Literal:
+        return out_t is str or get_origin(out_t) is Literal
+    if in_t is float and out_t is int:
+        return True
+    return False
+
+
+class Node:
+    """Base class of every node type (see the module docstring for the contract)."""
+
+    #: Unique name used in workflow files (``type: CheckpointLoader``).
+    type: ClassVar[str]
+    #: Menu/grouping name (``loaders``, ``sampling``, ``image``, ...).
+    category: ClassVar[str] = "misc"
+    #: One or two sentences for ``graphsd nodes`` and the docs.
+    description: ClassVar[str] = ""
+    #: Bump when the implementation changes what it computes: old cache entries stop matching.
+    version: ClassVar[int] = 1
+    #: False for nodes whose result must never be reused (e.g. reading a clock or a camera).
+    cacheable: ClassVar[bool] = True
+    #: True for sinks (SaveImage, ...): they are what a run executes when no output is chosen.
+    output_node: ClassVar[bool] = False
+
+    Inputs: ClassVar[type[NodeIO]] = NodeIO
+    Outputs: ClassVar[type[NodeIO]] = NodeIO
+
+    def run(self, inputs: Any, ctx: "Context") -> NodeIO:  # pragma: no cover - abstract
+        raise NotImplementedError(f"node type {self.type!r} does not implement run()")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: "Context") -> str:
+        """Extra cache identity beyond the literal inputs, e.g. the size and mtime of a file a
+        loader reads, so that replacing the file invalidates the cache. Default: nothing."""
+        return ""
+
+    # ---- introspection -------------------------------------------------------------------
+    @classmethod
+    def input_fields(cls) -> dict[str, FieldInfo]:
+        return dict(cls.Inputs.model_fields)
+
+    @classmethod
+    def output_fields(cls) -> dict[str, FieldInfo]:
+        return dict(cls.Outputs.model_fields)
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        """A JSON-serialisable description of the node (for ``graphsd nodes --json`` and the
+        future HTTP API's ``/object_info``)."""
+        return {
+            "type": cls.type,
+            "category": cls.category,
+            "description": cls.description,
+            "version": cls.version,
+            "cacheable": cls.cacheable,
+            "output_node": cls.output_node,
+            "inputs": {name: field_schema(f) for name, f in cls.input_fields().items()},
+            "outputs": {
+                name: {"type": type_label(f.annotation), "description": f.description or ""}
+                for name, f in cls.output_fields().items()
+            },
+        }
+
+
+def field_schema(f: FieldInfo) -> dict[str, Any]:
+    inner, _ = _strip_optional(f.annotation)
+    out: dict[str, Any] = {
+        "type": type_label(f.annotation),
+        "required": f.is_required(),
+        "link_only": socket_class(f.annotation) is not None,
+        "description": f.description or "",
+    }
+    if not f.is_required():
+        default = f.get_default(call_default_factory=True)
+        out["default"] = default if isinstance(default, (int, float, str, bool, type(None))) else repr(default)
+    for m in f.metadata:
+        if isinstance(m, Ge):
+            out["min"] = m.ge
+        elif isinstance(m, Gt):
+            out["min_exclusive"] = m.gt
+        elif isinstance(m, Le):
+            out["max"] = m.le
+        elif isinstance(m, Lt):
+            out["max_exclusive"] = m.lt
+    if get_origin(inner) is Literal:
+        out["choices"] = list(get_args(inner))
+    return out
+
+
+_ADAPTERS: dict[int, TypeAdapter] = {}
+
+
+def literal_adapter(f: FieldInfo) -> TypeAdapter:
+    """A pydantic validator for one literal field, constraints included."""
+    key = id(f)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = TypeAdapter(typing.Annotated[f.annotation, f], config=ConfigDict(arbitrary_types_allowed=True, strict=False))
+    return _ADAPTERS[key]

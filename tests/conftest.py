@@ -1,0 +1,8 @@
+"""Shared test set-up: no network, ever."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("GRAPHSD_NO_ENTRY_POINTS", "")
