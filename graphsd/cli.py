@@ -1,0 +1,220 @@
+"""The ``graphsd`` command: run | validate | nodes | plugins.
+
+Exit codes: 0 success, 1 a node failed, 2 a user mistake (bad workflow, bad option), 130
+interrupted. User mistakes are printed as messages, never as tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import warnings
+from typing import Any
+
+from graphsd.context import Settings
+from graphsd.errors import GraphsdError, Issue, WorkflowError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    from graphsd.workflow import parse_set_value
+
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise WorkflowError([Issue(f"--set expects key=value, got '{pair}'", code="usage")])
+        key, value = pair.split("=", 1)
+        params[key.strip()] = parse_set_value(value)
+    return params
+
+
+def _engine(args: argparse.Namespace):
+    from graphsd.engine import Engine
+
+    settings = Settings(
+        device=getattr(args, "device", "auto"),
+        output_dir=getattr(args, "output_dir", "output"),
+        models_dir=getattr(args, "models_dir", "models"),
+        plugins_dirs=list(args.plugins_dir or []),
+        allow_pickle=getattr(args, "allow_pickle", False),
+        vram_budget_mb=getattr(args, "vram_budget", None),
+    )
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        engine = Engine(settings)
+    for w in engine.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return engine
+
+
+def _print_issues(err: WorkflowError, source: str) -> None:
+    print(f"{source}: {len(err.issues)} problem{'s' if len(err.issues) != 1 else ''}:", file=sys.stderr)
+    for issue in err.issues:
+        print(f"  - {issue}", file=sys.stderr)
+
+
+class _Display:
+    """Per-node and per-step progress on stderr (a tqdm bar for steps)."""
+
+    def __init__(self, total_nodes: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total_nodes
+        self.done = 0
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        kind = event.kind
+        if kind == "run_start":
+            self.total = len(event.planned)
+        elif kind in ("node_start", "node_cached"):
+            self.done += 1
+            state = "cached" if kind == "node_cached" else "run"
+            print(f"[{self.done}/{self.total}] {event.node_id} ({event.node_type}) {state}", file=sys.stderr)
+        elif kind == "progress":
+            if self.bar is None or self.bar.total != event.total:
+                self._close()
+                self.bar = tqdm(total=event.total, file=sys.stderr, leave=False, desc=event.node_id, dynamic_ncols=True)
+            self.bar.n = event.value
+            if event.info:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.info.items()}, refresh=False)
+            self.bar.refresh()
+        elif kind in ("node_done", "node_error", "run_done", "interrupted"):
+            self._close()
+            if kind == "node_error":
+                print(f"  error in {event.node_id} ({event.node_type}): {event.message}", file=sys.stderr)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = _parse_sets(args.set or [])
+    engine = _engine(args)
+    graph = engine.load(args.workflow, params)
+    display = _Display(0, enabled=not args.quiet)
+
+    def on_sigint(signum, frame):
+        engine.interrupt()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupting (Ctrl-C again to abort at once)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = engine.run(graph, outputs=args.output or None, on_event=display)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for path in result.files:
+            print(path)
+        for failure in result.errors:
+            print(f"error: {failure}", file=sys.stderr)
+            if args.verbose and failure.traceback:
+                print(failure.traceback, file=sys.stderr)
+        if result.status == "interrupted":
+            print("interrupted", file=sys.stderr)
+    return {"success": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[result.status]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    params = _parse_sets(args.set or [])
+    engine = _engine(args)
+    graph = engine.load(args.workflow, params)
+    print(f"{args.workflow}: ok ({len(graph.nodes)} nodes)")
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    schemas = [engine.nodes[name].schema() for name in sorted(engine.nodes)]
+    if args.json:
+        print(json.dumps(schemas, indent=2, default=str))
+        return EXIT_OK
+    for s in schemas:
+        print(f"{s['type']}  [{s['category']}]  {s['description']}")
+        for name, f in s["inputs"].items():
+            extra = []
+            if "default" in f:
+                extra.append(f"default {f['default']!r}")
+            if "min" in f or "max" in f:
+                extra.append(f"range {f.get('min', '-inf')}..{f.get('max', 'inf')}")
+            if "choices" in f:
+                extra.append("one of " + ", ".join(map(str, f["choices"])))
+            req = "required" if f["required"] else ", ".join(extra)
+            print(f"    in  {name}: {f['type']} ({req}) {f['description']}")
+        for name, f in s["outputs"].items():
+            print(f"    out {name}: {f['type']} {f['description']}")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    for info in engine.registry.plugins:
+        status = f"FAILED: {info.error}" if info.error else f"{len(info.nodes)} nodes"
+        print(f"{info.name}  ({info.source})  {status}")
+        for n in info.nodes:
+            print(f"    {n}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphsd", description="Run Stable-Diffusion-style workflows as graphs of typed nodes.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugins-dir", action="append", metavar="DIR", help="extra plugins directory (repeatable; also GRAPHSD_PLUGINS_DIR)")
+    common.add_argument("--models-dir", default="models", metavar="DIR", help="where model names resolve (default ./models)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="run a workflow (YAML, JSON, ComfyUI API prompt, or a PNG that carries one)")
+    run.add_argument("workflow")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param (repeatable)")
+    run.add_argument("--output", action="append", metavar="NODE", help="run only this output node and what it needs (repeatable)")
+    run.add_argument("--output-dir", default="output", metavar="DIR", help="where files are written (default ./output)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    run.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU (model offload)")
+    run.add_argument("--allow-pickle", action="store_true", help="allow pickle-based model files (.ckpt/.pt/.bin), loaded with weights_only")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    run.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of unexpected node errors")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", parents=[common], help="check a workflow without running it")
+    val.add_argument("workflow")
+    val.add_argument("--set", action="append", metavar="KEY=VALUE")
+    val.set_defaults(func=cmd_validate)
+
+    nodes = sub.add_parser("nodes", parents=[common], help="list node types with their inputs and outputs")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
+
+    plugins = sub.add_parser("plugins", parents=[common], help="list plugins and the nodes they provide")
+    plugins.set_defaults(func=cmd_plugins)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except WorkflowError as err:
+        _print_issues(err, getattr(args, "workflow", "graphsd"))
+        return EXIT_USAGE
+    except GraphsdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The Engine: plugins, the output cache and the ModelManager, kept warm across runs.
+
+    engine = Engine(Settings(output_dir="out"))
+    result = engine.run("workflows/txt2img.yaml", params={"seed": 7})
+    result.files        # ['out/txt2img_00001.png']
+
+An Engine is built from plain :class:`~graphsd.context.Settings`, so another process (a server
+worker) can construct an identical one.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from graphsd.cache import OutputCache
+from graphsd.context import Settings
+from graphsd.events import Event
+from graphsd.executor import Execution, RunResult, plan
+from graphsd.graph import Graph, build_graph
+from graphsd.models.manager import KeepOnDevice, ModelManager, ModelOffload
+from graphsd.plugins import load_plugins
+from graphsd.workflow import read_document
+
+MB = 1024 * 1024
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None, **overrides: Any):
+        self.settings = settings or Settings()
+        for name, value in overrides.items():
+            if not hasattr(self.settings, name):
+                raise TypeError(f"unknown engine setting '{name}'")
+            setattr(self.settings, name, value)
+        s = self.settings
+        self.device = s.resolved_device()
+        self.warnings: list[str] = []
+        self.pm, self.registry = load_plugins(s.plugins_dirs, load_entry_points=s.load_entry_points)
+        for w in self.registry.warnings:
+            self.warn(w)
+        self.cache = OutputCache(int(s.cache_budget_mb * MB))
+        strategy = ModelOffload(int(s.vram_budget_mb * MB)) if s.vram_budget_mb else KeepOnDevice()
+        ram = int(s.ram_budget_mb * MB) if s.ram_budget_mb else None
+        self.models = ModelManager(self.device, ram_budget=ram, strategy=strategy)
+        self._interrupt = threading.Event()
+        self._lock = threading.Lock()
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, stacklevel=2)
+
+    @property
+    def nodes(self) -> dict[str, type]:
+        return self.registry.nodes
+
+    def load(self, workflow: str | Path | dict, params: dict[str, Any] | None = None) -> Graph:
+        """Read and validate a workflow (raises WorkflowError listing every problem)."""
+        return build_graph(read_document(workflow), self.registry.nodes, params)
+
+    def run(
+        self,
+        workflow: str | Path | dict | Graph,
+        params: dict[str, Any] | None = None,
+        outputs: list[str] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> RunResult:
+        """Validate and run a workflow. Only ``outputs`` (node ids) and their ancestors run;
+        by default every output node. Raises WorkflowError for an invalid workflow; node
+        failures are reported in the returned result, not raised."""
+        graph = workflow if isinstance(workflow, Graph) else self.load(workflow, params)
+        order, targets = plan(graph, outputs)
+        with self._lock:
+            self._interrupt.clear()
+            return Execution(self, graph, on_event, self._interrupt).run(order, targets)
+
+    def interrupt(self) -> None:
+        """Stop the current run between nodes or between steps of a long node."""
+        self._interrupt.set()
+
+
+_default_engine: Engine | None = None
+
+
+def run_workflow(
+    workflow: str | Path | dict,
+    params: dict[str, Any] | None = None,
+    outputs: list[str] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    **settings: Any,
+) -> RunResult:
+    """Run a workflow file or dict. Without settings, a process-wide Engine is reused so models
+    and cached outputs stay warm between calls (notebooks); with settings, a new Engine is made."""
+    global _default_engine
+    if settings:
+        return Engine(Settings(**settings)).run(workflow, params, outputs, on_event)
+    if _default_engine is None:
+        _default_engine = Engine()
+    return _default_engine.run(workflow, params, outputs, on_event)

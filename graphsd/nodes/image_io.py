@@ -1,0 +1,110 @@
+"""LoadImage and SaveImage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from PIL import PngImagePlugin, UnidentifiedImageError
+from pydantic import Field
+
+from graphsd.errors import NodeError
+from graphsd.node import Node, NodeIO
+from graphsd.paths import safe_output_path, write_numbered
+from graphsd.types import Image, Mask
+from graphsd.workflow import PNG_WORKFLOW_KEY
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Size and modification time of a file (or every file below a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return ";".join(f"{f.relative_to(p)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"missing:{p}"
+
+
+def pil_to_image(im: PILImage.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL image -> (pixels [1,H,W,3] in [0,1], mask [1,H,W]: 1 where transparent)."""
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+    pixels = torch.from_numpy(rgba[..., :3].copy()).unsqueeze(0)
+    mask = 1.0 - torch.from_numpy(rgba[..., 3].copy()).unsqueeze(0)
+    return pixels, mask
+
+
+def image_to_pil(pixels: torch.Tensor) -> PILImage.Image:
+    """One image [H,W,C] in [0,1] -> 8-bit PIL image (rounded, clamped)."""
+    arr = (pixels.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return PILImage.fromarray(arr)
+
+
+class LoadImage(Node):
+    type = "LoadImage"
+    category = "image"
+    description = "Read an image file (PNG, JPEG, WebP, ...) as an RGB image and its alpha as a mask."
+
+    class Inputs(NodeIO):
+        path: str = Field(description="Image file to read (absolute, or relative to the working directory)")
+
+    class Outputs(NodeIO):
+        image: Image = Field(description="RGB pixels in [0, 1]")
+        mask: Mask = Field(description="1 where the image is transparent, 0 where opaque")
+
+    @classmethod
+    def fingerprint(cls, literals, ctx):
+        return file_fingerprint(literals.get("path", ""))
+
+    def run(self, inputs, ctx):
+        path = Path(inputs.path)
+        if not path.is_file():
+            raise NodeError(f"image file '{path}' does not exist", field="path")
+        try:
+            with PILImage.open(path) as im:
+                pixels, mask = pil_to_image(im)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise NodeError(f"'{path}' is not a readable image ({exc})", field="path") from None
+        return self.Outputs(image=Image(pixels), mask=Mask(mask))
+
+
+class SaveImage(Node):
+    type = "SaveImage"
+    category = "image"
+    description = (
+        "Write each image of a batch as a PNG into the output directory, numbered "
+        "<prefix>_00001.png, ... without overwriting, with the workflow embedded as PNG text "
+        "(so `graphsd run image.png` runs it again). Writes are atomic."
+    )
+    output_node = True
+
+    class Inputs(NodeIO):
+        image: Image = Field(description="Images to save")
+        prefix: str = Field("graphsd", min_length=1, description="File name prefix; may name a sub-folder ('portraits/face'); must stay inside the output directory")
+        embed_workflow: bool = Field(True, description="Embed the workflow (with its params) as PNG text metadata")
+
+    class Outputs(NodeIO):
+        paths: list[str] = Field(description="Paths of the written files")
+
+    def run(self, inputs, ctx):
+        target = safe_output_path(ctx.output_dir, inputs.prefix, field="prefix")
+        info = PngImagePlugin.PngInfo()
+        if inputs.embed_workflow:
+            info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, sort_keys=True))
+        paths = []
+        for pixels in inputs.image.pixels:
+            ctx.check_interrupted()
+            pil = image_to_pil(pixels)
+            path = write_numbered(target.parent, target.name, ".png", lambda tmp: pil.save(tmp, format="PNG", pnginfo=info))
+            ctx.wrote_file(path)
+            paths.append(str(path))
+        return self.Outputs(paths=paths)
+
+
+NODES = [LoadImage, SaveImage]

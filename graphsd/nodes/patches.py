@@ -1,0 +1,179 @@
+"""Style patches: LoraLoader and HypernetworkLoader.
+
+Both return new model handles with one more patch recorded (``ref.with_patches(patch)``); the
+shared weights held by the ModelManager are only modified inside ``ctx.models.use(...)`` and
+restored bit for bit afterwards, so branches with and without a patch can share one checkpoint,
+and changing a strength never reloads the base model. The patch files themselves are loaded
+once per engine through the ModelManager (keyed by the file's fingerprint).
+
+Files are found, in order, among the built-in ones (``graphsd/models/builtin/loras/`` or
+``.../hypernetworks/``), under ``<models_dir>/loras/`` (or ``hypernetworks/``), then as a path;
+a name without a suffix also tries ``.safetensors`` (LoRA) or ``.pt`` (hypernetwork).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from graphsd.errors import NodeError
+from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
+from graphsd.models.lora import LoraFormatError, LoraPatch, file_fingerprint, guess_family, load_lora, match_lora
+from graphsd.node import Node, NodeIO
+from graphsd.types import Clip, UNet
+
+log = logging.getLogger("graphsd.patches")
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin"
+SUFFIXES = {"loras": (".safetensors", ".pt", ".ckpt", ".bin"), "hypernetworks": (".pt", ".safetensors")}
+
+
+def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None:
+    """The file ``name`` refers to for ``kind`` ("loras" or "hypernetworks"), or None."""
+    if not name.strip():
+        return None
+    folders = [BUILTIN_DIR / kind, Path(models_dir) / kind, Path(".")]
+    for folder in folders:
+        base = folder / name
+        for candidate in (base, *(base.with_name(base.name + s) for s in SUFFIXES[kind])):
+            if candidate.is_file():
+                return candidate.resolve()
+    return None
+
+
+def _require_file(name: str, kind: str, ctx: Any, field: str) -> Path:
+    path = find_patch_file(name, kind, ctx.models_dir)
+    if path is None:
+        raise NodeError(
+            f"{kind[:-1]} file {name!r} not found: looked in the built-in {kind} "
+            f"({', '.join(available(kind, ctx.models_dir)) or 'none'}), in {Path(ctx.models_dir) / kind}, "
+            "and as a path. Put the file there or give its path",
+            field=field,
+        )
+    return path
+
+
+def available(kind: str, models_dir: str | Path) -> list[str]:
+    """Names of the patch files of ``kind`` that ship with graphsd or sit under models_dir."""
+    names = []
+    for folder in (BUILTIN_DIR / kind, Path(models_dir) / kind):
+        if folder.is_dir():
+            names += sorted(p.name for p in folder.iterdir() if p.suffix in SUFFIXES[kind])
+    return names
+
+
+def _file_identity(name: str, kind: str, ctx: Any) -> str:
+    path = find_patch_file(name, kind, ctx.models_dir)
+    return file_fingerprint(path) if path is not None else "missing"
+
+
+def _allow_pickle(inputs: Any, ctx: Any) -> bool:
+    return bool(inputs.allow_pickle or ctx.settings.allow_pickle)
+
+
+class LoraLoader(Node):
+    type = "LoraLoader"
+    category = "loaders"
+    description = (
+        "Apply a LoRA (kohya/A1111, PEFT/diffusers, LyCORIS LoHa/LoKr) to a U-Net and its text "
+        "encoder(s) with separate strengths; the base model is not reloaded or copied."
+    )
+
+    class Inputs(NodeIO):
+        unet: UNet = Field(description="U-Net to patch")
+        clip: Clip = Field(description="Text encoder(s) to patch")
+        lora: str = Field(description="LoRA file: a built-in name, a name under <models_dir>/loras, or a path")
+        strength_model: float = Field(1.0, ge=-100.0, le=100.0, description="Strength on the U-Net (0 = off, negative inverts)")
+        strength_clip: float = Field(1.0, ge=-100.0, le=100.0, description="Strength on the text encoder(s)")
+        allow_pickle: bool = Field(False, description="Also read pickle files (.pt/.ckpt), with torch.load(weights_only=True)")
+
+    class Outputs(NodeIO):
+        unet: UNet = Field(description="The U-Net with the LoRA recorded on it")
+        clip: Clip = Field(description="The text encoder(s) with the LoRA recorded on them")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+        return _file_identity(str(literals.get("lora", "")), "loras", ctx)
+
+    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+        path = _require_file(inputs.lora, "loras", ctx, "lora")
+        try:
+            key = ctx.models.load(f"lora:{file_fingerprint(path)}", lambda: load_lora(path, _allow_pickle(inputs, ctx)))
+        except LoraFormatError as exc:
+            raise NodeError(str(exc), field="lora") from None
+        lora = ctx.models.get(key)
+        components = {"unet": ctx.models.get(inputs.unet.keys["unet"])}
+        components.update({r: ctx.models.get(inputs.clip.keys[r]) for r in ("text_encoder", "text_encoder_2") if r in inputs.clip.keys})
+        match = match_lora(lora, components)
+        if match.matched == 0:
+            raise NodeError(
+                f"LoRA {path.name!r} matches none of the model's layers: it seems made for "
+                f"{guess_family(lora)}, the model is {inputs.unet.family} "
+                f"(context width {inputs.unet.info.get('cross_attention_dim')}). Use a LoRA for this model",
+                field="lora",
+            )
+        if match.unmatched:
+            log.warning("LoRA %s: %d layers matched, %d keys unmatched (e.g. %s)", path.name, match.matched,
+                        len(match.unmatched), ", ".join(match.unmatched[:5]))
+        ctx.progress(1, 1, lora=path.name, matched=match.matched, unmatched=len(match.unmatched),
+                     unmatched_keys=match.unmatched[:20])
+        unet_layers = {r: v for r, v in match.layers.items() if r == "unet"}
+        clip_layers = {r: v for r, v in match.layers.items() if r != "unet"}
+        unet, clip = inputs.unet, inputs.clip
+        if unet_layers and inputs.strength_model != 0.0:
+            unet = unet.with_patches(LoraPatch(lora, unet_layers, {"unet": inputs.strength_model}))
+        if clip_layers and inputs.strength_clip != 0.0:
+            clip = clip.with_patches(LoraPatch(lora, clip_layers, {r: inputs.strength_clip for r in clip_layers}))
+        return self.Outputs(unet=unet, clip=clip)
+
+
+class HypernetworkLoader(Node):
+    type = "HypernetworkLoader"
+    category = "loaders"
+    description = (
+        "Apply an A1111 hypernetwork (.pt) to a U-Net: small MLPs transform the attention context "
+        "before the key and value projections, scaled by strength."
+    )
+
+    class Inputs(NodeIO):
+        unet: UNet = Field(description="U-Net to patch")
+        hypernetwork: str = Field(description="Hypernetwork file: a built-in name, a name under <models_dir>/hypernetworks, or a path")
+        strength: float = Field(1.0, ge=-10.0, le=10.0, description="Multiplier of the nets' outputs (0 = off)")
+        allow_pickle: bool = Field(
+            False,
+            description="Read the .pt file (pickle) with torch.load(weights_only=True); also allowed by settings.allow_pickle",
+        )
+
+    class Outputs(NodeIO):
+        unet: UNet = Field(description="The U-Net with the hypernetwork recorded on it")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+        return _file_identity(str(literals.get("hypernetwork", "")), "hypernetworks", ctx)
+
+    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+        path = _require_file(inputs.hypernetwork, "hypernetworks", ctx, "hypernetwork")
+        fingerprint = file_fingerprint(path)
+        try:
+            key = ctx.models.load(f"hypernetwork:{fingerprint}", lambda: load_hypernetwork(path, _allow_pickle(inputs, ctx)))
+        except HypernetworkFormatError as exc:
+            raise NodeError(str(exc), field="hypernetwork") from None
+        hn = ctx.models.get(key)
+        widths = sorted({a.to_k.in_features for a in attention_layers(ctx.models.get(inputs.unet.keys["unet"]))})
+        used = [w for w in hn.widths if w in widths]
+        if not used:
+            raise NodeError(
+                f"hypernetwork {path.name!r} has nets for context widths {hn.widths}, but this "
+                f"{inputs.unet.family} U-Net's attention layers take widths {widths}: it was made for another model",
+                field="hypernetwork",
+            )
+        ctx.progress(1, 1, hypernetwork=path.name, widths=used, unused_widths=[w for w in hn.widths if w not in widths])
+        if inputs.strength == 0.0:
+            return self.Outputs(unet=inputs.unet)
+        return self.Outputs(unet=inputs.unet.with_patches(HypernetworkPatch(hn, fingerprint, inputs.strength)))
+
+
+NODES = [LoraLoader, HypernetworkLoader]

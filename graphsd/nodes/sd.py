@@ -1,0 +1,319 @@
+"""Stable Diffusion nodes: load a checkpoint, make noise and latents, denoise, and go between
+pixels and latents with the VAE.
+
+A text-to-image chain is ``CheckpointLoader → TextEncode (×2) → LatentNoise →
+UNetDenoiseLoop → VAEDecode``; image-to-image adds ``VAEEncode`` and feeds its latent to both
+``LatentNoise`` (for the shape) and ``UNetDenoiseLoop`` (as the start latent, with
+``denoise`` < 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from graphsd.errors import GraphsdError, NodeError
+from graphsd.models.loading import load_checkpoint, path_fingerprint, resolve_model_path
+from graphsd.node import Node, NodeIO
+from graphsd.sampling.loop import DenoiseError, DenoiseSettings, denoise
+from graphsd.sampling.schedulers import UnsupportedSchedule
+from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae
+
+#: Pixels per latent cell of Stable Diffusion VAEs (SD1, SD2, SDXL).
+LATENT_DOWNSCALE = 8
+MAX_SEED = 2**64 - 1
+BUILTIN_SAMPLERS = "euler, euler_ancestral, heun, ddim, lms, dpmpp_2m, dpmpp_2m_sde, unipc"
+
+
+class CheckpointLoader(Node):
+    type = "CheckpointLoader"
+    category = "loaders"
+    description = (
+        "Load a Stable Diffusion checkpoint (SD1.x, SD2.x, SDXL base or refiner): a diffusers model "
+        "folder or a single .safetensors file, offline. Each component is loaded once per engine and "
+        "shared by every node that uses it."
+    )
+
+    class Inputs(NodeIO):
+        path: str = Field(
+            description=(
+                "Model to load: a built-in name (graphsd-tiny), a name under the models folder "
+                "(models/<name> or models/checkpoints/<name>), or a path to a diffusers folder "
+                "(with model_index.json) or a single .safetensors file"
+            )
+        )
+        dtype: Literal["fp32", "fp16", "bf16"] = Field(
+            "fp32", description="Weight precision: fp32 (exact, CPU-friendly), fp16 or bf16 (half the memory, GPU)"
+        )
+        allow_pickle: bool = Field(
+            False,
+            description=(
+                "Allow pickle-based files (.ckpt, .pt, .bin), loaded with torch.load(weights_only=True). "
+                "Only for files you trust; the engine setting allow_pickle allows them everywhere"
+            ),
+        )
+
+    class Outputs(NodeIO):
+        unet: UNet = Field(description="The noise-prediction U-Net, with its scheduler config")
+        clip: Clip = Field(description="Tokenizer(s) and text encoder(s)")
+        vae: Vae = Field(description="The VAE that maps pixels to latents and back")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+        """The resolved model's path, file sizes and mtimes: a replaced file is a new model."""
+        path = literals.get("path")
+        if not isinstance(path, str):
+            return ""
+        try:
+            return path_fingerprint(resolve_model_path(path, ctx.models_dir))
+        except GraphsdError:
+            return "missing"
+
+    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+        allow_pickle = inputs.allow_pickle or ctx.settings.allow_pickle
+        try:
+            path = resolve_model_path(inputs.path, ctx.models_dir)
+            loaded = load_checkpoint(ctx.models, path, inputs.dtype, allow_pickle=allow_pickle)
+        except NodeError:
+            raise
+        except GraphsdError as e:
+            raise NodeError(str(e), field="path") from None
+        return self.Outputs(unet=loaded.unet, clip=loaded.clip, vae=loaded.vae)
+
+
+def _latent_size(width: int, height: int) -> tuple[int, int]:
+    return height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE
+
+
+class LatentNoise(Node):
+    type = "LatentNoise"
+    category = "latent"
+    description = (
+        "Seeded Gaussian noise for the denoise loop. Drawn on the CPU, so a seed gives the same "
+        "noise on every device. Batch item i uses its own generator seeded with seed + i (so item i "
+        "of a batch equals a batch of one with seed + i, and batch 1 matches diffusers given "
+        "torch.Generator().manual_seed(seed)); ancestral and SDE samplers continue those generators."
+    )
+
+    class Inputs(NodeIO):
+        seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (same seed → same noise, on any device)")
+        width: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image width in pixels (multiple of 8)")
+        height: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image height in pixels (multiple of 8)")
+        batch_size: int = Field(1, ge=1, le=64, description="Number of images")
+        channels: int = Field(4, ge=1, le=64, description="Latent channels (4 for SD1, SD2 and SDXL)")
+        latent: Latent | None = Field(
+            None, description="Optional: copy the shape (batch, channels, size) of this latent instead of width/height/batch_size"
+        )
+
+    class Outputs(NodeIO):
+        noise: Noise = Field(description="Unit-variance noise [batch, channels, height/8, width/8] and its generators' state")
+
+    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+        if inputs.latent is not None:
+            batch, channels, h, w = inputs.latent.samples.shape
+        else:
+            batch, channels = inputs.batch_size, inputs.channels
+            h, w = _latent_size(inputs.width, inputs.height)
+        gens = [torch.Generator("cpu").manual_seed((inputs.seed + i) % (MAX_SEED + 1)) for i in range(batch)]
+        samples = torch.cat([torch.randn((1, channels, h, w), generator=g, dtype=torch.float32) for g in gens])
+        state = torch.stack([g.get_state() for g in gens])
+        return self.Outputs(noise=Noise(samples=samples, seed=inputs.seed, generator_state=state))
+
+
+class EmptyLatent(Node):
+    type = "EmptyLatent"
+    category = "latent"
+    description = "An all-zero latent of a given size: a shape to start text-to-image from."
+
+    class Inputs(NodeIO):
+        width: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image width in pixels (multiple of 8)")
+        height: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image height in pixels (multiple of 8)")
+        batch_size: int = Field(1, ge=1, le=64, description="Number of images")
+        channels: int = Field(4, ge=1, le=64, description="Latent channels (4 for SD1, SD2 and SDXL)")
+
+    class Outputs(NodeIO):
+        latent: Latent = Field(description="Zeros [batch, channels, height/8, width/8]")
+
+    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+        h, w = _latent_size(inputs.width, inputs.height)
+        return self.Outputs(latent=Latent(torch.zeros(inputs.batch_size, inputs.channels, h, w)))
+
+
+class UNetDenoiseLoop(Node):
+    type = "UNetDenoiseLoop"
+    category = "sampling"
+    description = (
+        "Denoise with the U-Net and a sampler, with classifier-free guidance. Without a start latent "
+        "it is text-to-image; with one it is image-to-image (denoise < 1 keeps part of it). "
+        "start_step/end_step split one schedule between models (SDXL base → refiner). Same numbers "
+        "as diffusers' Stable Diffusion pipelines."
+    )
+
+    class Inputs(NodeIO):
+        unet: UNet = Field(description="The U-Net (from CheckpointLoader, possibly patched by LoRA)")
+        positive: Conditioning = Field(description="What the image should show (TextEncode)")
+        negative: Conditioning | None = Field(
+            None, description="What to steer away from; without it (or with cfg 1) guidance is off and each step is one U-Net pass"
+        )
+        noise: Noise = Field(description="Initial noise (LatentNoise); its generators also feed ancestral/SDE samplers")
+        latent: Latent | None = Field(
+            None, description="Start latent for image-to-image or to continue a partly denoised latent; none = text-to-image"
+        )
+        steps: int = Field(20, ge=1, le=1000, description="Steps of the full schedule")
+        cfg: float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale (1 = no guidance)")
+        sampler: str = Field("euler", description=f"Sampler name: {BUILTIN_SAMPLERS}, or one a plugin registers")
+        schedule: Literal["normal", "karras"] = Field(
+            "normal", description="Noise levels: normal (the model's own spacing) or karras (Karras et al. 2022)"
+        )
+        denoise: float = Field(
+            1.0, ge=0.0, le=1.0, description="Image-to-image strength: run the last int(steps*denoise) steps (1 = all of them)"
+        )
+        start_step: int = Field(0, ge=0, le=10000, description="Skip the schedule's first start_step steps (needs a start latent)")
+        end_step: int = Field(10000, ge=1, le=10000, description="Stop before this step (≥ steps: run to the end)")
+        add_noise: bool = Field(
+            True, description="Add noise to the start latent; turn off to continue a partly denoised latent (refiner)"
+        )
+        aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="SDXL refiner only: aesthetic score of the positive")
+        negative_aesthetic_score: float = Field(
+            2.5, ge=0.0, le=10.0, description="SDXL refiner only: aesthetic score of the negative"
+        )
+
+    class Outputs(NodeIO):
+        latent: Latent = Field(description="The denoised latent (scaled latent space)")
+
+    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+        factory = ctx.samplers.get(inputs.sampler)
+        if factory is None:
+            raise NodeError(f"unknown sampler {inputs.sampler!r}; available: {', '.join(sorted(ctx.samplers))}", field="sampler")
+        channels = inputs.unet.info.get("in_channels", 4)
+        if inputs.noise.samples.shape[1] != channels:
+            raise NodeError(
+                f"the noise has {inputs.noise.samples.shape[1]} channels but this U-Net takes {channels}; set LatentNoise channels to {channels}",
+                field="noise",
+            )
+        try:
+            scheduler = factory(scheduler_config=inputs.unet.info["scheduler_config"], schedule=inputs.schedule)
+        except UnsupportedSchedule as e:
+            raise NodeError(str(e), field="schedule") from None
+        settings = DenoiseSettings(
+            steps=inputs.steps,
+            cfg=inputs.cfg,
+            denoise=inputs.denoise,
+            start_step=inputs.start_step,
+            end_step=inputs.end_step,
+            add_noise=inputs.add_noise,
+            aesthetic_score=inputs.aesthetic_score,
+            negative_aesthetic_score=inputs.negative_aesthetic_score,
+        )
+        try:
+            samples = denoise(ctx, inputs.unet, scheduler, inputs.positive, inputs.negative, inputs.noise, inputs.latent, settings)
+        except DenoiseError as e:
+            raise NodeError(str(e), field=e.field) from None
+        return self.Outputs(latent=Latent(samples))
+
+
+class VAEEncode(Node):
+    type = "VAEEncode"
+    category = "latent"
+    description = "Encode an image into the model's scaled latent space (the mode of the VAE's posterior, deterministic)."
+
+    class Inputs(NodeIO):
+        vae: Vae = Field(description="The VAE (from CheckpointLoader)")
+        image: Image = Field(description="RGB image; width and height must be multiples of 8 (alpha is dropped)")
+
+    class Outputs(NodeIO):
+        latent: Latent = Field(description="Latent [batch, 4, height/8, width/8], × the VAE scale factor")
+
+    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+        pixels = inputs.image.pixels
+        down = inputs.vae.info.get("downscale", LATENT_DOWNSCALE)
+        height, width = pixels.shape[1:3]
+        if height % down or width % down:
+            raise NodeError(
+                f"image is {width}x{height}; VAEEncode needs multiples of {down} (resize or crop it to "
+                f"{width // down * down}x{height // down * down})",
+                field="image",
+            )
+        if pixels.shape[-1] == 1:
+            pixels = pixels.expand(-1, -1, -1, 3)
+        info = inputs.vae.info
+        with ctx.models.use(inputs.vae, "vae") as vae:
+            x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
+            z = vae.encode(x).latent_dist.mode()
+        samples = (z.float() - info["shift_factor"]) * info["scale_factor"]
+        return self.Outputs(latent=Latent(samples.cpu()))
+
+
+class VAEDecode(Node):
+    type = "VAEDecode"
+    category = "latent"
+    description = (
+        "Decode a latent into an image. The tiled mode decodes overlapping tiles one at a time and "
+        "blends their overlaps linearly, so large images fit in little memory (same tiling as "
+        "diffusers' AutoencoderKL.enable_tiling)."
+    )
+
+    class Inputs(NodeIO):
+        vae: Vae = Field(description="The VAE (from CheckpointLoader)")
+        latent: Latent = Field(description="Latent in the model's scaled latent space")
+        tiled: bool = Field(False, description="Decode in tiles (for images too large to decode at once)")
+        tile_size: int = Field(512, ge=64, le=4096, multiple_of=8, description="Tiled mode: tile edge in pixels")
+        tile_overlap: int = Field(64, ge=0, le=2048, multiple_of=8, description="Tiled mode: overlap between tiles in pixels, blended")
+
+    class Outputs(NodeIO):
+        image: Image = Field(description="Image [batch, height, width, 3] in [0, 1]")
+
+    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+        info = inputs.vae.info
+        down = info.get("downscale", LATENT_DOWNSCALE)
+        if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
+            raise NodeError(f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap")
+        with ctx.models.use(inputs.vae, "vae") as vae:
+            z = (inputs.latent.samples.to(ctx.device, torch.float32) / info["scale_factor"] + info["shift_factor"]).to(vae.dtype)
+            if inputs.tiled:
+                x = decode_tiled(vae, z, inputs.tile_size // down, inputs.tile_overlap // down, down)
+            else:
+                x = vae.decode(z, return_dict=False)[0]
+        pixels = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        return self.Outputs(image=Image(pixels))
+
+
+def decode_tiled(vae: Any, z: torch.Tensor, tile: int, overlap: int, down: int) -> torch.Tensor:
+    """Decode ``z`` in ``tile``×``tile`` latent tiles that start every ``tile - overlap`` cells.
+
+    Each tile's top and left ``overlap * down`` pixel rows/columns are cross-faded linearly with
+    the (already blended) tile above and to its left, then every tile is cut to its stride and
+    the pieces are joined: the scheme of diffusers' ``AutoencoderKL.tiled_decode``."""
+    stride = tile - overlap
+    blend = overlap * down
+    keep = stride * down
+    rows = [
+        [vae.decode(z[:, :, i : i + tile, j : j + tile], return_dict=False)[0] for j in range(0, z.shape[3], stride)]
+        for i in range(0, z.shape[2], stride)
+    ]
+    for r, row in enumerate(rows):
+        for c, piece in enumerate(row):
+            if r > 0:
+                _cross_fade(rows[r - 1][c], piece, blend, dim=2)
+            if c > 0:
+                _cross_fade(row[c - 1], piece, blend, dim=3)
+    return torch.cat([torch.cat([p[:, :, :keep, :keep] for p in row], dim=3) for row in rows], dim=2)
+
+
+def _cross_fade(before: torch.Tensor, piece: torch.Tensor, width: int, dim: int) -> None:
+    """In place: the first ``width`` slices of ``piece`` along ``dim`` fade from the last
+    ``width`` slices of ``before`` (weight 1 - k/width) into ``piece`` (weight k/width)."""
+    width = min(width, before.shape[dim], piece.shape[dim])
+    if width == 0:
+        return
+    shape = [1] * piece.ndim
+    shape[dim] = width
+    ramp = (torch.arange(width, device=piece.device, dtype=torch.float64) / width).reshape(shape)
+    head = piece.narrow(dim, 0, width)
+    mixed = before.narrow(dim, before.shape[dim] - width, width) * (1 - ramp) + head * ramp
+    head.copy_(mixed.to(piece.dtype))
+
+
+NODES = [CheckpointLoader, LatentNoise, EmptyLatent, UNetDenoiseLoop, VAEEncode, VAEDecode]

@@ -1,0 +1,64 @@
+"""Text conditioning node: a prompt (with A1111/ComfyUI weighting syntax) → Conditioning.
+
+A :class:`~graphsd.types.Clip` handle names its text encoders in ``keys`` (``"text_encoder"``,
+plus ``"text_encoder_2"`` for SDXL) and carries the matching tokenizers in ``info``
+(``"tokenizer"``, ``"tokenizer_2"``). A handle with a second encoder is encoded the SDXL way
+(both encoders' hidden states side by side, pooled embedding from the second); otherwise the
+SD1 way. See :mod:`graphsd.text.encode` for chunking, weighting and clip skip.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from pydantic import Field
+
+from graphsd.errors import NodeError
+from graphsd.node import Node, NodeIO
+from graphsd.text.encode import encode_prompt
+from graphsd.types import Clip, Conditioning
+
+#: Text-encoder role in ``Clip.keys`` → tokenizer entry in ``Clip.info``.
+TOKENIZER_OF_ROLE = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+class TextEncode(Node):
+    type = "TextEncode"
+    category = "conditioning"
+    description = (
+        "Encode a prompt with the checkpoint's CLIP text encoder(s). Supports (word), [word], "
+        "(word:1.3) weighting, \\( escapes, BREAK, and prompts longer than 75 tokens."
+    )
+
+    class Inputs(NodeIO):
+        clip: Clip = Field(description="Tokenizer(s) and text encoder(s) of a checkpoint")
+        text: str = Field(description="The prompt; (word:1.3) weights, BREAK starts a new 75-token chunk")
+        clip_skip: int = Field(1, ge=1, description="Layer counted from the end: 1 = last (default), 2 = penultimate")
+
+    class Outputs(NodeIO):
+        cond: Conditioning = Field(description="Embeddings [1, 77·chunks, width]; SDXL also sets pooled")
+
+    def run(self, inputs: Inputs, ctx) -> Outputs:
+        clip = inputs.clip
+        roles = [role for role in TOKENIZER_OF_ROLE if role in clip.keys]
+        if not roles:
+            raise NodeError("this Clip handle names no text encoder; connect the clip output of a checkpoint loader", field="clip")
+        tokenizers = [clip.info.get(TOKENIZER_OF_ROLE[role]) for role in roles]
+        if any(t is None for t in tokenizers):
+            raise NodeError("this Clip handle has no tokenizer for its text encoder; load it with a checkpoint loader", field="clip")
+        with ExitStack() as stack:
+            encoders = [stack.enter_context(ctx.models.use(clip, role)) for role in roles]
+            for encoder in encoders:
+                if inputs.clip_skip > encoder.config.num_hidden_layers:
+                    raise NodeError(
+                        f"clip_skip {inputs.clip_skip} is larger than the text encoder's "
+                        f"{encoder.config.num_hidden_layers} layers; use 1 (last layer) or 2 (penultimate)",
+                        field="clip_skip",
+                    )
+            embeddings, pooled = encode_prompt(
+                inputs.text, list(zip(tokenizers, encoders)), inputs.clip_skip, sdxl="text_encoder_2" in roles
+            )
+        return self.Outputs(cond=Conditioning(embeddings=embeddings, pooled=pooled))
+
+
+NODES = [TextEncode]

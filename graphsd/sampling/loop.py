@@ -1,0 +1,210 @@
+"""The denoise loop: a diffusers scheduler driving the U-Net with classifier-free guidance.
+
+The arithmetic is that of diffusers' Stable Diffusion pipelines (``StableDiffusionPipeline``,
+``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLPipeline`` / ``...XLImg2ImgPipeline``), so
+that with the same scheduler, conditioning and seed the latents are the same:
+
+- text-to-image (no start latent): ``x = noise * scheduler.init_noise_sigma``;
+- image-to-image (a start latent): the schedule's last ``int(steps * denoise)`` steps are run
+  and ``x = scheduler.add_noise(latent, noise, t_first)`` (``add_noise=False`` continues a
+  partly denoised latent as it is, e.g. an SDXL refiner after the base model);
+- ``start_step`` / ``end_step`` cut the schedule of ``steps`` steps (like ComfyUI's
+  KSamplerAdvanced, or diffusers' ``denoising_start`` / ``denoising_end``);
+- classifier-free guidance (Ho & Salimans 2022): one U-Net call on the batch
+  ``[uncond, cond]``, then ``eps = eps_uncond + cfg * (eps_cond - eps_uncond)``; without a
+  negative conditioning or with ``cfg == 1`` only the conditional half is computed;
+- SDXL's added conditioning (Podell et al. 2023, section 2.2): ``text_embeds`` = pooled text
+  embedding, ``time_ids`` = original size + crop top-left + target size, or for the refiner
+  original size + crop + aesthetic score;
+- ancestral / SDE samplers draw their per-step noise from the CPU generator(s) that drew the
+  initial noise, continued from ``Noise.generator_state``.
+
+Per step there is one ``scale_model_input``, one U-Net call, one guidance combination and one
+``scheduler.step``; everything else is prepared before the loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphsd.types import Conditioning, Latent, Noise, UNet
+
+
+@dataclass
+class DenoiseSettings:
+    """What ``UNetDenoiseLoop`` asks for (see the node for each field's meaning)."""
+
+    steps: int = 20
+    cfg: float = 7.0
+    denoise: float = 1.0
+    start_step: int = 0
+    end_step: int | None = None
+    add_noise: bool = True
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+class DenoiseError(ValueError):
+    """The inputs do not make a valid denoise run; the message says how to fix them."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
+
+
+def generators_from(noise: Noise) -> list[torch.Generator] | None:
+    """CPU generators continuing the ones that drew ``noise`` (one per batch item)."""
+    if noise.generator_state is None:
+        return None
+    states = noise.generator_state.reshape(noise.samples.shape[0], -1)
+    gens = []
+    for state in states:
+        g = torch.Generator("cpu")
+        g.set_state(state.clone())
+        gens.append(g)
+    return gens
+
+
+def step_window(scheduler: Any, settings: DenoiseSettings, img2img: bool) -> tuple[int, int]:
+    """First and last (exclusive) index into ``scheduler.timesteps`` to run.
+
+    ``denoise`` < 1 skips the first ``steps - int(steps * denoise)`` steps (diffusers'
+    img2img ``get_timesteps``); ``start_step`` / ``end_step`` cut further. A step of a
+    2nd-order scheduler spans ``scheduler.order`` timesteps."""
+    s = settings
+    if s.denoise < 1.0 and not img2img:
+        raise DenoiseError("denoise < 1 needs a start latent to keep part of (connect 'latent', or set denoise to 1)", "denoise")
+    if s.start_step > 0 and not img2img:
+        raise DenoiseError("start_step > 0 needs a latent to continue from (connect 'latent')", "start_step")
+    skipped = s.steps - min(int(s.steps * s.denoise), s.steps)
+    first = max(skipped, s.start_step)
+    last = s.steps if s.end_step is None else min(s.end_step, s.steps)
+    if first >= last:
+        raise DenoiseError(
+            f"no steps left to run: steps={s.steps}, denoise={s.denoise}, start_step={s.start_step}, "
+            f"end_step={s.end_step}; raise denoise or end_step, or lower start_step",
+            "start_step",
+        )
+    order = getattr(scheduler, "order", 1)
+    return first * order, min(last * order, len(scheduler.timesteps))
+
+
+def _batched(cond: Conditioning, batch: int, tokens: int, device: torch.device, dtype: torch.dtype):
+    """The conditioning repeated to ``batch`` items and ``tokens`` tokens. Repeating the whole
+    token sequence k times leaves cross-attention unchanged (each repeated key gets 1/k of the
+    weight), which lets prompts of different lengths share one U-Net call (as ComfyUI does)."""
+    emb = cond.embeddings
+    if emb.shape[0] not in (1, batch):
+        raise DenoiseError(f"conditioning has batch {emb.shape[0]} but the noise has batch {batch}; use batch 1 or the same batch")
+    emb = emb.repeat(batch // emb.shape[0], tokens // emb.shape[1], 1)
+    pooled = cond.pooled
+    if pooled is not None:
+        pooled = pooled.repeat(batch // pooled.shape[0], 1).to(device, dtype)
+    return emb.to(device, dtype), pooled
+
+
+def sdxl_time_ids(unet_ref: UNet, cond: Conditioning, height: int, width: int, aesthetic_score: float) -> list[float]:
+    """SDXL micro-conditioning for one conditioning: ``original_size + crop_top_left +
+    target_size`` (base) or ``original_size + crop_top_left + (aesthetic_score,)`` (refiner,
+    whose U-Net expects 5 ids instead of 6). Sizes are in pixels, (height, width); a
+    conditioning may override them in ``extras`` (``original_size``, ``crop_top_left``,
+    ``target_size``, ``aesthetic_score``)."""
+    info = unet_ref.info
+    pooled_dim = cond.pooled.shape[-1]
+    n_ids = (info["projection_class_embeddings_input_dim"] - pooled_dim) // info["addition_time_embed_dim"]
+    original = list(cond.extras.get("original_size", (height, width)))
+    crop = list(cond.extras.get("crop_top_left", (0, 0)))
+    if n_ids == 5:
+        return original + crop + [float(cond.extras.get("aesthetic_score", aesthetic_score))]
+    return original + crop + list(cond.extras.get("target_size", (height, width)))
+
+
+def prepare_conditioning(
+    unet_ref: UNet,
+    positive: Conditioning,
+    negative: Conditioning | None,
+    batch: int,
+    size: tuple[int, int],
+    settings: DenoiseSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``encoder_hidden_states`` (``[uncond, cond]`` stacked when guidance is on) and SDXL's
+    ``added_cond_kwargs``."""
+    conds = [positive] if negative is None else [negative, positive]
+    tokens = math.lcm(*(c.embeddings.shape[1] for c in conds))
+    parts = [_batched(c, batch, tokens, device, dtype) for c in conds]
+    context = torch.cat([emb for emb, _ in parts])
+    if not unet_ref.info.get("sdxl"):
+        return context, None
+    if any(pooled is None for _, pooled in parts):
+        raise DenoiseError("this SDXL model needs pooled text embeddings: encode the prompt with the model's own clip", "positive")
+    scores = [settings.aesthetic_score] if negative is None else [settings.negative_aesthetic_score, settings.aesthetic_score]
+    time_ids = torch.tensor(
+        [sdxl_time_ids(unet_ref, c, size[0], size[1], score) for c, score in zip(conds, scores)], dtype=dtype
+    )
+    time_ids = time_ids.repeat_interleave(batch, dim=0).to(device)
+    return context, {"text_embeds": torch.cat([pooled for _, pooled in parts]), "time_ids": time_ids}
+
+
+def denoise(
+    ctx: Any,
+    unet_ref: UNet,
+    scheduler: Any,
+    positive: Conditioning,
+    negative: Conditioning | None,
+    noise: Noise,
+    latent: Latent | None,
+    settings: DenoiseSettings,
+) -> torch.Tensor:
+    """Run the loop and return the denoised latent (scaled latent space, float32, on the CPU)."""
+    device = ctx.device
+    samples = noise.samples.to(device, torch.float32)
+    if latent is not None and latent.samples.shape != noise.samples.shape:
+        raise DenoiseError(f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent", "noise")
+    if latent is not None and latent.noise_mask is not None:
+        raise DenoiseError("masked latents (noise_mask) are not supported by this node; remove the mask", "latent")
+    guidance = negative is not None and settings.cfg != 1.0
+
+    scheduler.set_timesteps(settings.steps, device=device)
+    first, last = step_window(scheduler, settings, img2img=latent is not None)
+    timesteps = scheduler.timesteps[first:last]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first)
+
+    if latent is None:
+        x = samples * scheduler.init_noise_sigma
+    elif settings.add_noise:
+        x = scheduler.add_noise(latent.samples.to(device, torch.float32), samples, timesteps[:1])
+    else:
+        x = latent.samples.to(device, torch.float32)
+
+    step_kwargs = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = generators_from(noise)
+
+    batch = x.shape[0]
+    downscale = unet_ref.info.get("latent_downscale", 8)
+    size = (x.shape[2] * downscale, x.shape[3] * downscale)
+    with ctx.models.use(unet_ref, "unet") as unet:
+        dtype = unet.dtype
+        context, added = prepare_conditioning(
+            unet_ref, positive, negative if guidance else None, batch, size, settings, device, dtype
+        )
+        for i, t in enumerate(timesteps):
+            model_input = scheduler.scale_model_input(x, t)
+            if guidance:
+                model_input = torch.cat([model_input, model_input])
+            eps = unet(model_input.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
+            eps = eps.float()
+            if guidance:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + settings.cfg * (eps_cond - eps_uncond)
+            x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+            ctx.progress(i + 1, len(timesteps), step=i + first)
+    return x.cpu()

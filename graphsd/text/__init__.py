@@ -1,0 +1,1 @@
+"""Text conditioning: the CLIP tokenizer shipped with graphsd, prompt weighting and encoding."""

@@ -1,0 +1,213 @@
+"""Workflow documents: reading (YAML, JSON, ComfyUI API prompts, PNGs that carry a workflow),
+the versioned schema, and parameter substitution.
+
+Schema (YAML and JSON are the same model)::
+
+    version: 1
+    params: {seed: 42, prompt: "a red circle"}    # defaults; override with --set seed=7
+    nodes:
+      <node id>: {type: <NodeType>, inputs: {<name>: <literal> | "@<node id>.<output>"}}
+
+Strings: ``"@node.output"`` is a link; ``"${name}"`` (the whole string) is the param's value
+with its type; ``"... ${name} ..."`` interpolates it as text; a leading ``"@@"`` stands for a
+literal ``"@"`` and ``"$${"`` for a literal ``"${"``. So a link and a literal string can never be
+confused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from graphsd.errors import Issue, WorkflowError
+
+PNG_WORKFLOW_KEY = "graphsd_workflow"
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+LINK_RE = re.compile(r"^@([A-Za-z0-9_\-]+)\.([A-Za-z_][A-Za-z0-9_]*)$")
+PARAM_RE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+WHOLE_PARAM_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="Registered node type name")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkflowDoc(BaseModel):
+    """The validated shape of a workflow document (before node-level validation)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = 1
+    params: dict[str, Any] = Field(default_factory=dict)
+    nodes: dict[str, NodeSpec]
+
+
+@dataclass(frozen=True)
+class Link:
+    node: str
+    output: str
+
+    def __str__(self) -> str:
+        return f"@{self.node}.{self.output}"
+
+
+# ---- reading ------------------------------------------------------------------------------
+def _parse_text(text: str, suffix: str, source: str) -> Any:
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise WorkflowError([Issue(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", code="syntax")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise WorkflowError([Issue(f"{source}: malformed YAML{where}: {problem}", code="syntax")]) from None
+
+
+def read_png_workflow(path: Path) -> Any:
+    """The workflow a PNG carries: graphsd's own text chunk, else ComfyUI's ``prompt``."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as exc:
+        raise WorkflowError([Issue(f"{path}: not a readable PNG image ({exc})", code="syntax")]) from None
+    for key in (PNG_WORKFLOW_KEY, "prompt"):
+        if key in text:
+            return _parse_text(text[key], ".json", f"{path} (PNG text '{key}')")
+    raise WorkflowError([Issue(f"{path}: this PNG carries no workflow (no '{PNG_WORKFLOW_KEY}' or ComfyUI 'prompt' text chunk)", code="syntax")])
+
+
+def read_document(source: str | Path | dict) -> dict:
+    """Read a workflow from a path (YAML, JSON, PNG) or take a dict; ComfyUI API prompts are
+    converted. Returns a plain document dict (not yet validated against node types)."""
+    if isinstance(source, dict):
+        data: Any = copy.deepcopy(source)
+        origin = "<workflow>"
+    else:
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise WorkflowError([Issue(f"workflow file {path} does not exist", code="missing_file")])
+        if path.suffix.lower() == ".png":
+            data = read_png_workflow(path)
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise WorkflowError([Issue(f"{path}: cannot read as UTF-8 text ({exc})", code="syntax")]) from None
+            data = _parse_text(text, path.suffix.lower(), origin)
+    if is_comfy_prompt(data):
+        from graphsd.comfy import comfy_to_workflow
+
+        data = comfy_to_workflow(data)
+    if not isinstance(data, dict):
+        raise WorkflowError([Issue(f"{origin}: a workflow must be a mapping with 'version' and 'nodes', got {type(data).__name__}", code="schema")])
+    return data
+
+
+def is_comfy_prompt(data: Any) -> bool:
+    """A ComfyUI API prompt is a mapping of ids to ``{"class_type": ..., "inputs": ...}``
+    (sometimes wrapped as ``{"prompt": {...}}``)."""
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
+        data = data["prompt"]
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and "nodes" not in data
+        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+    )
+
+
+def _schema_issues(exc: ValidationError) -> list[Issue]:
+    issues = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"]]
+        node = loc[1] if len(loc) >= 2 and loc[0] == "nodes" else None
+        field = None
+        if node is not None and len(loc) >= 4 and loc[2] == "inputs":
+            field = loc[3]
+        where = ".".join(loc) or "document"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{loc[-1]}'"
+        issues.append(Issue(f"{where}: {msg}", node=node, field=field, code="schema"))
+    return issues
+
+
+def parse_document(data: dict) -> WorkflowDoc:
+    if isinstance(data.get("nodes"), dict):
+        data = {**data, "nodes": {str(k): v for k, v in data["nodes"].items()}}
+    try:
+        return WorkflowDoc.model_validate(data)
+    except ValidationError as exc:
+        raise WorkflowError(_schema_issues(exc)) from None
+
+
+# ---- params and links ---------------------------------------------------------------------
+def parse_set_value(text: str) -> Any:
+    """Value of ``--set key=value``: a YAML scalar (7 → int, 1.5 → float, true → bool, else
+    the text itself)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, str, bool)) or value is None else text
+
+
+def merge_params(doc: WorkflowDoc, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    params = dict(doc.params)
+    unknown = sorted(set(overrides or {}) - set(params))
+    if unknown:
+        known = ", ".join(sorted(params)) or "none"
+        raise WorkflowError(
+            [Issue(f"no param named '{k}' in this workflow (params: {known})", code="unknown_param", hint="declare it under 'params:'") for k in unknown]
+        )
+    params.update(overrides or {})
+    return params
+
+
+def resolve_value(value: Any, params: dict[str, Any], node: str, field: str, issues: list[Issue]) -> Any:
+    """Turn one input value into a Link, a literal with params substituted, or report issues."""
+    if isinstance(value, str):
+        if value.startswith("@@"):
+            return value[1:]
+        if value.startswith("@"):
+            m = LINK_RE.match(value)
+            if not m:
+                issues.append(Issue(f"'{value}' is not a valid link", node=node, field=field, code="bad_link", hint="write links as '@<node id>.<output>'; start a literal string with '@@' for a leading '@'"))
+                return None
+            return Link(m.group(1), m.group(2))
+        whole = WHOLE_PARAM_RE.match(value)
+        if whole:
+            name = whole.group(1)
+            if name not in params:
+                issues.append(Issue(f"param '${{{name}}}' is not defined", node=node, field=field, code="unknown_param", hint="add it under 'params:'"))
+                return None
+            return params[name]
+
+        def sub(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in params:
+                issues.append(Issue(f"param '${{{name}}}' is not defined", node=node, field=field, code="unknown_param", hint="add it under 'params:'"))
+                return m.group(0)
+            return str(params[name])
+
+        return PARAM_RE.sub(sub, value).replace("$${", "${")
+    if isinstance(value, list):
+        return [resolve_value(v, params, node, field, issues) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve_value(v, params, node, field, issues) for k, v in value.items()}
+    return value
