@@ -89,7 +89,11 @@ def _missing_dir(d: Path) -> ModuleType:
 
 def _candidates(plugins_dirs: list[Path], load_entry_points: bool) -> list[tuple[str, str, Any]]:
     """(name, source, loader) for every plugin to try, builtin first."""
-    found: list[tuple[str, str, Any]] = [("graphsd", "builtin", lambda: importlib.import_module("graphsd.builtin"))]
+    from graphsd import builtin
+
+    found: list[tuple[str, str, Any]] = [("graphsd", "builtin", lambda: builtin)]
+    for name in builtin.node_module_names():
+        found.append((name, "builtin", lambda name=name: builtin.load_node_module(name)))
     if load_entry_points:
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = getattr(ep.dist, "name", "?")

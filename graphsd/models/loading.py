@@ -1,0 +1,229 @@
+"""Finding checkpoints and loading them into the ModelManager as UNet / Clip / Vae handles.
+
+A model is named by ``path`` in a ``CheckpointLoader`` node. :func:`resolve_model_path` looks, in
+order, at:
+
+1. the built-in models shipped in ``graphsd/models/builtin/<name>/``,
+2. ``<models_dir>/<name>``,
+3. ``<models_dir>/checkpoints/<name>``,
+4. ``<name>`` as a path (absolute, or relative to the working directory).
+
+What is found is either a diffusers model folder (``model_index.json`` + one folder per
+component: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL adds
+``text_encoder_2/`` and ``tokenizer_2/``) or a single checkpoint file, which
+:func:`graphsd.models.single_file.load_single_file` converts. Everything loads offline
+(``local_files_only=True``).
+
+Each component is loaded once per engine: its ModelManager key is the model's fingerprint
+(path, names, sizes and mtimes of its files, see :func:`path_fingerprint`) + the component
+name + the dtype, so a second ``CheckpointLoader`` of the same files is a ``reuse`` event and a
+replaced file is loaded afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphsd.errors import GraphsdError
+from graphsd.types import Clip, UNet, Vae
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+WEIGHT_SUFFIXES = SINGLE_FILE_SUFFIXES
+#: Component folders of a diffusers model, in the order they are loaded.
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+class ModelLoadError(GraphsdError):
+    """A model could not be found or loaded; the message says where graphsd looked or why."""
+
+
+def builtin_models_dir() -> Path:
+    """Folder of the models shipped inside the package."""
+    return Path(__file__).resolve().parent / "builtin"
+
+
+def candidate_paths(name: str, models_dir: str | Path) -> list[Path]:
+    """The places :func:`resolve_model_path` looks at for ``name``, in order."""
+    models_dir = Path(models_dir)
+    return [builtin_models_dir() / name, models_dir / name, models_dir / "checkpoints" / name, Path(name)]
+
+
+def resolve_model_path(name: str, models_dir: str | Path) -> Path:
+    """The model folder or file ``name`` refers to (see the module docstring for the order)."""
+    if not name.strip():
+        raise ModelLoadError("no model named: give a built-in name (e.g. graphsd-tiny), a name under the models folder, or a path")
+    places = candidate_paths(name, models_dir)
+    for place in places:
+        if place.is_dir() and (place / "model_index.json").is_file():
+            return place.resolve()
+        if place.is_file() and place.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            return place.resolve()
+    looked = "; ".join(str(p) for p in places)
+    raise ModelLoadError(
+        f"model {name!r} not found. Looked for a diffusers folder (with model_index.json) or a "
+        f"{'/'.join(SINGLE_FILE_SUFFIXES)} file at: {looked}. Put the model under the models folder "
+        f"(settings.models_dir) or give its path"
+    )
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """Identity of a model file or folder: its path and the relative name, size and mtime of
+    every file in it (weights and configs). Cheap (no hashing of contents); changes when a file
+    is replaced."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(str(path).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"\0{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """The three handles a checkpoint provides."""
+
+    unet: UNet
+    clip: Clip
+    vae: Vae
+
+
+def load_checkpoint(manager: Any, path: Path, dtype: str = "fp32", allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Load the model at ``path`` (a diffusers folder or a single file, already resolved) into
+    ``manager`` and return its handles. Components already held are reused."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    fingerprint = path_fingerprint(path)
+    if path.is_dir():
+        loaders, scheduler_config = _folder_loaders(path, DTYPES[dtype], allow_pickle)
+    else:
+        loaders, scheduler_config = _single_file_loaders(manager, path, fingerprint, dtype, allow_pickle)
+    keys = {role: manager.load(f"{fingerprint}:{role}:{dtype}", fn) for role, fn in loaders.items()}
+    return build_handles(manager, keys, scheduler_config, source=str(path))
+
+
+def build_handles(manager: Any, keys: dict[str, str], scheduler_config: dict[str, Any], source: str = "") -> LoadedCheckpoint:
+    """UNet / Clip / Vae handles for components held by ``manager`` under ``keys``
+    (role → key), with the facts the nodes need in ``info``."""
+    unet_config = dict(manager.get(keys["unet"]).config)
+    vae_config = dict(manager.get(keys["vae"]).config)
+    family = detect_family(unet_config)
+    sdxl = unet_config.get("addition_embed_type") == "text_time"
+    encoders = [r for r in ("text_encoder", "text_encoder_2") if r in keys]
+    tokenizers = {r: manager.get(keys[r]) for r in ("tokenizer", "tokenizer_2") if r in keys}
+    vae_scale = float(vae_config.get("scaling_factor") or 0.18215)
+    vae_shift = float(vae_config.get("shift_factor") or 0.0)
+    downscale = 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    common = {"source": source, "sdxl": sdxl}
+    unet = UNet(
+        manager,
+        {"unet": keys["unet"]},
+        family,
+        {
+            **common,
+            "scheduler_config": dict(scheduler_config),
+            "in_channels": unet_config.get("in_channels", 4),
+            "cross_attention_dim": unet_config.get("cross_attention_dim"),
+            "addition_time_embed_dim": unet_config.get("addition_time_embed_dim"),
+            "projection_class_embeddings_input_dim": unet_config.get("projection_class_embeddings_input_dim"),
+            "vae_scale_factor": vae_scale,
+            "latent_downscale": downscale,
+        },
+    )
+    clip = Clip(manager, {r: keys[r] for r in encoders}, family, {**common, "text_encoders": encoders, **tokenizers})
+    vae = Vae(
+        manager,
+        {"vae": keys["vae"]},
+        family,
+        {
+            **common,
+            "scale_factor": vae_scale,
+            "shift_factor": vae_shift,
+            "latent_channels": vae_config.get("latent_channels", 4),
+            "downscale": downscale,
+        },
+    )
+    return LoadedCheckpoint(unet, clip, vae)
+
+
+def detect_family(unet_config: dict[str, Any]) -> str:
+    """``sdxl`` (added text/time conditioning), ``sd2`` (1024-wide context), ``sd1`` (any other
+    U-Net with SD1's layout, including small test models) or ``other``."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return "other"
+    if unet_config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def _torch_dtype_kwargs(cls: type, dtype: torch.dtype) -> dict[str, Any]:
+    if cls.__module__.startswith("transformers"):
+        return {"dtype": dtype}
+    return {"torch_dtype": dtype}
+
+
+def _folder_loaders(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Loader functions for the components a diffusers folder lists in ``model_index.json``."""
+    index = json.loads((path / "model_index.json").read_text())
+    loaders: dict[str, Any] = {}
+    for role in COMPONENTS:
+        spec = index.get(role)
+        if not spec or spec[0] is None or not (path / role).is_dir():
+            continue
+        cls = getattr(importlib.import_module(spec[0]), spec[1])
+        loaders[role] = _component_loader(cls, path / role, dtype, allow_pickle, tokenizer=role.startswith("tokenizer"))
+    for role in ("unet", "vae"):
+        if role not in loaders:
+            raise ModelLoadError(f"{path} has no {role}/ folder listed in model_index.json: it is not a complete Stable Diffusion model")
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no scheduler/scheduler_config.json")
+    return loaders, json.loads(config_file.read_text())
+
+
+def _component_loader(cls: type, folder: Path, dtype: torch.dtype, allow_pickle: bool, tokenizer: bool):
+    if tokenizer:
+        return lambda: cls.from_pretrained(str(folder), local_files_only=True)
+    weights = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    safetensors = any(p.suffix == ".safetensors" for p in weights)
+    if weights and not safetensors and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder} holds only pickle weights ({', '.join(p.name for p in weights)}); "
+            "convert them to .safetensors or allow pickle files (allow_pickle: true)"
+        )
+    kwargs = {"local_files_only": True, "use_safetensors": safetensors, **_torch_dtype_kwargs(cls, dtype)}
+    return lambda: cls.from_pretrained(str(folder), **kwargs)
+
+
+def _single_file_loaders(manager: Any, path: Path, fingerprint: str, dtype: str, allow_pickle: bool):
+    """Loader functions for the components of a single checkpoint file. The file is converted
+    at most once per load (and not at all when every component is already held): the list of
+    components it has and its scheduler config are kept in the manager beside the modules."""
+    from graphsd.models.single_file import load_single_file
+
+    converted: dict[str, Any] = {}
+
+    def convert() -> dict[str, Any]:
+        if not converted:
+            converted.update(load_single_file(path, dtype=DTYPES[dtype], allow_pickle=allow_pickle))
+        return converted
+
+    def describe() -> dict[str, Any]:
+        modules = convert()
+        present = [r for r in COMPONENTS if modules.get(r) is not None]
+        return {"roles": present, "scheduler_config": dict(modules["scheduler_config"])}
+
+    meta = manager.get(manager.load(f"{fingerprint}:contents:{dtype}", describe))
+    loaders = {role: (lambda r=role: convert()[r]) for role in meta["roles"]}
+    return loaders, meta["scheduler_config"]

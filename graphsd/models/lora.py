@@ -1,0 +1,448 @@
+"""LoRA-family weight patches: read a file, match it to a model's layers, add the deltas.
+
+Formats read (one file may mix them, layer by layer):
+
+- **kohya / A1111** (``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``; text encoders ``lora_te_`` (SD1) or ``lora_te1_`` / ``lora_te2_`` (SDXL)). U-Net
+  paths are the diffusers module names with ``.`` replaced by ``_`` (kohya's SD1 trainer) or
+  the original SGM/LDM names (``input_blocks_4_1_...``, kohya's SDXL trainer), mapped to
+  diffusers through the U-Net's block layout.
+- **PEFT / diffusers** (``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, also
+  ``.lora.down/up.weight``, ``.lora_linear_layer.down/up.weight`` and the old attention-processor
+  spelling ``attn1.processor.to_q_lora.down.weight``) under ``unet.`` / ``text_encoder.`` /
+  ``text_encoder_2.``.
+- **LyCORIS LoHa** (``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, optional Tucker
+  cores ``hada_t1`` / ``hada_t2``) and **LoKr** (``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b``,
+  ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b``, optional ``lokr_t2``), with kohya-style names.
+
+Deltas (strength 1; the patch multiplies by the strength), all computed in float32:
+
+- LoRA: ``up @ down × alpha / rank`` (rank = rows of ``down``; scale 1 without alpha), from
+  the LoRA paper (Hu et al. 2021, arXiv:2106.09685) with kohya's alpha convention.
+- LoHa: ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b) × alpha / rank`` (Hadamard product; FedPara, Hyeon-Woo
+  et al. 2022, arXiv:2108.06098, as LyCORIS stores it).
+- LoKr: ``kron(w1, w2) × alpha / rank``, rank from a decomposed factor, scale 1 when neither
+  factor is decomposed (LyCORIS, Yeh et al. 2024, arXiv:2309.14859).
+
+Conv layers (1×1 and 3×3) use the same formulas on weights flattened to ``[out, in·k·k]`` and
+reshaped back. Pickle files (``.pt``, ``.ckpt``, ``.bin``) are read only when allowed, and
+then with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+#: Key endings → the slot they fill in a layer's recipe, longest first so that matching the
+#: first ending that fits is unambiguous.
+_SUFFIXES: tuple[tuple[str, str], ...] = tuple(
+    sorted(
+        {
+            ".lora_down.weight": "down",
+            ".lora_up.weight": "up",
+            ".lora_A.weight": "down",
+            ".lora_B.weight": "up",
+            ".lora.down.weight": "down",
+            ".lora.up.weight": "up",
+            ".lora_linear_layer.down.weight": "down",
+            ".lora_linear_layer.up.weight": "up",
+            "_lora.down.weight": "down",
+            "_lora.up.weight": "up",
+            ".lora_mid.weight": "mid",
+            ".dora_scale": "dora_scale",
+            ".alpha": "alpha",
+            **{f".hada_{n}": f"hada_{n}" for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+            **{f".lokr_{n}": f"lokr_{n}" for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t1", "t2")},
+        }.items(),
+        key=lambda item: -len(item[0]),
+    )
+)
+
+#: Name prefixes → (role of the component, whether the module path is flattened with ``_``).
+_PREFIXES: tuple[tuple[str, str, bool], ...] = (
+    ("lora_unet_", "unet", True),
+    ("lora_te1_", "text_encoder", True),
+    ("lora_te2_", "text_encoder_2", True),
+    ("lora_te_", "text_encoder", True),
+    ("unet.", "unet", False),
+    ("text_encoder_2.", "text_encoder_2", False),
+    ("text_encoder.", "text_encoder", False),
+)
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+class LoraFormatError(ValueError):
+    """The file is not a LoRA graphsd can read, or does not fit the model (message says why)."""
+
+
+def read_tensors(path: str | os.PathLike, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """Read a flat ``name → tensor`` file: safetensors, or a pickle file when allowed
+    (``torch.load(weights_only=True)``, which refuses arbitrary objects)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoraFormatError(
+                f"'{path.name}' is a pickle file; convert it to .safetensors or allow pickle files "
+                "(allow_pickle setting)"
+            )
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = data.get("state_dict", data) if isinstance(data, dict) else data
+    else:
+        from safetensors.torch import load_file
+
+        data = load_file(str(path), device="cpu")
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise LoraFormatError(f"'{path.name}' does not hold a flat dictionary of tensors")
+    return data
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Cheap identity of a file's content: resolved path, size and modification time."""
+    st = os.stat(path)
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclass
+class LoraLayer:
+    """The tensors that make up one layer's delta (``kind``: lora, loha or lokr)."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    def delta(self, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The weight delta at strength 1, float32, reshaped to ``shape``."""
+        t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            d, rank = _lora_matrix(t), t["down"].shape[0]
+        elif self.kind == "loha":
+            d, rank = _loha_matrix(t), t["hada_w1_b"].shape[0]
+        else:
+            d, rank = _lokr_matrix(t), _lokr_rank(t)
+        if d.numel() != shape.numel():
+            raise LoraFormatError(f"a {self.kind} delta of shape {tuple(d.shape)} does not fit a weight of shape {tuple(shape)}")
+        scale = self.alpha / rank if self.alpha is not None and rank else 1.0
+        return d.reshape(shape) * scale
+
+
+def _lora_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    up, down = t["up"], t["down"]
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        raise LoraFormatError("LoRA up weights with a spatial kernel are not supported")
+    return up.flatten(1) @ down.flatten(1)
+
+
+def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rebuild a conv factor from a Tucker core (LyCORIS ``use_tucker``): core [r, r, k, k],
+    a [r, out], b [r, in] → [out, in, k, k]."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", core, a, b)
+
+
+def _loha_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "hada_t1" in t and "hada_t2" in t:
+        w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+        w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+    else:
+        w1 = t["hada_w1_a"].flatten(1) @ t["hada_w1_b"].flatten(1)
+        w2 = t["hada_w2_a"].flatten(1) @ t["hada_w2_b"].flatten(1)
+    return w1 * w2
+
+
+def _lokr_factor(t: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    if f"lokr_w{n}" in t:
+        return t[f"lokr_w{n}"]
+    if f"lokr_t{n}" in t:
+        return _tucker(t[f"lokr_t{n}"], t[f"lokr_w{n}_a"], t[f"lokr_w{n}_b"])
+    return t[f"lokr_w{n}_a"].flatten(1) @ t[f"lokr_w{n}_b"].flatten(1)
+
+
+def _lokr_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    w1, w2 = _lokr_factor(t, 1), _lokr_factor(t, 2)
+    if w2.ndim == 4 and w1.ndim == 2:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2)
+
+
+def _lokr_rank(t: dict[str, torch.Tensor]) -> int | None:
+    for name in ("lokr_w1_b", "lokr_w2_b"):
+        if name in t:
+            return t[name].shape[0]
+    return None
+
+
+def _layer_kind(slots: dict[str, torch.Tensor]) -> str | None:
+    if {"down", "up"} <= slots.keys() and not {"mid", "dora_scale"} & slots.keys():
+        return "lora"
+    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= slots.keys():
+        return "loha"
+    has = slots.keys()
+    w1 = "lokr_w1" in has or {"lokr_w1_a", "lokr_w1_b"} <= has
+    w2 = "lokr_w2" in has or {"lokr_w2_a", "lokr_w2_b"} <= has
+    return "lokr" if w1 and w2 else None
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, slot in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], slot
+    return None
+
+
+_PROCESSOR_NAME = re.compile(r"\.processor\.to_(q|k|v|out)$")
+
+
+def _normalise_base(base: str) -> str:
+    """The old attention-processor spelling (``attn1.processor.to_q_lora``) → module path."""
+    base = re.sub(r"_lora$", "", base) if ".processor." in base else base
+    return _PROCESSOR_NAME.sub(lambda m: f".to_{m.group(1)}" + (".0" if m.group(1) == "out" else ""), base)
+
+
+@dataclass
+class LoraTarget:
+    """One layer recipe and where it goes: component role, module path, path spelling."""
+
+    role: str
+    path: str
+    flat: bool
+    layer: LoraLayer
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA file: ``targets`` (one per layer in the file) and ``unreadable`` keys
+    (present but of a kind graphsd does not apply, e.g. DoRA or LoCon Tucker layers)."""
+
+    name: str
+    fingerprint: str
+    targets: dict[str, LoraTarget]
+    unreadable: list[str] = field(default_factory=list)
+    raw_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint: str = "") -> LoraFile:
+    """Group a state dict's keys into per-layer recipes (see the module docstring)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unreadable: list[str] = []
+    for key, value in tensors.items():
+        split = _split_key(key)
+        if split is None:
+            unreadable.append(key)
+            continue
+        base, slot = split
+        groups.setdefault(_normalise_base(base), {})[slot] = value
+    targets: dict[str, LoraTarget] = {}
+    for base, slots in groups.items():
+        kind = _layer_kind(slots)
+        where = _role_and_path(base)
+        if kind is None or where is None:
+            unreadable += [f"{base}.{slot}" for slot in slots]
+            continue
+        alpha = float(slots["alpha"].float().item()) if "alpha" in slots else None
+        tensors_ = {k: v for k, v in slots.items() if k != "alpha"}
+        targets[base] = LoraTarget(where[0], where[1], where[2], LoraLayer(kind, tensors_, alpha))
+    return LoraFile(name, fingerprint, targets, sorted(unreadable), {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def _role_and_path(base: str) -> tuple[str, str, bool] | None:
+    for prefix, role, flat in _PREFIXES:
+        if base.startswith(prefix):
+            return role, base[len(prefix):], flat
+    return None
+
+
+def load_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
+    """Read and parse a LoRA file (raises :class:`LoraFormatError` on unreadable files)."""
+    lora = parse_lora(read_tensors(path, allow_pickle), Path(path).name, file_fingerprint(path))
+    if not lora.targets:
+        raise LoraFormatError(f"'{Path(path).name}' holds no LoRA, LoHa or LoKr layers (keys such as "
+                              f"{lora.unreadable[:3]}); is it a full checkpoint or an embedding?")
+    return lora
+
+
+# ---- matching names to a model's modules -----------------------------------------------------
+
+
+def _aliases(name: str) -> tuple[str, ...]:
+    """A module path and its spelling with / without the ``text_model.`` level that
+    ``CLIPTextModel`` has in some transformers versions and not in others."""
+    if name.startswith("text_model."):
+        return name, name[len("text_model."):]
+    return name, "text_model." + name
+
+
+def weight_modules(model: torch.nn.Module) -> dict[str, str]:
+    """``spelling → module path`` for every Linear / Conv2d of ``model``: the dotted path and
+    the kohya spelling (dots replaced by ``_``), each with and without ``text_model.``."""
+    index: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            for alias in reversed(_aliases(name)):
+                index[alias] = index[alias.replace(".", "_")] = name
+    return index
+
+
+def _per_block(value: int | tuple[int, ...], n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def sgm_block_map(config) -> dict[str, str]:
+    """Map SGM/LDM U-Net block prefixes (``input_blocks_4_1``) to diffusers module paths
+    (``down_blocks.1.attentions.0``) from a ``UNet2DConditionModel`` config. Layout (as in the
+    original LDM ``UNetModel``): ``input_blocks`` = conv_in, then per down block its
+    resnet(+attention) layers and a downsampler unless last; ``middle_block`` = resnet,
+    attention, resnet; ``output_blocks`` = per up block ``layers + 1`` resnet(+attention)
+    layers, the last of which also holds the upsampler unless it is the final block."""
+    down, up = config.down_block_types, config.up_block_types
+    layers = _per_block(config.layers_per_block, len(down))
+    out: dict[str, str] = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding.linear_1",
+                           "time_embed_2": "time_embedding.linear_2", "label_emb_0_0": "add_embedding.linear_1",
+                           "label_emb_0_2": "add_embedding.linear_2",
+                           "middle_block_0": "mid_block.resnets.0", "middle_block_1": "mid_block.attentions.0",
+                           "middle_block_2": "mid_block.resnets.1"}
+    idx = 1
+    for b, kind in enumerate(down):
+        for j in range(layers[b]):
+            out[f"input_blocks_{idx}_0"] = f"down_blocks.{b}.resnets.{j}"
+            out[f"input_blocks_{idx}_1"] = f"down_blocks.{b}.attentions.{j}"
+            idx += 1
+        if b < len(down) - 1:
+            out[f"input_blocks_{idx}_0_op"] = f"down_blocks.{b}.downsamplers.0.conv"
+            idx += 1
+    idx = 0
+    up_layers = list(reversed(layers))
+    for b, kind in enumerate(up):
+        has_attn = "CrossAttn" in kind
+        for j in range(up_layers[b] + 1):
+            out[f"output_blocks_{idx}_0"] = f"up_blocks.{b}.resnets.{j}"
+            if has_attn:
+                out[f"output_blocks_{idx}_1"] = f"up_blocks.{b}.attentions.{j}"
+            if b < len(up) - 1 and j == up_layers[b]:
+                out[f"output_blocks_{idx}_{2 if has_attn else 1}_conv"] = f"up_blocks.{b}.upsamplers.0.conv"
+            idx += 1
+    return out
+
+
+#: SGM resnet sub-module names → diffusers ResnetBlock2D names.
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+
+
+def sgm_to_diffusers(flat: str, block_map: dict[str, str]) -> str | None:
+    """Translate a flattened SGM U-Net module name to the flattened diffusers name, or None."""
+    for prefix in sorted(block_map, key=len, reverse=True):
+        if flat == prefix or flat.startswith(prefix + "_"):
+            rest = flat[len(prefix) + 1:]
+            inner = f"_{_SGM_RESNET.get(rest, rest)}" if rest else ""
+            return block_map[prefix].replace(".", "_") + inner
+    return None
+
+
+@dataclass
+class LoraMatch:
+    """Result of matching a LoRA file against components: ``layers[role][module path]``."""
+
+    layers: dict[str, dict[str, LoraLayer]]
+    matched: int
+    unmatched: list[str]
+
+
+def match_lora(lora: LoraFile, components: dict[str, torch.nn.Module]) -> LoraMatch:
+    """Find the module each layer of ``lora`` patches in ``components`` (role → module).
+
+    Layers whose role is not among ``components`` or whose module does not exist (or has a
+    weight of another size) are reported in ``unmatched``."""
+    indexes = {role: weight_modules(m) for role, m in components.items()}
+    block_maps = {"unet": sgm_block_map(components["unet"].config)} if hasattr(components.get("unet"), "config") else {}
+    layers: dict[str, dict[str, LoraLayer]] = {}
+    unmatched = list(lora.unreadable)
+    for key, target in lora.targets.items():
+        path = _resolve(target, indexes.get(target.role), block_maps.get(target.role))
+        if path is None or not _fits(target.layer, components[target.role].get_submodule(path).weight):
+            unmatched.append(key)
+            continue
+        layers.setdefault(target.role, {})[path] = target.layer
+    matched = sum(len(v) for v in layers.values())
+    return LoraMatch(layers, matched, sorted(unmatched))
+
+
+def _resolve(target: LoraTarget, index: dict[str, str] | None, block_map: dict[str, str] | None) -> str | None:
+    if index is None:
+        return None
+    if target.path in index:
+        return index[target.path]
+    if target.flat and block_map is not None:
+        flat = sgm_to_diffusers(target.path, block_map)
+        return index.get(flat) if flat is not None else None
+    return None
+
+
+def _fits(layer: LoraLayer, weight: torch.Tensor) -> bool:
+    try:
+        layer.delta(weight.shape)
+    except (LoraFormatError, RuntimeError, KeyError):
+        return False
+    return True
+
+
+def guess_family(lora: LoraFile) -> str:
+    """Which model family a LoRA seems made for, from key names and context widths."""
+    keys = " ".join(lora.targets)
+    widths = {t.layer.tensors["down"].shape[1] for k, t in lora.targets.items()
+              if t.layer.kind == "lora" and ("attn2_to_k" in k or "attn2.to_k" in k)}
+    width_name = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+    if widths:
+        w = max(widths)
+        return f"{width_name.get(w, 'unknown')} (cross-attention context width {w})"
+    if "lora_te1_" in keys or "lora_te2_" in keys or "text_encoder_2." in keys or "label_emb" in keys:
+        return "sdxl (two text encoders)"
+    if "lora_te_" in keys or "lora_unet_" in keys or "unet." in keys:
+        return "sd1/sd2 (one text encoder)"
+    return "not a Stable Diffusion U-Net or CLIP text encoder"
+
+
+# ---- the patch -------------------------------------------------------------------------------
+
+
+class LoraPatch:
+    """A LoRA applied at ``strengths[role]`` to the matched layers of each role.
+
+    :meth:`apply` adds ``delta × strength`` into the weights in place and returns an undo that
+    copies the original tensors back bit for bit (a backup of each touched weight is kept for
+    the duration of the use)."""
+
+    def __init__(self, lora: LoraFile, layers: dict[str, dict[str, LoraLayer]], strengths: dict[str, float]):
+        self.lora = lora
+        self.layers = layers
+        self.strengths = strengths
+
+    def fingerprint(self) -> str:
+        parts = ",".join(f"{r}={self.strengths[r]!r}" for r in sorted(self.strengths))
+        return f"lora:{self.lora.fingerprint}:{parts}"
+
+    def apply(self, role: str, module: torch.nn.Module) -> Callable[[], None] | None:
+        strength = self.strengths.get(role, 0.0)
+        layers = self.layers.get(role)
+        if not layers or strength == 0.0:
+            return None
+        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for path, layer in layers.items():
+                weight = module.get_submodule(path).weight
+                backups.append((weight, weight.detach().clone()))
+                delta = layer.delta(weight.shape, weight.device) * strength
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+
+        def undo() -> None:
+            with torch.no_grad():
+                for weight, original in backups:
+                    weight.copy_(original)
+            backups.clear()
+
+        return undo

@@ -1,0 +1,92 @@
+"""Plugin discovery: entry points, plugins directories, broken plugins, duplicate node names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from graphsd import Engine, Settings
+from graphsd.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_builtin_nodes_register_through_hooks():
+    engine = Engine(Settings(device="cpu", load_entry_points=False))
+    assert {"LoadImage", "SaveImage"} <= set(engine.nodes)
+    sources = {p.name: p.source for p in engine.registry.plugins}
+    assert sources["graphsd.nodes.image_io"] == "builtin"
+    assert engine.warnings == []
+
+
+def test_plugins_dir_and_env_variable(monkeypatch):
+    engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(FIXTURES / "plugins")]))
+    assert "Add" in engine.nodes and engine.registry.node_plugin["Add"] == "toy_nodes"
+    monkeypatch.setenv("GRAPHSD_PLUGINS_DIR", str(FIXTURES / "plugins"))
+    assert "Add" in Engine(Settings(device="cpu", load_entry_points=False)).nodes
+
+
+def test_broken_plugin_and_duplicate_name_warn_and_engine_keeps_working():
+    engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(FIXTURES / "broken_plugins")]))
+    text = "\n".join(engine.warnings)
+    assert "plugin 'broken_import'" in text and "broken on purpose" in text
+    assert "plugin 'clashing'" in text and "'SaveImage'" in text and "already registered" in text
+    assert engine.nodes["SaveImage"].__module__ == "graphsd.nodes.image_io"  # the first one wins
+    assert "ExtraFromClashing" in engine.nodes  # the clashing plugin's other node still loads
+    assert "LoadImage" in engine.nodes
+
+
+def test_missing_plugins_dir_is_a_warning(tmp_path):
+    engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(tmp_path / "nope")]))
+    assert any("does not exist" in w for w in engine.warnings)
+
+
+def test_entry_point_discovery(tmp_path):
+    """A distribution on sys.path that declares the `graphsd` entry-point group is loaded."""
+    site = tmp_path / "site"
+    (site / "ep_plugin").mkdir(parents=True)
+    (site / "ep_plugin" / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            from graphsd import Node, NodeIO, hookimpl
+
+            class Hello(Node):
+                type = "HelloFromEntryPoint"
+                description = "test node"
+                class Inputs(NodeIO):
+                    pass
+                class Outputs(NodeIO):
+                    text: str
+                def run(self, inputs, ctx):
+                    return self.Outputs(text="hello")
+
+            @hookimpl
+            def graphsd_register_nodes():
+                return [Hello]
+            """
+        )
+    )
+    dist = site / "ep_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[graphsd]\nhello = ep_plugin\n")
+    env = {**os.environ, "PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "graphsd.cli", "plugins"], capture_output=True, text=True, env=env, check=True)
+    assert "hello  (entry point of ep-plugin)  1 nodes" in out.stdout
+    assert "HelloFromEntryPoint" in out.stdout
+
+
+def test_cli_nodes_json_lists_schemas(capsys):
+    assert main(["nodes", "--json"]) == 0
+    schemas = {s["type"]: s for s in json.loads(capsys.readouterr().out)}
+    save = schemas["SaveImage"]
+    assert save["inputs"]["image"]["link_only"] and save["inputs"]["prefix"]["default"] == "graphsd"
+    assert save["output_node"] is True
+    assert all(s["description"] for s in schemas.values()), "every built-in node is documented"
+    for s in schemas.values():
+        for name, f in s["inputs"].items():
+            assert f["description"], f"{s['type']}.{name} has no description"

@@ -1,0 +1,281 @@
+"""graphsd's Stable Diffusion nodes give the same latents as diffusers' pipelines.
+
+Each test runs a workflow through ``Engine.run`` on tiny random models saved as diffusers
+folders, then runs the matching diffusers pipeline on the same folder with the same seed and
+the conditioning graphsd's TextEncode produced (so the denoise loop is compared on its own;
+one test also lets diffusers encode the prompt itself), and compares the latents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image as PILImage
+
+import sd_tiny
+from graphsd import Engine, Settings
+
+TOL = 1e-4
+SEED = 1234
+
+#: The scheduler a diffusers user would pick for each graphsd sampler name.
+REFERENCE = {
+    "euler": lambda c: EulerDiscreteScheduler.from_config(c),
+    "euler_ancestral": lambda c: EulerAncestralDiscreteScheduler.from_config(c),
+    "heun": lambda c: HeunDiscreteScheduler.from_config(c),
+    "ddim": lambda c: DDIMScheduler.from_config(c),
+    "lms": lambda c: LMSDiscreteScheduler.from_config(c),
+    "dpmpp_2m": lambda c: DPMSolverMultistepScheduler.from_config(c),
+    "dpmpp_2m_sde": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="sde-dpmsolver++"),
+    "unipc": lambda c: UniPCMultistepScheduler.from_config(c),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    sd_tiny.save_sd1(root / "sd1")
+    sd_tiny.save_sdxl_base(root / "xl")
+    sd_tiny.save_sdxl_refiner(root / "refiner")
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return Engine(Settings(device="cpu", models_dir=str(models), output_dir=str(out), load_entry_points=False))
+
+
+def run(engine, nodes, *outputs):
+    result = engine.run({"version": 1, "nodes": nodes}, outputs=list(outputs))
+    assert result.ok, [str(e) for e in result.errors]
+    return result.outputs
+
+
+def prompts(model, positive="a red circle", negative="blurry"):
+    return {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": model}},
+        "pos": {"type": "TextEncode", "inputs": {"clip": "@model.clip", "text": positive}},
+        "neg": {"type": "TextEncode", "inputs": {"clip": "@model.clip", "text": negative}},
+    }
+
+
+def sampler_node(steps, sampler, cfg=7.5, **extra):
+    inputs = {"unet": "@model.unet", "positive": "@pos.cond", "negative": "@neg.cond", "noise": "@noise.noise"}
+    return {"type": "UNetDenoiseLoop", "inputs": {**inputs, "steps": steps, "cfg": cfg, "sampler": sampler, **extra}}
+
+
+def txt2img_nodes(model, sampler, steps=5, size=64, seed=SEED, **extra):
+    return {
+        **prompts(model),
+        "noise": {"type": "LatentNoise", "inputs": {"seed": seed, "width": size, "height": size}},
+        "denoise": sampler_node(steps, sampler, **extra),
+    }
+
+
+def sd_pipeline(cls, folder, sampler, schedule="normal"):
+    pipe = cls.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    karras = {"use_karras_sigmas": True} if schedule == "karras" else {}
+    pipe.scheduler = REFERENCE[sampler](dict(pipe.scheduler.config, **karras))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def embeds(out, pooled=False):
+    kwargs = {"prompt_embeds": out["pos"]["cond"].embeddings, "negative_prompt_embeds": out["neg"]["cond"].embeddings}
+    if pooled:
+        kwargs["pooled_prompt_embeds"] = out["pos"]["cond"].pooled
+        kwargs["negative_pooled_prompt_embeds"] = out["neg"]["cond"].pooled
+    return kwargs
+
+
+def max_diff(a, b):
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "sampler,schedule",
+    [(s, "normal") for s in REFERENCE] + [("euler", "karras"), ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "karras")],
+)
+def test_txt2img_matches_stable_diffusion_pipeline(engine, models, sampler, schedule):
+    out = run(engine, txt2img_nodes("sd1", sampler, schedule=schedule), "denoise", "pos", "neg")
+    pipe = sd_pipeline(StableDiffusionPipeline, models / "sd1", sampler, schedule)
+    reference = pipe(
+        **embeds(out), num_inference_steps=5, guidance_scale=7.5, height=64, width=64,
+        generator=torch.Generator().manual_seed(SEED), output_type="latent",
+    ).images
+    ours = out["denoise"]["latent"].samples
+    assert ours.shape == reference.shape == (1, 4, 8, 8)
+    assert max_diff(ours, reference) <= TOL
+
+
+def test_txt2img_with_prompt_text_matches_pipeline_end_to_end(engine, models):
+    """Text encoding included: diffusers encodes the prompts itself."""
+    out = run(engine, txt2img_nodes("sd1", "euler", batch_size=1), "denoise")
+    pipe = sd_pipeline(StableDiffusionPipeline, models / "sd1", "euler")
+    reference = pipe(
+        prompt="a red circle", negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5,
+        height=64, width=64, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+    ).images
+    assert max_diff(out["denoise"]["latent"].samples, reference) <= TOL
+
+
+def test_batch_items_use_seed_plus_index(engine, models):
+    nodes = txt2img_nodes("sd1", "euler_ancestral")
+    nodes["noise"]["inputs"]["batch_size"] = 2
+    out = run(engine, nodes, "denoise", "pos", "neg")
+    pipe = sd_pipeline(StableDiffusionPipeline, models / "sd1", "euler_ancestral")
+    reference = pipe(
+        **{k: v.repeat(2, 1, 1) for k, v in embeds(out).items()}, num_inference_steps=5, guidance_scale=7.5,
+        height=64, width=64, generator=[torch.Generator().manual_seed(SEED + i) for i in range(2)], output_type="latent",
+    ).images
+    assert max_diff(out["denoise"]["latent"].samples, reference) <= TOL
+
+
+def test_no_guidance_without_negative_or_at_cfg_1(engine, models):
+    nodes = txt2img_nodes("sd1", "euler", cfg=1.0)
+    without_negative = txt2img_nodes("sd1", "euler")
+    del without_negative["denoise"]["inputs"]["negative"]
+    a = run(engine, nodes, "denoise", "pos", "neg")
+    b = run(engine, without_negative, "denoise")
+    pipe = sd_pipeline(StableDiffusionPipeline, models / "sd1", "euler")
+    reference = pipe(
+        prompt_embeds=a["pos"]["cond"].embeddings, num_inference_steps=5, guidance_scale=1.0,
+        height=64, width=64, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+    ).images
+    assert max_diff(a["denoise"]["latent"].samples, reference) <= TOL
+    assert max_diff(b["denoise"]["latent"].samples, reference) <= TOL
+
+
+def write_png(path, size=64):
+    rng = np.random.default_rng(0)
+    PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m"])
+def test_img2img_matches_img2img_pipeline(engine, models, tmp_path, sampler):
+    nodes = {
+        **prompts("sd1"),
+        "load": {"type": "LoadImage", "inputs": {"path": write_png(tmp_path / "in.png")}},
+        "encode": {"type": "VAEEncode", "inputs": {"vae": "@model.vae", "image": "@load.image"}},
+        "noise": {"type": "LatentNoise", "inputs": {"seed": SEED, "latent": "@encode.latent"}},
+        "denoise": sampler_node(10, sampler, latent="@encode.latent", denoise=0.6),
+    }
+    out = run(engine, nodes, "denoise", "encode", "pos", "neg")
+    pipe = sd_pipeline(StableDiffusionImg2ImgPipeline, models / "sd1", sampler)
+    reference = pipe(
+        **embeds(out), image=out["encode"]["latent"].samples, strength=0.6, num_inference_steps=10,
+        guidance_scale=7.5, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+    ).images
+    assert max_diff(out["denoise"]["latent"].samples, reference) <= TOL
+
+
+def test_vae_encode_is_scaled_posterior_mode(engine, models, tmp_path):
+    path = write_png(tmp_path / "in.png")
+    nodes = {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1"}},
+        "load": {"type": "LoadImage", "inputs": {"path": path}},
+        "encode": {"type": "VAEEncode", "inputs": {"vae": "@model.vae", "image": "@load.image"}},
+    }
+    ours = run(engine, nodes, "encode")["encode"]["latent"].samples
+    pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
+    pixels = torch.from_numpy(np.asarray(PILImage.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+    x = pixels.permute(2, 0, 1)[None] * 2 - 1
+    with torch.no_grad():
+        reference = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
+    assert ours.shape == (1, 4, 8, 8)
+    assert max_diff(ours, reference) <= TOL
+
+
+def test_vae_decode_matches_vae_and_tiled_matches_diffusers_tiling(engine, models):
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
+    vae = pipe.vae
+    with torch.no_grad():
+        plain = vae.decode(latent / vae.config.scaling_factor).sample
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = 32, 4, 0.25
+        tiled = vae.decode(latent / vae.config.scaling_factor).sample
+    assert max_diff(plain, tiled) > 1e-3  # the tiles really are decoded apart
+
+    nodes = {"model": {"type": "CheckpointLoader", "inputs": {"path": "sd1"}}}
+    out = run(engine, nodes, "model")
+    vae_ref = out["model"]["vae"]
+    from graphsd.nodes.sd import VAEDecode
+    from graphsd.types import Latent
+
+    class Ctx:
+        models = vae_ref.manager
+        device = torch.device("cpu")
+
+    node = VAEDecode()
+    for tiled_mode, expected in ((False, plain), (True, tiled)):
+        inputs = VAEDecode.Inputs(vae=vae_ref, latent=Latent(latent), tiled=tiled_mode, tile_size=32, tile_overlap=8)
+        image = node.run(inputs, Ctx()).image.pixels
+        assert image.shape == (1, 64, 64, 3)
+        assert max_diff(image, (expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)) <= TOL
+
+
+def sdxl_conds(model):
+    return prompts(model, "a red circle, studio light", "blurry")
+
+
+def test_sdxl_txt2img_matches_sdxl_pipeline(engine, models):
+    for sampler in ("euler", "euler_ancestral", "dpmpp_2m"):
+        out = run(engine, txt2img_nodes("xl", sampler, steps=4), "denoise", "pos", "neg")
+        pipe = sd_pipeline(StableDiffusionXLPipeline, models / "xl", sampler)
+        reference = pipe(
+            **embeds(out, pooled=True), num_inference_steps=4, guidance_scale=5.0 + 2.5, height=64, width=64,
+            generator=torch.Generator().manual_seed(SEED), output_type="latent",
+        ).images
+        assert max_diff(out["denoise"]["latent"].samples, reference) <= TOL, sampler
+
+
+def test_sdxl_base_then_refiner_matches_denoising_end_and_start(engine, models):
+    base_nodes = txt2img_nodes("xl", "euler", steps=10, end_step=8)
+    base = run(engine, base_nodes, "denoise", "pos", "neg")
+    base_pipe = sd_pipeline(StableDiffusionXLPipeline, models / "xl", "euler")
+    base_ref = base_pipe(
+        **embeds(base, pooled=True), num_inference_steps=10, denoising_end=0.8, guidance_scale=7.5,
+        height=64, width=64, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+    ).images
+    assert max_diff(base["denoise"]["latent"].samples, base_ref) <= TOL
+
+    refine_nodes = {
+        **base_nodes,
+        "ref": {"type": "CheckpointLoader", "inputs": {"path": "refiner"}},
+        "rpos": {"type": "TextEncode", "inputs": {"clip": "@ref.clip", "text": "a red circle"}},
+        "rneg": {"type": "TextEncode", "inputs": {"clip": "@ref.clip", "text": "blurry"}},
+        "refine": {
+            "type": "UNetDenoiseLoop",
+            "inputs": {
+                "unet": "@ref.unet", "positive": "@rpos.cond", "negative": "@rneg.cond", "noise": "@noise.noise",
+                "latent": "@denoise.latent", "steps": 10, "cfg": 7.5, "sampler": "euler", "start_step": 8,
+                "add_noise": False,
+            },
+        },
+    }
+    refined = run(engine, refine_nodes, "refine", "rpos", "rneg")
+    ref_pipe = sd_pipeline(StableDiffusionXLImg2ImgPipeline, models / "refiner", "euler")
+    reference = ref_pipe(
+        prompt_embeds=refined["rpos"]["cond"].embeddings, negative_prompt_embeds=refined["rneg"]["cond"].embeddings,
+        pooled_prompt_embeds=refined["rpos"]["cond"].pooled, negative_pooled_prompt_embeds=refined["rneg"]["cond"].pooled,
+        image=base_ref, num_inference_steps=10, denoising_start=0.8, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(SEED), output_type="latent",
+    ).images
+    assert max_diff(refined["refine"]["latent"].samples, reference) <= TOL
