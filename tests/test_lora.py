@@ -376,19 +376,29 @@ def test_roles_without_layers_are_untouched(tmp_path):
 
 # ---- what does not fit ------------------------------------------------------------------------------
 def test_sdxl_lora_on_sd1_names_the_family(tmp_path):
+    from graphsd.models.lora import LoraFormatError, check_family
+
     sdxl_unet, te1, te2 = tiny_sdxl()
-    sd = kohya_sdxl(sdxl_unet, te1, te2)
-    # real SDXL LoRAs have a 2048-wide context on attn2.to_k; give one layer that shape
-    key = "lora_unet_" + sgm_name("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
-    sd[f"{key}.lora_down.weight"] = torch.zeros(4, 2048)
-    save_file(sd, tmp_path / "sdxl.safetensors")
+    save_file(kohya_sdxl(sdxl_unet, te1, te2), tmp_path / "sdxl.safetensors")
     unet, te = tiny_sd1()
     lora = load_lora(tmp_path / "sdxl.safetensors")
-    sd1_unet_only = {k: v for k, v in lora.targets.items() if v.role == "unet"}
-    lora.targets = sd1_unet_only
+    assert guess_family(lora) == "a model (cross-attention context width 64)"
+    with pytest.raises(LoraFormatError, match="context width 64.*context width is 32"):
+        check_family(lora, {"unet": unet, "text_encoder": te})
+    check_family(lora, {"unet": sdxl_unet, "text_encoder": te1, "text_encoder_2": te2})
+
+
+def test_lora_matching_nothing_is_reported(tmp_path):
+    unet, te = tiny_sd1()
+    gen = torch.Generator().manual_seed(0)
+    sd = random_lora("lora_unet_no_such_layer", torch.nn.Linear(8, 8), gen)
+    sd.update(random_lora("lora_te2_text_model_encoder_layers_0_mlp_fc1", torch.nn.Linear(32, 37), gen))
+    sd["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"] = torch.ones(32)
+    save_file(sd, tmp_path / "x.safetensors")
+    lora = load_lora(tmp_path / "x.safetensors")
     match = match_lora(lora, {"unet": unet, "text_encoder": te})
-    assert match.matched == 0 and len(match.unmatched) == len(sd1_unet_only)
-    assert guess_family(lora).startswith("sdxl")
+    assert match.matched == 0 and len(match.unmatched) == 3
+    assert guess_family(lora) == "sdxl (two text encoders)"
 
 
 def test_pickle_lora_needs_permission(tmp_path):

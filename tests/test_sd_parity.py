@@ -125,7 +125,7 @@ def test_txt2img_matches_stable_diffusion_pipeline(engine, models, sampler, sche
 
 def test_txt2img_with_prompt_text_matches_pipeline_end_to_end(engine, models):
     """Text encoding included: diffusers encodes the prompts itself."""
-    out = run(engine, txt2img_nodes("sd1", "euler", batch_size=1), "denoise")
+    out = run(engine, txt2img_nodes("sd1", "euler"), "denoise")
     pipe = sd_pipeline(StableDiffusionPipeline, models / "sd1", "euler")
     reference = pipe(
         prompt="a red circle", negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5,

@@ -391,20 +391,45 @@ def _fits(layer: LoraLayer, weight: torch.Tensor) -> bool:
     return True
 
 
+def context_width(lora: LoraFile) -> int | None:
+    """The cross-attention context width the LoRA was trained for (input width of its
+    ``attn2.to_k`` layers), or None when it has no such layer."""
+    inputs = {"lora": "down", "loha": "hada_w1_b"}
+    widths = {t.layer.tensors[inputs[t.layer.kind]].flatten(1).shape[1] for k, t in lora.targets.items()
+              if t.layer.kind in inputs and re.search(r"attn2[._]to_k$", k)}
+    return max(widths) if widths else None
+
+
 def guess_family(lora: LoraFile) -> str:
     """Which model family a LoRA seems made for, from key names and context widths."""
     keys = " ".join(lora.targets)
-    widths = {t.layer.tensors["down"].shape[1] for k, t in lora.targets.items()
-              if t.layer.kind == "lora" and ("attn2_to_k" in k or "attn2.to_k" in k)}
-    width_name = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-    if widths:
-        w = max(widths)
-        return f"{width_name.get(w, 'unknown')} (cross-attention context width {w})"
+    width = context_width(lora)
+    if width is not None:
+        name = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width, "a model")
+        return f"{name} (cross-attention context width {width})"
     if "lora_te1_" in keys or "lora_te2_" in keys or "text_encoder_2." in keys or "label_emb" in keys:
         return "sdxl (two text encoders)"
     if "lora_te_" in keys or "lora_unet_" in keys or "unet." in keys:
         return "sd1/sd2 (one text encoder)"
     return "not a Stable Diffusion U-Net or CLIP text encoder"
+
+
+def check_family(lora: LoraFile, components: dict[str, torch.nn.Module]) -> None:
+    """Raise :class:`LoraFormatError` when the LoRA is plainly for another model family (its
+    context width differs from the U-Net's, or it patches a second text encoder the model
+    does not have): such files would otherwise match a few same-sized layers by accident."""
+    unet = components.get("unet")
+    width = context_width(lora)
+    model_width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    roles = {t.role for t in lora.targets.values()}
+    if (width is not None and model_width is not None and width != model_width) or (
+        "text_encoder_2" in roles and "text_encoder_2" not in components and "text_encoder" in components
+    ):
+        raise LoraFormatError(
+            f"LoRA '{lora.name}' seems made for {guess_family(lora)}, but the model's context width is "
+            f"{model_width} and it has {sum(r.startswith('text_encoder') for r in components)} text encoder(s). "
+            "Use a LoRA made for this model"
+        )
 
 
 # ---- the patch -------------------------------------------------------------------------------

@@ -481,7 +481,9 @@ def _build_text(family: str, role: str, config: dict[str, Any], tensors: dict[st
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if role == "text_encoder_2" else CLIPTextModel
-    module = cls(CLIPTextConfig.from_dict(config)).to(dtype)
+    text_config = CLIPTextConfig.from_dict(config)
+    text_config.dtype = dtype
+    module = cls(text_config).to(dtype)
     _load_into(module, text_rule(family, role), tensors, dtype, role.replace("_", " "))
     return module
 

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
-from graphsd.models.lora import LoraFormatError, LoraPatch, file_fingerprint, guess_family, load_lora, match_lora
+from graphsd.models.lora import LoraFormatError, LoraPatch, check_family, file_fingerprint, guess_family, load_lora, match_lora
 from graphsd.node import Node, NodeIO
 from graphsd.types import Clip, UNet
 
@@ -107,6 +107,10 @@ class LoraLoader(Node):
         lora = ctx.models.get(key)
         components = {"unet": ctx.models.get(inputs.unet.keys["unet"])}
         components.update({r: ctx.models.get(inputs.clip.keys[r]) for r in ("text_encoder", "text_encoder_2") if r in inputs.clip.keys})
+        try:
+            check_family(lora, components)
+        except LoraFormatError as exc:
+            raise NodeError(str(exc), field="lora") from None
         match = match_lora(lora, components)
         if match.matched == 0:
             raise NodeError(

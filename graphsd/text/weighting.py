@@ -1,19 +1,21 @@
-"""Prompt weighting syntax of AUTOMATIC1111's web UI (also read by ComfyUI).
+r"""Prompt weighting syntax of AUTOMATIC1111's web UI.
 
-================================  ==============================================
-``(text)``                        weight × 1.1
-``[text]``                        weight ÷ 1.1
-``(text:1.3)``                    weight × 1.3 (any ``[+-]digits.digits`` number)
-``((text))``, ``([text]:1.5)``    nesting multiplies: × 1.21, × 1.5 / 1.1
-``\\(`` ``\\)`` ``\\[`` ``\\]``   a literal bracket; ``\\\\`` a literal backslash
-``BREAK``                         (upper case, a whole word) ends the current 75-token chunk
-================================  ==============================================
+==============================  ==================================================
+``(text)``                      weight × 1.1
+``[text]``                      weight ÷ 1.1
+``(text:1.3)``                  weight × 1.3 (any number ``[+-]digits.digits``)
+``((text))``, ``([text]:1.5)``  nesting multiplies: × 1.21, × 1.5 / 1.1
+``\(`` ``\)`` ``\[`` ``\]``     a literal bracket; ``\\`` a literal backslash
+``BREAK``                       (upper case, a whole word) ends the current 75-token chunk
+==============================  ==================================================
 
 Unbalanced brackets are handled as A1111's ``parse_prompt_attention`` does: a ``)`` or ``]``
 with no opener, and ``:1.3)`` outside round brackets, are kept as literal text; a ``(`` or ``[``
-never closed weights everything after it to the end of the prompt (× 1.1 or ÷ 1.1). A ``:``
-that is not followed by a number and ``)`` is literal text. ComfyUI differs only in treating
-``[`` ``]`` as literal characters and in having no ``BREAK``.
+never closed weights everything after it to the end of the prompt (× 1.1 or ÷ 1.1); a ``:``
+not followed by a number and ``)`` is literal text. Where A1111 fails or loses text we keep it:
+``(a:1.2.3)`` is the text ``a:1.2.3`` weighted × 1.1 (A1111 raises an error), and a backslash
+that escapes nothing stays a backslash (A1111 drops it). ComfyUI reads ``( )`` and
+``(text:w)`` the same way but treats ``[ ]`` as plain characters and has no ``BREAK``.
 
 :func:`parse_prompt` returns the prompt as consecutive ``(text, weight)`` segments, neighbours
 of equal weight merged, with :data:`BREAK` where the keyword stood.
