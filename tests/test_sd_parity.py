@@ -8,10 +8,13 @@ one test also lets diffusers encode the prompt itself), and compares the latents
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -87,10 +90,20 @@ def txt2img_nodes(model, sampler, steps=5, size=64, seed=SEED, **extra):
     }
 
 
+@functools.cache
+def reference_components(folder, cls):
+    """The components diffusers itself loads from ``folder`` (loaded once per test module)."""
+    pipe = cls.from_pretrained(folder, local_files_only=True, **({} if "XL" in cls.__name__ else {"safety_checker": None}))
+    return pipe.components
+
+
 def sd_pipeline(cls, folder, sampler, schedule="normal"):
-    pipe = cls.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    """A diffusers pipeline on ``folder`` whose scheduler is the reference for ``sampler``."""
+    loader = {StableDiffusionImg2ImgPipeline: StableDiffusionPipeline}.get(cls, cls)
+    components = dict(reference_components(folder, loader))
     karras = {"use_karras_sigmas": True} if schedule == "karras" else {}
-    pipe.scheduler = REFERENCE[sampler](dict(pipe.scheduler.config, **karras))
+    components["scheduler"] = REFERENCE[sampler](dict(components["scheduler"].config, **karras))
+    pipe = cls(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -193,19 +206,18 @@ def test_vae_encode_is_scaled_posterior_mode(engine, models, tmp_path):
         "encode": {"type": "VAEEncode", "inputs": {"vae": "@model.vae", "image": "@load.image"}},
     }
     ours = run(engine, nodes, "encode")["encode"]["latent"].samples
-    pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
+    vae = reference_components(models / "sd1", StableDiffusionPipeline)["vae"]
     pixels = torch.from_numpy(np.asarray(PILImage.open(path).convert("RGB"), dtype=np.float32) / 255.0)
     x = pixels.permute(2, 0, 1)[None] * 2 - 1
     with torch.no_grad():
-        reference = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
+        reference = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
     assert ours.shape == (1, 4, 8, 8)
     assert max_diff(ours, reference) <= TOL
 
 
 def test_vae_decode_matches_vae_and_tiled_matches_diffusers_tiling(engine, models):
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
-    vae = pipe.vae
+    vae = AutoencoderKL.from_pretrained(models / "sd1" / "vae", local_files_only=True)
     with torch.no_grad():
         plain = vae.decode(latent / vae.config.scaling_factor).sample
         vae.enable_tiling()

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from graphsd import Engine, Settings
@@ -233,3 +233,46 @@ def test_node_rejects_clip_skip_beyond_the_layers(engine):
     assert not result.ok
     [failure] = result.errors
     assert "clip_skip" in str(failure)
+
+
+# ---- with the checkpoint loader's Clip handles (diffusers folders) -------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    import sd_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "sd1": sd_tiny.save_sd1(root / "sd1"),
+        "xl": sd_tiny.save_sdxl_base(root / "xl"),
+        "refiner": sd_tiny.save_sdxl_refiner(root / "refiner"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "pipeline_class"),
+    [("sd1", StableDiffusionPipeline), ("xl", StableDiffusionXLPipeline), ("refiner", StableDiffusionXLImg2ImgPipeline)],
+)
+def test_loaded_checkpoint_matches_diffusers(tmp_path, folders, model, pipeline_class):
+    """CheckpointLoader → TextEncode on a diffusers folder equals that folder's own pipeline's
+    ``encode_prompt`` (the refiner has only ``text_encoder_2``: SDXL-style, with pooled)."""
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path), load_entry_points=False))
+    prompt, plain = r"a photo of a cat, (masterpiece:1.0), \(8k\)", "a photo of a cat, masterpiece, (8k)"
+    pipe = pipeline_class.from_pretrained(str(folders[model]), local_files_only=True)
+    if model == "sd1":
+        pipe.text_encoder = reference_encoder(pipe.text_encoder)
+    for clip_skip in (1, 2):
+        doc = {
+            "version": 1,
+            "nodes": {
+                "model": {"type": "CheckpointLoader", "inputs": {"path": str(folders[model])}},
+                "enc": {"type": "TextEncode", "inputs": {"clip": "@model.clip", "text": prompt, "clip_skip": clip_skip}},
+            },
+        }
+        result = engine.run(doc, outputs=["enc"])
+        assert result.ok, result.errors
+        cond = result.outputs["enc"]["cond"]
+        if model == "sd1":
+            assert torch.equal(cond.embeddings, sd1_reference(pipe, plain, clip_skip)) and cond.pooled is None
+        else:
+            embeds, pooled = sdxl_reference(pipe, plain, clip_skip)
+            assert torch.equal(cond.embeddings, embeds) and torch.equal(cond.pooled, pooled)

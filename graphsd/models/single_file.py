@@ -381,9 +381,10 @@ def derive_unet_config(family: str, unet: dict[str, torch.Tensor], pooled_dim: i
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
         cross_attention_dim=to_k.shape[1],
-        use_linear_projection=proj_in.ndim == 2,
         attention_head_dim=_heads(family, channels),
     )
+    if (proj_in.ndim == 2) != config.get("use_linear_projection", False):  # SD1's config omits it
+        config["use_linear_projection"] = proj_in.ndim == 2
     if any(d != 1 for d in depth) or "transformer_layers_per_block" in config:
         config["transformer_layers_per_block"] = depth if any(d != 1 for d in depth) else 1
     if "label_emb.0.0.weight" in unet:
@@ -555,56 +556,85 @@ def _check_context(family: str, unet_config: dict[str, Any], widths: list[int]) 
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _to_file(state: dict[str, torch.Tensor], rule: Callable[[str], Rule], out: dict[str, torch.Tensor]) -> None:
-    """Add a module's state dict to ``out`` under its single-file names (the inverse of
-    :func:`_from_file`: q, k and v are concatenated into one in_proj)."""
+def _to_file(state: dict[str, torch.Tensor], rule: Callable[[str], Rule]) -> dict[str, torch.Tensor]:
+    """A module's state dict under its single-file names, copied to the CPU (the inverse of
+    :func:`_from_file`: q, k and v are concatenated into one in_proj). Copies, so that a patch
+    undone after this call cannot change what is written."""
+    out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         name, how = rule(key)
-        value = value.detach().to("cpu")
+        value = value.detach().to("cpu", copy=True)
         if how in ("q", "k", "v"):
             fused.setdefault(name, {})[how] = value
         elif how == "T":
             out[name] = value.T.contiguous()
         elif how == "conv":
-            out[name] = value.reshape(*value.shape, 1, 1).contiguous()
+            out[name] = value.reshape(*value.shape, 1, 1)
         else:
-            out[name] = value.contiguous()
+            out[name] = value
     for name, parts in fused.items():
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
 
 
-def _config_json(module: Any) -> dict[str, Any]:
+def component_tensors(family: str, role: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of one component (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``)
+    under their single-file names, on the CPU."""
+    if role == "unet":
+        rule = unet_rule(dict(module.config))
+    elif role == "vae":
+        rule = vae_rule(dict(module.config))
+    else:
+        rule = text_rule(family, role)
+    try:
+        return _to_file(module.state_dict(), rule)
+    except KeyError as exc:
+        raise NodeError(
+            f"the {role} holds tensors that a single-file checkpoint has no place for ({exc.args[0]}); "
+            "adapters must be merged into the weights (or removed) before saving"
+        ) from None
+
+
+def module_config(module: Any) -> dict[str, Any]:
     """The full config of a diffusers (``ConfigMixin``) or transformers model as plain JSON."""
     if hasattr(module, "to_json_string"):
         return json.loads(module.to_json_string())
     return json.loads(module.config.to_json_string(use_diff=False))
 
 
-def save_single_file(components: dict[str, Any], path: Path) -> Path:
-    """Write ``components`` (``family`` sd1 | sd2 | sdxl, ``unet``, ``vae``, ``text_encoder``,
-    SDXL ``text_encoder_2``, optional ``scheduler_config``) as one ``.safetensors`` file in the
-    original LDM layout, atomically (:func:`graphsd.paths.write_atomic`).
-    The diffusers configs go into the metadata so :func:`load_single_file` restores them."""
-    from safetensors.torch import save_file
-
-    family = components.get("family")
+def component_roles(family: str) -> list[str]:
+    """The components a single file of ``family`` holds."""
     if family not in FAMILIES:
         raise NodeError(f"cannot write a single file for model family {family!r}; supported: {', '.join(FAMILIES)}")
-    roles = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-    absent = [r for r in ("unet", "vae", *roles) if components.get(r) is None]
-    if absent:
-        raise NodeError(f"cannot write a {family} checkpoint without its {', '.join(absent)}")
-    unet, vae = components["unet"], components["vae"]
-    tensors: dict[str, torch.Tensor] = {}
-    _to_file(unet.state_dict(), unet_rule(dict(unet.config)), tensors)
-    _to_file(vae.state_dict(), vae_rule(dict(vae.config)), tensors)
-    configs: dict[str, Any] = {"family": family, "unet": _config_json(unet), "vae": _config_json(vae)}
-    for role in roles:
-        _to_file(components[role].state_dict(), text_rule(family, role), tensors)
-        configs[role] = _config_json(components[role])
-    if components.get("scheduler_config"):
-        configs["scheduler"] = dict(components["scheduler_config"])
+    return ["unet", "vae", "text_encoder", *(["text_encoder_2"] if family == "sdxl" else [])]
+
+
+def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, Any]) -> Path:
+    """Write single-file ``tensors`` atomically (:func:`graphsd.paths.write_atomic`) with the
+    diffusers ``configs`` (role -> config, ``family``, optional ``scheduler``) as metadata."""
+    from safetensors.torch import save_file
+
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
     write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return Path(path)
+
+
+def save_single_file(components: dict[str, Any], path: Path) -> Path:
+    """Write ``components`` (``family`` sd1 | sd2 | sdxl, ``unet``, ``vae``, ``text_encoder``,
+    SDXL ``text_encoder_2``, optional ``scheduler_config``) as one ``.safetensors`` file in the
+    original LDM layout. The diffusers configs go into the metadata, so :func:`load_single_file`
+    restores them exactly."""
+    family = components.get("family")
+    roles = component_roles(family)
+    absent = [r for r in roles if components.get(r) is None]
+    if absent:
+        raise NodeError(f"cannot write a {family} checkpoint without its {', '.join(absent)}")
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, Any] = {"family": family}
+    for role in roles:
+        tensors.update(component_tensors(family, role, components[role]))
+        configs[role] = module_config(components[role])
+    if components.get("scheduler_config"):
+        configs["scheduler"] = dict(components["scheduler_config"])
+    return write_single_file(path, tensors, configs)

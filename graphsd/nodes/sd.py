@@ -259,7 +259,7 @@ class VAEDecode(Node):
         vae: Vae = Field(description="The VAE (from CheckpointLoader)")
         latent: Latent = Field(description="Latent in the model's scaled latent space")
         tiled: bool = Field(False, description="Decode in tiles (for images too large to decode at once)")
-        tile_size: int = Field(512, ge=64, le=4096, multiple_of=8, description="Tiled mode: tile edge in pixels")
+        tile_size: int = Field(512, ge=16, le=4096, multiple_of=8, description="Tiled mode: tile edge in pixels")
         tile_overlap: int = Field(64, ge=0, le=2048, multiple_of=8, description="Tiled mode: overlap between tiles in pixels, blended")
 
     class Outputs(NodeIO):

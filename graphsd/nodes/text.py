@@ -42,10 +42,14 @@ class TextEncode(Node):
         clip = inputs.clip
         roles = [role for role in TOKENIZER_OF_ROLE if role in clip.keys]
         if not roles:
-            raise NodeError("this Clip handle names no text encoder; connect the clip output of a checkpoint loader", field="clip")
+            raise NodeError(
+                "this Clip handle names no text encoder; connect the clip output of a checkpoint loader", field="clip"
+            )
         tokenizers = [clip.info.get(TOKENIZER_OF_ROLE[role]) for role in roles]
         if any(t is None for t in tokenizers):
-            raise NodeError("this Clip handle has no tokenizer for its text encoder; load it with a checkpoint loader", field="clip")
+            raise NodeError(
+                "this Clip handle has no tokenizer for its text encoder; load it with a checkpoint loader", field="clip"
+            )
         with ExitStack() as stack:
             encoders = [stack.enter_context(ctx.models.use(clip, role)) for role in roles]
             for encoder in encoders:
@@ -55,9 +59,12 @@ class TextEncode(Node):
                         f"{encoder.config.num_hidden_layers} layers; use 1 (last layer) or 2 (penultimate)",
                         field="clip_skip",
                     )
-            embeddings, pooled = encode_prompt(
-                inputs.text, list(zip(tokenizers, encoders)), inputs.clip_skip, sdxl="text_encoder_2" in roles
-            )
+            try:
+                embeddings, pooled = encode_prompt(
+                    inputs.text, list(zip(tokenizers, encoders)), inputs.clip_skip, sdxl="text_encoder_2" in roles
+                )
+            except ValueError as exc:  # tokenizers that disagree about the prompt's length
+                raise NodeError(f"{exc}; use the tokenizers that came with the checkpoint", field="clip") from exc
         return self.Outputs(cond=Conditioning(embeddings=embeddings, pooled=pooled))
 
 

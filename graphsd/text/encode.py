@@ -89,7 +89,7 @@ def tokenize_prompt(tokenizer: Any, text: str, length: int = 77, use_break: bool
     return tokenize_weighted(tokenizer, parse_prompt(text, use_break=use_break), length)
 
 
-def hidden_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def run_encoder(text_encoder: Any, ids: torch.Tensor, clip_skip: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the encoder on ``ids [chunks, context]``: the hidden state picked by ``clip_skip``
     (see the module docstring) and the encoder's pooled output (``text_embeds`` when the model
     has a projection, else ``pooler_output``)."""
@@ -128,10 +128,10 @@ def encode_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every chunk, weight it, and join the chunks: ``[1, chunks·context, width]`` plus
     the pooled output of the first chunk ``[1, pooled width]``."""
-    z, pooled = hidden_states(text_encoder, chunks.ids, clip_skip, final_norm)
+    z, pooled = run_encoder(text_encoder, chunks.ids, clip_skip, final_norm)
     if chunks.weighted:
         empty = tokenize_weighted(tokenizer, [Segment("", 1.0)], chunks.ids.shape[1])
-        z_empty, _ = hidden_states(text_encoder, empty.ids, clip_skip, final_norm)
+        z_empty, _ = run_encoder(text_encoder, empty.ids, clip_skip, final_norm)
         z = apply_token_weights(z, z_empty, chunks.weights)
     return z.reshape(1, -1, z.shape[-1]), pooled[:1]
 

@@ -75,7 +75,8 @@ def _vocab_order_bytes() -> list[str]:
 
 def read_merges(bpe_gz: str | Path) -> list[tuple[str, str]]:
     """The first :data:`NUM_MERGES` merges of CLIP's gzipped merge list (header line skipped)."""
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(line.split(" ")) for line in lines[1 : 1 + NUM_MERGES]]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ValueError(f"{bpe_gz} is not CLIP's BPE merge list (expected {NUM_MERGES} pairs after a header line)")

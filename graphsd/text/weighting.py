@@ -60,8 +60,8 @@ _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 def parse_prompt(text: str, use_break: bool = True) -> list[Segment]:
     """Split ``text`` into weighted segments (see the module docstring for the syntax).
 
-    >>> parse_prompt("a (red:1.5) [cat]")
-    [Segment(text='a ', weight=1.0), Segment(text='red', weight=1.5), Segment(text=' ', weight=1.0), Segment(text='cat', weight=0.9090909090909091)]
+    >>> [(s.text, round(s.weight, 3)) for s in parse_prompt("a (red:1.5) [cat]")]
+    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.909)]
     """
     pieces: list[list] = []  # [text, weight] pairs, mutable while brackets close; None = BREAK
     round_open: list[int] = []

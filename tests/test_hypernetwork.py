@@ -1,0 +1,164 @@
+"""A1111 hypernetworks: file reading, the patched U-Net against a reference written from the
+format's definition, strength 0, exact undo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphsd.models.hypernetwork import (
+    ACTIVATIONS,
+    Hypernetwork,
+    HypernetworkFormatError,
+    HypernetworkPatch,
+    load_hypernetwork,
+    save_hypernetwork,
+)
+from tests.test_lora import sd1_outputs, tiny_sd1
+
+# Two layouts of A1111's ``linear`` Sequential, with the indices its layers get:
+# A: [1, 2, 1], relu, no layer norm, no dropout, no output activation → Linear 0, ReLU 1, Linear 2
+# B: [1, 2, 2, 1], tanh, layer norm, dropout (last layer too), output activation →
+#    Linear 0, Tanh 1, LN 2, Dropout 3, Linear 4, Tanh 5, LN 6, Dropout 7, Linear 8, Tanh 9, LN 10
+LAYOUT_A = {"meta": {"layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False,
+                     "use_dropout": False, "activate_output": False, "last_layer_dropout": False},
+            "linears": [0, 2], "norms": [], "act": torch.relu}
+LAYOUT_B = {"meta": {"layer_structure": [1, 2, 2, 1], "activation_func": "tanh", "is_layer_norm": True,
+                     "use_dropout": True, "activate_output": True, "last_layer_dropout": True},
+            "linears": [0, 4, 8], "norms": [2, 6, 10], "act": torch.tanh}
+
+
+def make_file(layout, widths=(32, 64), seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    data = {**layout["meta"], "name": "test", "step": 12}
+    structure = layout["meta"]["layer_structure"]
+    for w in widths:
+        pair = []
+        for _ in range(2):
+            sd = {}
+            for i, idx in enumerate(layout["linears"]):
+                n_in, n_out = int(w * structure[i]), int(w * structure[i + 1])
+                sd[f"linear.{idx}.weight"] = torch.randn(n_out, n_in, generator=gen) * 0.2
+                sd[f"linear.{idx}.bias"] = torch.randn(n_out, generator=gen) * 0.1
+            for i, idx in enumerate(layout["norms"]):
+                n_out = int(w * structure[i + 1])
+                sd[f"linear.{idx}.weight"] = 1 + torch.randn(n_out, generator=gen) * 0.1
+                sd[f"linear.{idx}.bias"] = torch.randn(n_out, generator=gen) * 0.1
+            pair.append(sd)
+        data[w] = pair
+    return data
+
+
+def reference_net(sd: dict, layout) -> callable:
+    """x + net(x)·s from the format's definition, with plain tensor operations."""
+    last = len(layout["linears"]) - 1
+
+    def f(x, s):
+        h = x
+        for i, idx in enumerate(layout["linears"]):
+            h = h @ sd[f"linear.{idx}.weight"].T + sd[f"linear.{idx}.bias"]
+            if i < last or layout["meta"]["activate_output"]:
+                h = layout["act"](h)
+            if layout["norms"]:
+                n = layout["norms"][i]
+                h = F.layer_norm(h, h.shape[-1:], sd[f"linear.{n}.weight"], sd[f"linear.{n}.bias"])
+        return x + h * s
+
+    return f
+
+
+class Transformed(torch.nn.Module):
+    """Reference: replace a projection by ``proj(f(x))``."""
+
+    def __init__(self, proj, f, s):
+        super().__init__()
+        self.proj, self.f, self.s = proj, f, s
+
+    def forward(self, x):
+        return self.proj(self.f(x, self.s))
+
+
+def reference_unet(data: dict, layout, strength: float):
+    unet, te = tiny_sd1()
+    touched = 0
+    for m in list(unet.modules()):
+        if hasattr(m, "to_k") and isinstance(m.to_k, torch.nn.Linear) and m.to_k.in_features in data:
+            k_sd, v_sd = data[m.to_k.in_features]
+            m.to_k = Transformed(m.to_k, reference_net(k_sd, layout), strength)
+            m.to_v = Transformed(m.to_v, reference_net(v_sd, layout), strength)
+            touched += 1
+    return unet, te, touched
+
+
+@pytest.mark.parametrize("layout", [LAYOUT_A, LAYOUT_B], ids=["relu", "tanh-norm-dropout"])
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_patch_matches_reference(tmp_path, layout, strength):
+    data = make_file(layout)
+    torch.save(data, tmp_path / "hn.pt")
+    hn = load_hypernetwork(tmp_path / "hn.pt", allow_pickle=True)
+    assert hn.widths == [32, 64] and hn.meta["step"] == 12
+    unet, te = tiny_sd1()
+    base = sd1_outputs(unet, te)[0]
+    undo = HypernetworkPatch(hn, "fp", strength).apply("unet", unet)
+    ours = sd1_outputs(unet, te)[0]
+    ref_unet, ref_te, touched = reference_unet(data, layout, strength)
+    assert touched == 8  # 4 transformer blocks: attn2 (32-wide context) and attn1 (32 or 64 wide)
+    ref = sd1_outputs(ref_unet, ref_te)[0]
+    assert (ref - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    undo()
+    assert torch.equal(sd1_outputs(unet, te)[0], base)
+    assert all(not m._forward_pre_hooks for m in unet.modules())
+
+
+def test_only_matching_widths_are_patched(tmp_path):
+    data = make_file(LAYOUT_A, widths=(64,))
+    unet, te = tiny_sd1()
+    hn = Hypernetwork.from_state(data)
+    undo = HypernetworkPatch(hn, "fp", 1.0).apply("unet", unet)
+    hooked = [n for n, m in unet.named_modules() if m._forward_pre_hooks]
+    assert hooked and all(unet.get_submodule(n).in_features == 64 for n in hooked)
+    assert all(".attn1." in n for n in hooked)  # the cross-attention context is 32 wide
+    undo()
+
+
+def test_strength_zero_and_other_roles_do_nothing():
+    hn = Hypernetwork.from_state(make_file(LAYOUT_A))
+    unet, te = tiny_sd1()
+    assert HypernetworkPatch(hn, "fp", 0.0).apply("unet", unet) is None
+    assert HypernetworkPatch(hn, "fp", 1.0).apply("text_encoder", te) is None
+    assert HypernetworkPatch(hn, "fp", 0.5).fingerprint() != HypernetworkPatch(hn, "fp", 0.6).fingerprint()
+
+
+def test_round_trip_and_pickle_permission(tmp_path):
+    hn = Hypernetwork.from_state(make_file(LAYOUT_B))
+    save_hypernetwork(hn, tmp_path / "hn.pt")
+    with pytest.raises(HypernetworkFormatError, match="pickle"):
+        load_hypernetwork(tmp_path / "hn.pt")
+    again = load_hypernetwork(tmp_path / "hn.pt", allow_pickle=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(again.pair(64)[1](x), hn.pair(64)[1](x))
+    raw = torch.load(tmp_path / "hn.pt", weights_only=True)
+    assert raw["layer_structure"] == [1, 2, 2, 1] and sorted(k for k in raw if isinstance(k, int)) == [32, 64]
+    assert set(raw[32][0]) == {f"linear.{i}.{p}" for i in (0, 2, 4, 6, 8, 10) for p in ("weight", "bias")}
+
+
+def test_activation_names_follow_a1111():
+    assert ACTIVATIONS["swish"] is torch.nn.Hardswish and ACTIVATIONS["linear"] is torch.nn.Identity
+    for name, cls in (("gelu", torch.nn.GELU), ("mish", torch.nn.Mish), ("softsign", torch.nn.Softsign),
+                      ("leakyrelu", torch.nn.LeakyReLU), ("elu", torch.nn.ELU), ("silu", torch.nn.SiLU)):
+        assert ACTIVATIONS[name] is cls
+
+
+def test_bad_files_are_explained(tmp_path):
+    with pytest.raises(HypernetworkFormatError, match="no integer"):
+        Hypernetwork.from_state({"layer_structure": [1, 2, 1]})
+    bad = make_file(LAYOUT_A)
+    bad["layer_structure"] = [1, 3, 1]
+    with pytest.raises(HypernetworkFormatError, match="do not fit"):
+        Hypernetwork.from_state(bad)
+    bad = make_file(LAYOUT_A)
+    bad["activation_func"] = "nonsense"
+    with pytest.raises(HypernetworkFormatError, match="unsupported activation"):
+        Hypernetwork.from_state(bad)
