@@ -15,7 +15,7 @@ from graphsd.models.hypernetwork import (
     load_hypernetwork,
     save_hypernetwork,
 )
-from tests.test_lora import sd1_outputs, tiny_sd1
+from test_lora import sd1_outputs, tiny_sd1
 
 # Two layouts of A1111's ``linear`` Sequential, with the indices its layers get:
 # A: [1, 2, 1], relu, no layer norm, no dropout, no output activation → Linear 0, ReLU 1, Linear 2

@@ -394,10 +394,11 @@ def test_lora_matching_nothing_is_reported(tmp_path):
     sd = random_lora("lora_unet_no_such_layer", torch.nn.Linear(8, 8), gen)
     sd.update(random_lora("lora_te2_text_model_encoder_layers_0_mlp_fc1", torch.nn.Linear(32, 37), gen))
     sd["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"] = torch.ones(32)
+    sd.update(random_lora("lora_unet_conv_in", torch.nn.Conv2d(5, 32, 3), gen))  # 5 input channels, not 4
     save_file(sd, tmp_path / "x.safetensors")
     lora = load_lora(tmp_path / "x.safetensors")
     match = match_lora(lora, {"unet": unet, "text_encoder": te})
-    assert match.matched == 0 and len(match.unmatched) == 3
+    assert match.matched == 0 and len(match.unmatched) == 4
     assert guess_family(lora) == "sdxl (two text encoders)"
 
 

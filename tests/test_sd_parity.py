@@ -91,19 +91,19 @@ def txt2img_nodes(model, sampler, steps=5, size=64, seed=SEED, **extra):
 
 
 @functools.cache
-def reference_components(folder, cls):
-    """The components diffusers itself loads from ``folder`` (loaded once per test module)."""
-    pipe = cls.from_pretrained(folder, local_files_only=True, **({} if "XL" in cls.__name__ else {"safety_checker": None}))
-    return pipe.components
+def reference_pipeline(folder, cls):
+    """The pipeline diffusers itself loads from ``folder`` (loaded once per test session)."""
+    extra = {} if "XL" in cls.__name__ else {"safety_checker": None}
+    return cls.from_pretrained(folder, local_files_only=True, **extra)
 
 
 def sd_pipeline(cls, folder, sampler, schedule="normal"):
-    """A diffusers pipeline on ``folder`` whose scheduler is the reference for ``sampler``."""
-    loader = {StableDiffusionImg2ImgPipeline: StableDiffusionPipeline}.get(cls, cls)
-    components = dict(reference_components(folder, loader))
+    """A diffusers pipeline on ``folder`` whose scheduler is the reference for ``sampler``
+    (built by the pipeline's constructor, which applies diffusers' own config fixes)."""
+    base = reference_pipeline(folder, {StableDiffusionImg2ImgPipeline: StableDiffusionPipeline}.get(cls, cls))
     karras = {"use_karras_sigmas": True} if schedule == "karras" else {}
-    components["scheduler"] = REFERENCE[sampler](dict(components["scheduler"].config, **karras))
-    pipe = cls(**components)
+    scheduler = REFERENCE[sampler](dict(base.scheduler.config, **karras))
+    pipe = cls.from_pipe(base, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -206,7 +206,7 @@ def test_vae_encode_is_scaled_posterior_mode(engine, models, tmp_path):
         "encode": {"type": "VAEEncode", "inputs": {"vae": "@model.vae", "image": "@load.image"}},
     }
     ours = run(engine, nodes, "encode")["encode"]["latent"].samples
-    vae = reference_components(models / "sd1", StableDiffusionPipeline)["vae"]
+    vae = reference_pipeline(models / "sd1", StableDiffusionPipeline).vae
     pixels = torch.from_numpy(np.asarray(PILImage.open(path).convert("RGB"), dtype=np.float32) / 255.0)
     x = pixels.permute(2, 0, 1)[None] * 2 - 1
     with torch.no_grad():

@@ -39,7 +39,7 @@ from graphsd.models.single_file import (
     vae_rule,
 )
 from graphsd.text.tokenizer import clip_tokenizer
-from tests.sd_tiny import save_sd1
+from sd_tiny import save_sd1
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 ROLES = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -323,11 +323,22 @@ def test_unknown_layouts_name_what_was_found(tmp_path):
     with pytest.raises(NodeError, match=r"not a Stable Diffusion.*2 tensors.*lora_unet_down_blocks_0_attn1_to_q"):
         load_single_file(lora)
 
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.token_embedding.weight": torch.zeros(4, 4)}, refiner)
+    with pytest.raises(NodeError, match="SDXL refiner checkpoint"):
+        load_single_file(refiner)
+
     no_vae = tmp_path / "no_vae.safetensors"
     save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, no_vae)
     with pytest.raises(NodeError, match=r"sd1 checkpoint but has no first_stage_model\.\*"):
         load_single_file(no_vae)
+
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in load_file(save_single_file(tiny_components("sd1"), tmp_path / "sd1.safetensors")).items()
+               if not k.startswith("model.diffusion_model.out.")}, partial)
+    with pytest.raises(NodeError, match=r"model\.diffusion_model\.out\.2\.weight is missing"):
+        load_single_file(partial)
 
     with pytest.raises(NodeError, match="does not exist"):
         load_single_file(tmp_path / "missing.safetensors")
@@ -341,11 +352,8 @@ def test_unknown_layouts_name_what_was_found(tmp_path):
         load_single_file(odd)
 
 
-def test_mismatched_text_width_is_reported(saved, tmp_path):
-    components, path, _ = saved
-    if components["family"] != "sd1":
-        pytest.skip("one family is enough")
-    tensors = load_file(path)
+def test_mismatched_text_width_is_reported(tmp_path):
+    tensors = load_file(save_single_file(tiny_components("sd1"), tmp_path / "sd1.safetensors"))
     prefix = TEXT_PREFIXES[("sd1", "text_encoder")]
     for k in [k for k in tensors if k.startswith(prefix)]:
         del tensors[k]

@@ -103,20 +103,24 @@ def load_checkpoint(manager: Any, path: Path, dtype: str = "fp32", allow_pickle:
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     fingerprint = path_fingerprint(path)
+    family = None
     if path.is_dir():
         loaders, scheduler_config = _folder_loaders(path, DTYPES[dtype], allow_pickle)
     else:
-        loaders, scheduler_config = _single_file_loaders(manager, path, fingerprint, dtype, allow_pickle)
+        loaders, scheduler_config, family = _single_file_loaders(manager, path, fingerprint, dtype, allow_pickle)
     keys = {role: manager.load(f"{fingerprint}:{role}:{dtype}", fn) for role, fn in loaders.items()}
-    return build_handles(manager, keys, scheduler_config, source=str(path))
+    return build_handles(manager, keys, scheduler_config, source=str(path), family=family)
 
 
-def build_handles(manager: Any, keys: dict[str, str], scheduler_config: dict[str, Any], source: str = "") -> LoadedCheckpoint:
+def build_handles(
+    manager: Any, keys: dict[str, str], scheduler_config: dict[str, Any], source: str = "", family: str | None = None
+) -> LoadedCheckpoint:
     """UNet / Clip / Vae handles for components held by ``manager`` under ``keys``
-    (role → key), with the facts the nodes need in ``info``."""
+    (role → key), with the facts the nodes need in ``info``. ``family`` defaults to what the
+    U-Net config says (:func:`detect_family`)."""
     unet_config = dict(manager.get(keys["unet"]).config)
     vae_config = dict(manager.get(keys["vae"]).config)
-    family = detect_family(unet_config)
+    family = family or detect_family(unet_config)
     sdxl = unet_config.get("addition_embed_type") == "text_time"
     encoders = [r for r in ("text_encoder", "text_encoder_2") if r in keys]
     tokenizers = {r: manager.get(keys[r]) for r in ("tokenizer", "tokenizer_2") if r in keys}
@@ -222,8 +226,8 @@ def _single_file_loaders(manager: Any, path: Path, fingerprint: str, dtype: str,
     def describe() -> dict[str, Any]:
         modules = convert()
         present = [r for r in COMPONENTS if modules.get(r) is not None]
-        return {"roles": present, "scheduler_config": dict(modules["scheduler_config"])}
+        return {"roles": present, "scheduler_config": dict(modules["scheduler_config"]), "family": modules.get("family")}
 
     meta = manager.get(manager.load(f"{fingerprint}:contents:{dtype}", describe))
     loaders = {role: (lambda r=role: convert()[r]) for role in meta["roles"]}
-    return loaders, meta["scheduler_config"]
+    return loaders, meta["scheduler_config"], meta["family"]

@@ -223,7 +223,6 @@ class LoraFile:
     fingerprint: str
     targets: dict[str, LoraTarget]
     unreadable: list[str] = field(default_factory=list)
-    raw_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint: str = "") -> LoraFile:
@@ -247,7 +246,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint
         alpha = float(slots["alpha"].float().item()) if "alpha" in slots else None
         tensors_ = {k: v for k, v in slots.items() if k != "alpha"}
         targets[base] = LoraTarget(where[0], where[1], where[2], LoraLayer(kind, tensors_, alpha))
-    return LoraFile(name, fingerprint, targets, sorted(unreadable), {k: tuple(v.shape) for k, v in tensors.items()})
+    return LoraFile(name, fingerprint, targets, sorted(unreadable))
 
 
 def _role_and_path(base: str) -> tuple[str, str, bool] | None:
@@ -384,8 +383,9 @@ def _resolve(target: LoraTarget, index: dict[str, str] | None, block_map: dict[s
 
 
 def _fits(layer: LoraLayer, weight: torch.Tensor) -> bool:
+    """Whether the layer's delta has the weight's size (computed on the meta device: shapes only)."""
     try:
-        layer.delta(weight.shape)
+        layer.delta(weight.shape, "meta")
     except (LoraFormatError, RuntimeError, KeyError):
         return False
     return True

@@ -259,9 +259,9 @@ def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torc
         )
     if not allow_pickle:
         raise NodeError(
-            f"{path.name} is pickle-based; pickle files can run code when loaded. Convert it to "
-            ".safetensors or allow pickle files with allow_pickle / --allow-pickle (it is then read "
-            "with torch.load(weights_only=True), which refuses anything but tensors)",
+            f"{path.name} is pickle-based; convert it to .safetensors or allow pickle files with "
+            "allow_pickle / --allow-pickle (pickle files can run code when loaded; allowed ones are read "
+            "with torch.load(weights_only=True), which accepts only tensors)",
             field="path",
         )
     return _read_pickle(path), {}
@@ -295,6 +295,12 @@ def detect_family(tensors: dict[str, torch.Tensor]) -> str:
         family = "sd2"
     elif has(TEXT_PREFIXES[("sd1", "text_encoder")]):
         family = "sd1"
+    elif has("conditioner.embedders.0.model."):
+        raise NodeError(
+            "this is an SDXL refiner checkpoint (one OpenCLIP text encoder under conditioner.embedders.0.model.*); "
+            "single-file refiners are not supported, load the refiner's diffusers folder instead",
+            field="path",
+        )
     else:
         raise NodeError(
             "not a Stable Diffusion 1.x / 2.x / XL single-file checkpoint: found no text encoder "
@@ -453,7 +459,8 @@ def _load_into(module: torch.nn.Module, rule: Callable[[str], Rule], tensors: di
     """Fill ``module``'s state dict from the file's tensors through ``rule`` (strict), as
     ``dtype``; a module built on the meta device takes the tensors themselves (``assign``)."""
     state, missing, wrong = {}, [], []
-    for key, target in module.state_dict().items():
+    targets = module.state_dict()
+    for key, target in targets.items():
         name, how = rule(key)
         if name not in tensors:
             missing.append(name)
@@ -466,7 +473,7 @@ def _load_into(module: torch.nn.Module, rule: Callable[[str], Rule], tensors: di
         problems = [f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []
         problems += [f"unexpected shape of {', '.join(wrong[:5])}"] if wrong else []
         raise NodeError(f"the {what} in this checkpoint does not have the expected layout: {'; '.join(problems)}", field="path")
-    module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in module.state_dict().values()))
+    module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in targets.values()))
 
 
 def _build_diffusers(cls: type, config: dict[str, Any], rule: Callable[[str], Rule], tensors: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -527,19 +534,28 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     roles = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
     result: dict[str, Any] = {"family": family}
     for role in roles:
-        config = stored.get(role) or derive_text_config(family, role, _under(tensors, TEXT_PREFIXES[(family, role)]))
+        prefix = TEXT_PREFIXES[(family, role)]
+        config = stored.get(role) or _derive(derive_text_config, prefix, family, role, _under(tensors, prefix))
         result[role] = _build_text(family, role, config, tensors, dtype)
     pooled = result["text_encoder_2"].config.projection_dim if family == "sdxl" else None
-    unet_config = stored.get("unet") or derive_unet_config(family, _under(tensors, UNET_PREFIX), pooled)
+    unet_config = stored.get("unet") or _derive(derive_unet_config, UNET_PREFIX, family, _under(tensors, UNET_PREFIX), pooled)
     _check_context(family, unet_config, [result[r].config.hidden_size for r in roles])
     result["unet"] = _build_diffusers(UNet2DConditionModel, unet_config, unet_rule(unet_config), tensors, dtype, "U-Net")
-    vae_config = stored.get("vae") or derive_vae_config(family, _under(tensors, VAE_PREFIX))
+    vae_config = stored.get("vae") or _derive(derive_vae_config, VAE_PREFIX, family, _under(tensors, VAE_PREFIX))
     result["vae"] = _build_diffusers(AutoencoderKL, vae_config, vae_rule(vae_config), tensors, dtype, "VAE")
     result["tokenizer"] = _tokenizer("!" if family == "sd2" else None)
     if family == "sdxl":
         result["tokenizer_2"] = _tokenizer("!")
     result["scheduler_config"] = stored.get("scheduler") or bundled_config(family, "scheduler")
     return result
+
+
+def _derive(derive: Callable[..., dict[str, Any]], prefix: str, *args: Any) -> dict[str, Any]:
+    """Run a ``derive_*_config`` function; a tensor it needs that the file lacks is a layout error."""
+    try:
+        return derive(*args)
+    except KeyError as exc:
+        raise NodeError(f"unrecognised checkpoint layout: {prefix}{exc.args[0]} is missing", field="path") from None
 
 
 def _check_context(family: str, unet_config: dict[str, Any], widths: list[int]) -> None:

@@ -18,7 +18,7 @@ SUFFIX = ".safetensors"
 
 class CheckpointSave(Node):
     type = "CheckpointSave"
-    category = "loaders"
+    category = "models"
     description = (
         "Write the U-Net, text encoder(s) and VAE as one .safetensors checkpoint in the original "
         "single-file layout (SD1, SD2, SDXL; loadable by CheckpointLoader, diffusers' from_single_file "

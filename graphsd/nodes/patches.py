@@ -21,7 +21,7 @@ from pydantic import Field
 
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
-from graphsd.models.lora import LoraFormatError, LoraPatch, check_family, file_fingerprint, guess_family, load_lora, match_lora
+from graphsd.models.lora import PICKLE_SUFFIXES, LoraFormatError, LoraPatch, check_family, file_fingerprint, guess_family, load_lora, match_lora
 from graphsd.node import Node, NodeIO
 from graphsd.types import Clip, UNet
 
@@ -70,8 +70,17 @@ def _file_identity(name: str, kind: str, ctx: Any) -> str:
     return file_fingerprint(path) if path is not None else "missing"
 
 
-def _allow_pickle(inputs: Any, ctx: Any) -> bool:
-    return bool(inputs.allow_pickle or ctx.settings.allow_pickle)
+def _allow_pickle(inputs: Any, ctx: Any, path: Path, field: str) -> bool:
+    """Whether pickle files may be read; refuses a pickle file up front when they may not
+    (checked before the ModelManager's cache, which may already hold the file)."""
+    allowed = bool(inputs.allow_pickle or ctx.settings.allow_pickle)
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allowed:
+        raise NodeError(
+            f"'{path.name}' is a pickle file: set allow_pickle: true on this node (or in the settings) to read it "
+            "with torch.load(weights_only=True), or convert it to .safetensors",
+            field=field,
+        )
+    return allowed
 
 
 class LoraLoader(Node):
@@ -100,8 +109,9 @@ class LoraLoader(Node):
 
     def run(self, inputs: Any, ctx: Any) -> NodeIO:
         path = _require_file(inputs.lora, "loras", ctx, "lora")
+        allow_pickle = _allow_pickle(inputs, ctx, path, "lora")
         try:
-            key = ctx.models.load(f"lora:{file_fingerprint(path)}", lambda: load_lora(path, _allow_pickle(inputs, ctx)))
+            key = ctx.models.load(f"lora:{file_fingerprint(path)}", lambda: load_lora(path, allow_pickle))
         except LoraFormatError as exc:
             raise NodeError(str(exc), field="lora") from None
         lora = ctx.models.get(key)
@@ -161,8 +171,9 @@ class HypernetworkLoader(Node):
     def run(self, inputs: Any, ctx: Any) -> NodeIO:
         path = _require_file(inputs.hypernetwork, "hypernetworks", ctx, "hypernetwork")
         fingerprint = file_fingerprint(path)
+        allow_pickle = _allow_pickle(inputs, ctx, path, "hypernetwork")
         try:
-            key = ctx.models.load(f"hypernetwork:{fingerprint}", lambda: load_hypernetwork(path, _allow_pickle(inputs, ctx)))
+            key = ctx.models.load(f"hypernetwork:{fingerprint}", lambda: load_hypernetwork(path, allow_pickle))
         except HypernetworkFormatError as exc:
             raise NodeError(str(exc), field="hypernetwork") from None
         hn = ctx.models.get(key)

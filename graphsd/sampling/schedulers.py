@@ -7,13 +7,15 @@ returning a fresh diffusers scheduler (``set_timesteps``, ``scale_model_input``,
 Generative Models", eq. 5, through diffusers' ``use_karras_sigmas``). The model's training
 settings (beta schedule, prediction type, timestep spacing, steps offset) always come from its
 config, so a sampler gives the same numbers as a diffusers pipeline using the same scheduler.
+DDIM never clips its x0 prediction to [-1, 1] (a pixel-space setting that diffusers' Stable
+Diffusion pipelines also switch off for latents).
 
 | name | method | diffusers class |
 | --- | --- | --- |
 | euler | Euler (Karras et al. 2022, Algorithm 2 without churn) | EulerDiscreteScheduler |
 | euler_ancestral | Euler with ancestral noise (k-diffusion) | EulerAncestralDiscreteScheduler |
 | heun | Heun's 2nd order (Karras et al. 2022, Algorithm 1) | HeunDiscreteScheduler |
-| ddim | DDIM, eta 0 (Song et al. 2020) | DDIMScheduler |
+| ddim | DDIM, eta 0 (Song et al. 2020) | DDIMScheduler, clip_sample off |
 | lms | linear multistep (k-diffusion) | LMSDiscreteScheduler |
 | dpmpp_2m | DPM-Solver++(2M) (Lu et al. 2022) | DPMSolverMultistepScheduler |
 | dpmpp_2m_sde | DPM-Solver++(2M) SDE (Lu et al. 2022) | DPMSolverMultistepScheduler, sde-dpmsolver++ |
@@ -61,7 +63,7 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "euler": partial(build_scheduler, EulerDiscreteScheduler, karras=True),
     "euler_ancestral": partial(build_scheduler, EulerAncestralDiscreteScheduler, karras=False),
     "heun": partial(build_scheduler, HeunDiscreteScheduler, karras=True),
-    "ddim": partial(build_scheduler, DDIMScheduler, karras=False),
+    "ddim": partial(build_scheduler, DDIMScheduler, karras=False, clip_sample=False),
     "lms": partial(build_scheduler, LMSDiscreteScheduler, karras=True),
     "dpmpp_2m": partial(
         build_scheduler, DPMSolverMultistepScheduler, karras=True, algorithm_type="dpmsolver++", solver_order=2

@@ -66,7 +66,7 @@ def load_images(dataset: Sequence | CaptionedImages, resolution: int | None = No
         image, text = dataset[i]
         if resolution is not None and image.shape[:2] != (resolution, resolution):
             image = square_resize(Image.fromarray(image), resolution)
-        pixels.append(torch.from_numpy(np.ascontiguousarray(image)))
+        pixels.append(torch.from_numpy(np.array(image, dtype=np.uint8)))
         captions.append(text)
     if not pixels:
         raise ValueError("the dataset is empty")

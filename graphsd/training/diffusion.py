@@ -164,7 +164,7 @@ def train_diffusion(
         _update_ema(ema_text, text, decay)
         _update_ema(ema_unet, unet, decay)
         step += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step, cfg.steps, losses[-1])
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=24000)
     p.add_argument("--vae-steps", type=int, default=VAETraining.steps)
+    p.add_argument("--vae-batch-size", type=int, default=VAETraining.batch_size)
     p.add_argument("--unet-steps", type=int, default=DiffusionTraining.steps)
     p.add_argument("--batch-size", type=int, default=DiffusionTraining.batch_size)
     p.add_argument("--lr", type=float, default=DiffusionTraining.lr)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    vae = VAETraining(steps=a.vae_steps, seed=a.seed)
+    vae = VAETraining(steps=a.vae_steps, batch_size=a.vae_batch_size, seed=a.seed)
     diffusion = replace(DiffusionTraining(), steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every)
     record = build(a.out, a.seed, a.count, vae, diffusion, a.device, a.max_seconds, a.checkpoint_dir, a.log_every)
     print(json.dumps(record, indent=2))

@@ -57,7 +57,7 @@ def train_vae(pixels: torch.Tensor, cfg: VAETraining, device: torch.device | str
         loss.backward()
         opt.step()
         if progress is not None:
-            progress(step + 1, cfg.steps, float(loss))
+            progress(step + 1, cfg.steps, loss.item())
     return vae.eval().cpu()
 
 

@@ -1,0 +1,181 @@
+"""LoraLoader and HypernetworkLoader through ``Engine.run`` on tiny checkpoints saved as
+diffusers folders: parity with diffusers' pipelines, branches, no reload on a strength change,
+errors a user can make."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+import sd_tiny
+from graphsd import Engine, Settings
+from graphsd.events import ModelEvent, NodeCached
+from test_hypernetwork import LAYOUT_B, Transformed, make_file, reference_net
+from test_lora import kohya_sd1, kohya_sdxl
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+SEED = 77
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    sd_tiny.save_sd1(root / "sd1")
+    (root / "loras").mkdir()
+    (root / "hypernetworks").mkdir()
+    save_file(kohya_sd1(sd_tiny.unet(), sd_tiny.text_encoder(), seed=3), root / "loras" / "style.safetensors")
+    xl_unet = sd_tiny.sdxl_unet(3, time_ids=6, cross_attention_dim=64)
+    save_file(kohya_sdxl(xl_unet, sd_tiny.text_encoder(), sd_tiny.text_encoder(projection=True)), root / "loras" / "xl.safetensors")
+    torch.save(make_file(LAYOUT_B, widths=(32, 64), seed=4), root / "hypernetworks" / "hn.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(models, tmp_path_factory):
+    settings = Settings(device="cpu", models_dir=str(models), output_dir=str(tmp_path_factory.mktemp("out")), load_entry_points=False)
+    return Engine(settings)
+
+
+def workflow(unet="@model.unet", clip="@model.clip", extra=None, prompt="a red circle"):
+    return {
+        "version": 1,
+        "params": {"strength": 1.0},
+        "nodes": {
+            "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1"}},
+            **(extra or {}),
+            "pos": {"type": "TextEncode", "inputs": {"clip": clip, "text": prompt}},
+            "neg": {"type": "TextEncode", "inputs": {"clip": clip, "text": "blurry"}},
+            "noise": {"type": "LatentNoise", "inputs": {"seed": SEED, "width": 64, "height": 64}},
+            "denoise": {"type": "UNetDenoiseLoop", "inputs": {"unet": unet, "positive": "@pos.cond", "negative": "@neg.cond",
+                                                               "noise": "@noise.noise", "steps": 4, "cfg": 5.0, "sampler": "euler"}},
+        },
+    }
+
+
+def lora_node(lora="style", model="${strength}", clip="${strength}"):
+    return {"lora": {"type": "LoraLoader", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "lora": lora,
+                                                     "strength_model": model, "strength_clip": clip}}}
+
+
+def run(engine, doc, params=None, outputs=("denoise",)):
+    result = engine.run(doc, params=params or {}, outputs=list(outputs))
+    assert result.ok, [str(e) for e in result.errors]
+    return result
+
+
+def latent(result):
+    return result.outputs["denoise"]["latent"].samples
+
+
+@functools.cache
+def components(folder):
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None).components
+
+
+def reference_pipe(folder):
+    from diffusers import EulerDiscreteScheduler
+
+    parts = dict(components(folder))
+    parts = {k: (v if k in ("tokenizer", "scheduler", "safety_checker", "feature_extractor", "image_encoder") or v is None
+                 else __import__("copy").deepcopy(v)) for k, v in parts.items()}
+    parts["scheduler"] = EulerDiscreteScheduler.from_config(parts["scheduler"].config)
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipe_latent(pipe, **kwargs):
+    return pipe(num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="latent",
+                generator=torch.Generator().manual_seed(SEED), **kwargs).images
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_lora_loader_matches_diffusers_end_to_end(engine, models, strength):
+    ours = latent(run(engine, workflow("@lora.unet", "@lora.clip", lora_node()), {"strength": strength}))
+    pipe = reference_pipe(models / "sd1")
+    plain = pipe_latent(pipe, prompt="a red circle", negative_prompt="blurry")
+    pipe.load_lora_weights(str(models / "loras" / "style.safetensors"), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[strength])
+    reference = pipe_latent(pipe, prompt="a red circle", negative_prompt="blurry")
+    assert (reference - plain).abs().max() > 1e-2
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_strength_change_does_not_reload_the_checkpoint(engine):
+    doc = workflow("@lora.unet", "@lora.clip", lora_node())
+    run(engine, doc, {"strength": 0.3})
+    second = run(engine, doc, {"strength": 0.9})
+    loads = [e for e in second.events if isinstance(e, ModelEvent) and e.action == "load"]
+    assert loads == []
+    assert "model" in {e.node_id for e in second.events if isinstance(e, NodeCached)}
+    assert "lora" in second.executed and "denoise" in second.executed
+
+
+def test_branches_with_and_without_lora(engine):
+    doc = workflow("@lora.unet", "@lora.clip", lora_node())
+    doc["nodes"]["plain"] = dict(doc["nodes"]["denoise"], inputs=dict(doc["nodes"]["denoise"]["inputs"], unet="@model.unet"))
+    both = run(engine, doc, {"strength": 0.8}, outputs=("denoise", "plain"))
+    lora_alone = latent(run(engine, workflow("@lora.unet", "@lora.clip", lora_node()), {"strength": 0.8}))
+    fresh = Engine(engine.settings)
+    plain_alone = latent(run(fresh, workflow(clip="@lora.clip", extra=lora_node()), {"strength": 0.8}))
+    assert torch.equal(both.outputs["denoise"]["latent"].samples, lora_alone)
+    assert torch.equal(both.outputs["plain"]["latent"].samples, plain_alone)
+    assert not torch.equal(plain_alone, lora_alone)
+
+
+def test_strength_zero_equals_no_lora(engine):
+    with_zero = latent(run(engine, workflow("@lora.unet", "@lora.clip", lora_node()), {"strength": 0.0}))
+    plain = latent(run(engine, workflow()))
+    assert torch.equal(with_zero, plain)
+
+
+def test_stacked_loras_in_either_order(engine):
+    first = {"a": {"type": "LoraLoader", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "lora": "style", "strength_model": 0.7, "strength_clip": 0.2}},
+             "b": {"type": "LoraLoader", "inputs": {"unet": "@a.unet", "clip": "@a.clip", "lora": "style.safetensors", "strength_model": -0.3, "strength_clip": 0.5}}}
+    second = {"a": dict(first["a"], inputs=dict(first["b"]["inputs"], unet="@model.unet", clip="@model.clip")),
+              "b": dict(first["b"], inputs=dict(first["a"]["inputs"], unet="@a.unet", clip="@a.clip"))}
+    one = latent(run(engine, workflow("@b.unet", "@b.clip", first)))
+    two = latent(run(engine, workflow("@b.unet", "@b.clip", second)))
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_lora_on_sd1_is_a_clear_error(engine):
+    result = engine.run(workflow("@lora.unet", "@lora.clip", lora_node("xl")), outputs=["denoise"])
+    [error] = result.errors
+    assert error.node_id == "lora" and "context width 64" in error.message and "Use a LoRA made for this model" in error.message
+
+
+def test_missing_lora_lists_where_it_looked(engine, models):
+    result = engine.run(workflow("@lora.unet", "@lora.clip", lora_node("nope")), outputs=["denoise"])
+    [error] = result.errors
+    assert "'nope' not found" in error.message and str(models / "loras") in error.message
+
+
+def test_hypernetwork_loader_matches_reference(engine, models):
+    extra = {"hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": "hn", "strength": 0.7,
+                                                             "allow_pickle": True}}}
+    result = run(engine, workflow("@hn.unet", extra=extra), outputs=("denoise", "pos", "neg"))
+    data = torch.load(models / "hypernetworks" / "hn.pt", weights_only=True)
+    pipe = reference_pipe(models / "sd1")
+    for m in list(pipe.unet.modules()):
+        if isinstance(getattr(m, "to_k", None), torch.nn.Linear) and m.to_k.in_features in data:
+            k_sd, v_sd = data[m.to_k.in_features]
+            m.to_k = Transformed(m.to_k, reference_net(k_sd, LAYOUT_B), 0.7)
+            m.to_v = Transformed(m.to_v, reference_net(v_sd, LAYOUT_B), 0.7)
+    reference = pipe_latent(pipe, prompt_embeds=result.outputs["pos"]["cond"].embeddings,
+                            negative_prompt_embeds=result.outputs["neg"]["cond"].embeddings)
+    plain = latent(run(engine, workflow()))
+    assert (reference - plain).abs().max() > 1e-2
+    torch.testing.assert_close(latent(result), reference, atol=1e-4, rtol=0)
+
+
+def test_hypernetwork_pickle_needs_permission(engine):
+    extra = {"hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": "hn"}}}
+    result = engine.run(workflow("@hn.unet", extra=extra), outputs=["denoise"])
+    [error] = result.errors
+    assert error.node_id == "hn" and "allow_pickle" in error.message
