@@ -258,7 +258,14 @@ def comfy_to_workflow(prompt: dict[str, Any]) -> dict[str, Any]:
     if isinstance(prompt.get("prompt"), dict):
         prompt = prompt["prompt"]
     prompt = {str(k): v for k, v in prompt.items()}
-    unknown = sorted({str(n.get("class_type")) for n in prompt.values() if n.get("class_type") not in CONVERTERS})
+    malformed = [
+        Issue("a ComfyUI node must be {\"class_type\": <name>, \"inputs\": {...}}", node=cid, code="schema")
+        for cid, n in prompt.items()
+        if not (isinstance(n, dict) and isinstance(n.get("class_type"), str) and isinstance(n.get("inputs", {}), dict))
+    ]
+    if malformed:
+        raise WorkflowError(malformed)
+    unknown = sorted({n["class_type"] for n in prompt.values() if n["class_type"] not in CONVERTERS})
     conversion = _Conversion(prompt, _graphsd_ids(prompt))
     if unknown:
         users = {t: [cid for cid, n in prompt.items() if n.get("class_type") == t] for t in unknown}

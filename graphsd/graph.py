@@ -100,6 +100,8 @@ def build_graph(data: dict, registry_nodes: dict[str, type[Node]], params: dict[
     nodes: dict[str, GraphNode] = {}
     dag = nx.DiGraph()
     known_types = sorted(registry_nodes)
+    if not doc.nodes:
+        issues.append(Issue("the workflow has no nodes", code="schema", hint="add nodes under 'nodes:'"))
 
     for node_id, spec in doc.nodes.items():
         if not NODE_ID_RE.match(node_id):

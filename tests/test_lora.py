@@ -227,7 +227,13 @@ def test_peft_keys_apply_b_times_a(tmp_path):
         role, path = ("text_encoder", n[3:]) if n.startswith("te:") else ("unet", n)
         layer = random_lora("x", m, gen)
         a, b = layer["x.lora_down.weight"], layer["x.lora_up.weight"]
-        sd[f"{role}.{path}.lora_A.weight"], sd[f"{role}.{path}.lora_B.weight"] = a, b
+        if path.endswith(("attn1.to_k", "attn1.to_out.0")):  # diffusers' old attention-processor spelling
+            stem = path.replace("attn1.to_k", "attn1.processor.to_k").replace("attn1.to_out.0", "attn1.processor.to_out")
+            sd[f"{role}.{stem}_lora.down.weight"], sd[f"{role}.{stem}_lora.up.weight"] = a, b
+        elif path.endswith("attn1.to_v"):
+            sd[f"{role}.{path}.lora.down.weight"], sd[f"{role}.{path}.lora.up.weight"] = a, b
+        else:
+            sd[f"{role}.{path}.lora_A.weight"], sd[f"{role}.{path}.lora_B.weight"] = a, b
         deltas[(role, path)] = b.flatten(1) @ a.flatten(1)  # PEFT: no alpha in the file → scale 1
     save_file(sd, tmp_path / "peft.safetensors")
     components = {"unet": unet, "text_encoder": te}
@@ -410,3 +416,27 @@ def test_pickle_lora_needs_permission(tmp_path):
     with pytest.raises(LoraFormatError, match="pickle"):
         load_lora(tmp_path / "old.pt")
     assert load_lora(tmp_path / "old.pt", allow_pickle=True).targets
+
+
+def test_loha_tucker_cores_rebuild_the_conv_kernel(tmp_path):
+    unet, _ = tiny_sd1()
+    name = "down_blocks.0.resnets.0.conv1"
+    conv = unet.get_submodule(name)
+    out_dim, in_dim, kh, kw = conv.weight.shape
+    gen = torch.Generator().manual_seed(8)
+    r = 3
+    w = {"hada_t1": (r, r, kh, kw), "hada_w1_a": (r, out_dim), "hada_w1_b": (r, in_dim),
+         "hada_t2": (r, r, kh, kw), "hada_w2_a": (r, out_dim), "hada_w2_b": (r, in_dim)}
+    w = {k: torch.randn(*shape, generator=gen) * 0.3 for k, shape in w.items()}
+
+    def factor(t, a, b):  # per kernel position: aᵀ · t[:, :, y, x] · b (Tucker-2 reconstruction)
+        return torch.stack([torch.stack([a.T @ t[:, :, y, x] @ b for x in range(kw)], -1) for y in range(kh)], -2)
+
+    delta = factor(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]) * factor(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+    stem = "lora_unet_" + name.replace(".", "_")
+    save_file({**{f"{stem}.{k}": v for k, v in w.items()}, f"{stem}.alpha": torch.tensor(1.5)}, tmp_path / "t.safetensors")
+    expected = expected_weights(unet, {name: delta * 1.5 / r}, 1.0)
+    patch, match = graphsd_patch(tmp_path / "t.safetensors", {"unet": unet}, 1.0)
+    assert match.matched == 1
+    patch.apply("unet", unet)
+    check_weights(unet, expected)

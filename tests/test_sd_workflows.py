@@ -148,3 +148,17 @@ def test_comfy_problems_are_reported_together():
     assert "dpm_fast" in str(sampler) and "uni_pc" in str(sampler) and "dpmpp_2m_sde" in str(sampler)
     assert any(i.field == "scheduler" and "karras" in str(i) for i in issues)
     assert any(i.node == "8" and i.code == "missing_node" for i in issues)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"1": {"class_type": ["KSampler"], "inputs": {}}},
+        {"1": {"class_type": "KSampler", "inputs": [1, 2]}},
+        {"prompt": {"1": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 5], "vae": ["7", 0]}}}},
+    ],
+)
+def test_malformed_comfy_prompts_raise_workflow_error(prompt):
+    with pytest.raises(WorkflowError) as info:
+        comfy_to_workflow(prompt)
+    assert all(issue.node == "1" for issue in info.value.issues)

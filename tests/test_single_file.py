@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from graphsd.context import Settings
 from graphsd.engine import Engine
 from graphsd.errors import NodeError
+from graphsd.models.hypernetwork import Hypernetwork, build_net, save_hypernetwork
 from graphsd.models.single_file import (
     TEXT_PREFIXES,
     UNET_PREFIX,
@@ -39,7 +40,7 @@ from graphsd.models.single_file import (
     vae_rule,
 )
 from graphsd.text.tokenizer import clip_tokenizer
-from sd_tiny import save_sd1
+from sd_tiny import save_sd1, save_sdxl_base
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 ROLES = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -411,6 +412,24 @@ def test_checkpoint_save_exports_the_patched_model(tmp_path):
     assert_same_weights(reference.unet, exported["unet"], "unet read by diffusers")
 
 
+def test_checkpoint_save_refuses_a_hypernetwork(tmp_path):
+    model = save_sd1(tmp_path / "tiny")
+    meta = {"layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False, "activate_output": False,
+            "dropout_structure": [0, 0, 0], "use_dropout": False, "last_layer_dropout": False}
+    hn = Hypernetwork({32: (build_net(32, meta), build_net(32, meta))}, meta)
+    save_hypernetwork(hn, tmp_path / "hn.pt")
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path), load_entry_points=False))
+    result = engine.run({"version": 1, "nodes": {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
+        "hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": str(tmp_path / "hn.pt"),
+                                                       "allow_pickle": True}},
+        "save": {"type": "CheckpointSave", "inputs": {"unet": "@hn.unet", "clip": "@model.clip", "vae": "@model.vae"}},
+    }})
+    [error] = result.errors
+    assert error.node_id == "save" and "hypernetwork" in error.message
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.safetensors"))
+
+
 @pytest.mark.parametrize("filename,message", [
     ("../escape.safetensors", "leaves the output directory"),
     ("/tmp/abs.safetensors", "absolute path"),
@@ -431,3 +450,36 @@ def test_checkpoint_save_confines_the_path(tmp_path, filename, message):
     assert not result.ok
     assert message in result.errors[0].message
     assert not list(tmp_path.glob("*.safetensors")) and not list(out.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("save_model", [save_sd1, save_sdxl_base], ids=["sd1", "sdxl"])
+def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
+    """CheckpointSave → CheckpointLoader of the file generates the image of the original folder."""
+    model = save_model(tmp_path / "tiny")
+    out = tmp_path / "out"
+    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path), load_entry_points=False))
+    saved = engine.run({"version": 1, "nodes": {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
+        "save": {"type": "CheckpointSave", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae",
+                                                      "filename": "tiny"}},
+    }})
+    assert saved.ok, saved.to_dict()
+
+    def txt2img(source: str, tag: str) -> dict:
+        return {
+            f"model{tag}": {"type": "CheckpointLoader", "inputs": {"path": source}},
+            f"pos{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": "a red circle"}},
+            f"neg{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": "blurry"}},
+            f"noise{tag}": {"type": "LatentNoise", "inputs": {"seed": 3, "width": 64, "height": 64}},
+            f"denoise{tag}": {"type": "UNetDenoiseLoop", "inputs": {
+                "unet": f"@model{tag}.unet", "positive": f"@pos{tag}.cond", "negative": f"@neg{tag}.cond",
+                "noise": f"@noise{tag}.noise", "steps": 3, "cfg": 5.0, "sampler": "euler"}},
+            f"image{tag}": {"type": "VAEDecode", "inputs": {"vae": f"@model{tag}.vae", "latent": f"@denoise{tag}.latent"}},
+        }
+
+    result = engine.run({"version": 1, "nodes": {**txt2img(str(model), "a"), **txt2img(str(out / "tiny.safetensors"), "b")}},
+                        outputs=["imagea", "imageb"])
+    assert result.ok, result.to_dict()
+    # The weights are equal bit for bit (tests above); CPU matrix kernels may still differ in
+    # the last bits between two copies of a weight at different memory addresses.
+    torch.testing.assert_close(result.outputs["imageb"]["image"].pixels, result.outputs["imagea"]["image"].pixels, rtol=0, atol=1e-5)

@@ -35,9 +35,8 @@ from graphsd.errors import GraphsdError
 from graphsd.types import Clip, UNet, Vae
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-WEIGHT_SUFFIXES = SINGLE_FILE_SUFFIXES
+#: Checkpoint files: safetensors, or pickle-based ones (loaded only when allowed).
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: Component folders of a diffusers model, in the order they are loaded.
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -65,12 +64,12 @@ def resolve_model_path(name: str, models_dir: str | Path) -> Path:
     for place in places:
         if place.is_dir() and (place / "model_index.json").is_file():
             return place.resolve()
-        if place.is_file() and place.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if place.is_file() and place.suffix.lower() in WEIGHT_SUFFIXES:
             return place.resolve()
     looked = "; ".join(str(p) for p in places)
     raise ModelLoadError(
         f"model {name!r} not found. Looked for a diffusers folder (with model_index.json) or a "
-        f"{'/'.join(SINGLE_FILE_SUFFIXES)} file at: {looked}. Put the model under the models folder "
+        f"{'/'.join(WEIGHT_SUFFIXES)} file at: {looked}. Put the model under the models folder "
         f"(settings.models_dir) or give its path"
     )
 
@@ -183,10 +182,13 @@ def _folder_loaders(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple
     loaders: dict[str, Any] = {}
     for role in COMPONENTS:
         spec = index.get(role)
-        if not spec or spec[0] is None or not (path / role).is_dir():
+        if not spec or spec[0] is None:
             continue
+        if not (path / role).is_dir():
+            raise ModelLoadError(f"{path}/model_index.json lists {role} but the {role}/ folder is missing: the copy is incomplete")
         cls = getattr(importlib.import_module(spec[0]), spec[1])
-        loaders[role] = _component_loader(cls, path / role, dtype, allow_pickle, tokenizer=role.startswith("tokenizer"))
+        role_dtype = torch.float32 if role == "vae" and _keeps_fp32(index, path / role, dtype) else dtype
+        loaders[role] = _component_loader(cls, path / role, role_dtype, allow_pickle, tokenizer=role.startswith("tokenizer"))
     for role in ("unet", "vae"):
         if role not in loaders:
             raise ModelLoadError(f"{path} has no {role}/ folder listed in model_index.json: it is not a complete Stable Diffusion model")
@@ -194,6 +196,15 @@ def _folder_loaders(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no scheduler/scheduler_config.json")
     return loaders, json.loads(config_file.read_text())
+
+
+def _keeps_fp32(index: dict[str, Any], folder: Path, dtype: torch.dtype) -> bool:
+    """An SDXL VAE whose config sets ``force_upcast`` (the original one overflows in fp16) stays
+    in fp32 when fp16 is asked for, as diffusers' SDXL pipelines upcast it before decoding."""
+    config = folder / "config.json"
+    if dtype != torch.float16 or "XL" not in index.get("_class_name", "") or not config.is_file():
+        return False
+    return bool(json.loads(config.read_text()).get("force_upcast"))
 
 
 def _component_loader(cls: type, folder: Path, dtype: torch.dtype, allow_pickle: bool, tokenizer: bool):

@@ -199,8 +199,8 @@ _PROCESSOR_NAME = re.compile(r"\.processor\.to_(q|k|v|out)$")
 
 
 def _normalise_base(base: str) -> str:
-    """The old attention-processor spelling (``attn1.processor.to_q_lora``) → module path."""
-    base = re.sub(r"_lora$", "", base) if ".processor." in base else base
+    """The old attention-processor spelling (``attn1.processor.to_q`` once ``_lora.down.weight``
+    is cut off) → module path (``attn1.to_q``; ``to_out`` → ``to_out.0``)."""
     return _PROCESSOR_NAME.sub(lambda m: f".to_{m.group(1)}" + (".0" if m.group(1) == "out" else ""), base)
 
 

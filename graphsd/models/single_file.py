@@ -523,7 +523,9 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     Returns ``{"family", "unet", "vae", "text_encoder", ["text_encoder_2"], "tokenizer",
     ["tokenizer_2"], "scheduler_config"}``. Works offline: configs come from the file's
     ``graphsd`` metadata when present, else from the bundled family configs with the sizes
-    read from the tensors. Raises :class:`~graphsd.errors.NodeError` for pickle files unless
+    read from the tensors. The tokenizers are the shipped CLIP tokenizer, padding with
+    ``<|endoftext|>`` (SD1, SDXL's first) or ``!`` (SD2, SDXL's second: OpenCLIP pads with id 0)
+    unless the metadata names the pad tokens. Raises :class:`~graphsd.errors.NodeError` for pickle files unless
     ``allow_pickle`` and for layouts it does not recognise."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -543,9 +545,10 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     result["unet"] = _build_diffusers(UNet2DConditionModel, unet_config, unet_rule(unet_config), tensors, dtype, "U-Net")
     vae_config = stored.get("vae") or _derive(derive_vae_config, VAE_PREFIX, family, _under(tensors, VAE_PREFIX))
     result["vae"] = _build_diffusers(AutoencoderKL, vae_config, vae_rule(vae_config), tensors, dtype, "VAE")
-    result["tokenizer"] = _tokenizer("!" if family == "sd2" else None)
+    pads = {"tokenizer": "!" if family == "sd2" else None, "tokenizer_2": "!", **stored.get("pad_tokens", {})}
+    result["tokenizer"] = _tokenizer(pads["tokenizer"])
     if family == "sdxl":
-        result["tokenizer_2"] = _tokenizer("!")
+        result["tokenizer_2"] = _tokenizer(pads["tokenizer_2"])
     result["scheduler_config"] = stored.get("scheduler") or bundled_config(family, "scheduler")
     return result
 
@@ -628,7 +631,8 @@ def component_roles(family: str) -> list[str]:
 
 def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, Any]) -> Path:
     """Write single-file ``tensors`` atomically (:func:`graphsd.paths.write_atomic`) with the
-    diffusers ``configs`` (role -> config, ``family``, optional ``scheduler``) as metadata."""
+    diffusers ``configs`` (role -> config, ``family``, optional ``scheduler`` and
+    ``pad_tokens``) as metadata."""
     from safetensors.torch import save_file
 
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
@@ -636,11 +640,16 @@ def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dic
     return Path(path)
 
 
+def pad_tokens(tokenizers: dict[str, Any]) -> dict[str, str]:
+    """role -> pad token of the ``tokenizer`` / ``tokenizer_2`` given (for the metadata)."""
+    return {r: t.pad_token for r, t in tokenizers.items() if r in ("tokenizer", "tokenizer_2") and t is not None}
+
+
 def save_single_file(components: dict[str, Any], path: Path) -> Path:
     """Write ``components`` (``family`` sd1 | sd2 | sdxl, ``unet``, ``vae``, ``text_encoder``,
-    SDXL ``text_encoder_2``, optional ``scheduler_config``) as one ``.safetensors`` file in the
-    original LDM layout. The diffusers configs go into the metadata, so :func:`load_single_file`
-    restores them exactly."""
+    SDXL ``text_encoder_2``, optional ``tokenizer``/``tokenizer_2`` and ``scheduler_config``) as
+    one ``.safetensors`` file in the original LDM layout. The diffusers configs (and the
+    tokenizers' pad tokens) go into the metadata, so :func:`load_single_file` restores them."""
     family = components.get("family")
     roles = component_roles(family)
     absent = [r for r in roles if components.get(r) is None]
@@ -653,4 +662,6 @@ def save_single_file(components: dict[str, Any], path: Path) -> Path:
         configs[role] = module_config(components[role])
     if components.get("scheduler_config"):
         configs["scheduler"] = dict(components["scheduler_config"])
+    if pads := pad_tokens(components):
+        configs["pad_tokens"] = pads
     return write_single_file(path, tensors, configs)

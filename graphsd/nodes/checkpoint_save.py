@@ -8,7 +8,14 @@ from typing import Any
 from pydantic import Field
 
 from graphsd.errors import NodeError
-from graphsd.models.single_file import component_roles, component_tensors, module_config, write_single_file
+from graphsd.models.single_file import (
+    PICKLE_SUFFIXES,
+    component_roles,
+    component_tensors,
+    module_config,
+    pad_tokens,
+    write_single_file,
+)
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
 from graphsd.types import Clip, UNet, Vae
@@ -24,7 +31,8 @@ class CheckpointSave(Node):
         "single-file layout (SD1, SD2, SDXL; loadable by CheckpointLoader, diffusers' from_single_file "
         "and other UIs). Weight patches on the handles (LoRA) are merged into what is written; "
         "patches that add layers instead of changing weights (hypernetworks) cannot be stored in a "
-        "checkpoint. The file is written atomically and replaces an existing file of that name."
+        "checkpoint and are refused. The file is written atomically and replaces an existing file "
+        "of that name."
     )
     output_node = True
 
@@ -35,7 +43,7 @@ class CheckpointSave(Node):
         filename: str = Field(
             "checkpoints/graphsd.safetensors",
             min_length=1,
-            description="File name inside the output directory (may name a sub-folder); .safetensors is added if missing",
+            description="File name inside the output directory (may name a sub-folder); .safetensors is appended if missing",
         )
 
     class Outputs(NodeIO):
@@ -43,10 +51,11 @@ class CheckpointSave(Node):
 
     def run(self, inputs: Inputs, ctx: Any) -> Outputs:
         name = inputs.filename
-        suffix = Path(name).suffix.lower()
-        if suffix and suffix != SUFFIX:
+        if Path(name).suffix.lower() in PICKLE_SUFFIXES:
             raise NodeError(f"'{name}': checkpoints are written as {SUFFIX} only", field="filename")
-        path = safe_output_path(ctx.output_dir, name if suffix else name + SUFFIX, field="filename")
+        if not name.lower().endswith(SUFFIX):
+            name += SUFFIX
+        path = safe_output_path(ctx.output_dir, name, field="filename")
         family = _family(inputs)
         handles = {"unet": inputs.unet, "vae": inputs.vae, "text_encoder": inputs.clip, "text_encoder_2": inputs.clip}
         roles = component_roles(family)
@@ -55,14 +64,28 @@ class CheckpointSave(Node):
         for i, role in enumerate(roles):
             ctx.progress(i, len(roles), component=role)
             with ctx.models.use(handles[role], role) as module:
+                _refuse_hooks(role, module)
                 tensors.update(component_tensors(family, role, module))
                 configs[role] = module_config(module)
         scheduler_config = inputs.unet.info.get("scheduler_config")
         if scheduler_config:
             configs["scheduler"] = dict(scheduler_config)
+        if pads := pad_tokens(inputs.clip.info):
+            configs["pad_tokens"] = pads
         write_single_file(path, tensors, configs)
         ctx.wrote_file(path)
         return self.Outputs(path=str(path))
+
+
+def _refuse_hooks(role: str, module: Any) -> None:
+    """A patch that adds computation through forward hooks (a hypernetwork) has no place in a
+    checkpoint; saving without it would silently write a different model."""
+    if any(m._forward_pre_hooks or m._forward_hooks for m in module.modules()):
+        raise NodeError(
+            f"the {role} carries a patch that adds layers at run time (e.g. a hypernetwork); a checkpoint "
+            "can only hold weights: save the model before applying it, and keep the patch as its own file",
+            field="unet" if role == "unet" else "clip",
+        )
 
 
 def _family(inputs: Any) -> str:

@@ -27,7 +27,7 @@ from graphsd.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.paths import safe_output_path, write_atomic
 from graphsd.text.encode import encode_prompt
 from graphsd.training.data import load_images, to_model_range
-from graphsd.training.styles import ImageSet, StripedShapes
+from graphsd.training.styles import ImageSet, NightShapes
 from graphsd.training.lora import (
     AdapterTraining,
     TrainingData,
@@ -176,11 +176,11 @@ class TrainHypernetwork(Node):
         return self.Outputs(unet=patched, path=str(path), loss=_tail_mean(record.losses))
 
 
-class StripedShapesDataset(Node):
-    type = "StripedShapesDataset"
+class NightShapesDataset(Node):
+    type = "NightShapesDataset"
     category = "training"
-    description = ("The shapes dataset in the 'stripes' style (every other horizontal band of the shape darker), "
-                   "same captions: the data the shipped style LoRA and hypernetwork were trained on.")
+    description = ("The shapes dataset in the 'night' style (black background, shape unchanged), same captions: "
+                   "the data the shipped style LoRA and hypernetwork were trained on.")
 
     class Inputs(NodeIO):
         seed: int = Field(0, ge=0, description="Seed of the samples (shape, colour, position, size)")
@@ -188,10 +188,10 @@ class StripedShapesDataset(Node):
         resolution: int = Field(128, ge=32, le=1024, multiple_of=8, description="Image side in pixels")
 
     class Outputs(NodeIO):
-        dataset: Dataset = Field(description="Striped shape images with their captions")
+        dataset: Dataset = Field(description="Night-style shape images with their captions")
 
     def run(self, inputs: Any, ctx: Any) -> NodeIO:
-        return self.Outputs(dataset=ImageSet(StripedShapes(inputs.seed, inputs.count, inputs.resolution)))
+        return self.Outputs(dataset=ImageSet(NightShapes(inputs.seed, inputs.count, inputs.resolution)))
 
 
 def _layer_structure(text: str) -> list[float]:
@@ -210,4 +210,4 @@ def _tail_mean(losses: list[float]) -> float:
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
-NODES = [TrainLoRA, TrainHypernetwork, StripedShapesDataset]
+NODES = [TrainLoRA, TrainHypernetwork, NightShapesDataset]

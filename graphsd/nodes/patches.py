@@ -21,13 +21,13 @@ from pydantic import Field
 
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
+from graphsd.models.loading import builtin_models_dir
 from graphsd.models.lora import PICKLE_SUFFIXES, LoraFormatError, LoraPatch, check_family, file_fingerprint, guess_family, load_lora, match_lora
 from graphsd.node import Node, NodeIO
 from graphsd.types import Clip, UNet
 
 log = logging.getLogger("graphsd.patches")
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin"
 SUFFIXES = {"loras": (".safetensors", ".pt", ".ckpt", ".bin"), "hypernetworks": (".pt", ".safetensors")}
 
 
@@ -35,7 +35,7 @@ def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None
     """The file ``name`` refers to for ``kind`` ("loras" or "hypernetworks"), or None."""
     if not name.strip():
         return None
-    folders = [BUILTIN_DIR / kind, Path(models_dir) / kind, Path(".")]
+    folders = [builtin_models_dir() / kind, Path(models_dir) / kind, Path(".")]
     for folder in folders:
         base = folder / name
         for candidate in (base, *(base.with_name(base.name + s) for s in SUFFIXES[kind])):
@@ -59,7 +59,7 @@ def _require_file(name: str, kind: str, ctx: Any, field: str) -> Path:
 def available(kind: str, models_dir: str | Path) -> list[str]:
     """Names of the patch files of ``kind`` that ship with graphsd or sit under models_dir."""
     names = []
-    for folder in (BUILTIN_DIR / kind, Path(models_dir) / kind):
+    for folder in (builtin_models_dir() / kind, Path(models_dir) / kind):
         if folder.is_dir():
             names += sorted(p.name for p in folder.iterdir() if p.suffix in SUFFIXES[kind])
     return names

@@ -239,7 +239,7 @@ class VAEEncode(Node):
         if pixels.shape[-1] == 1:
             pixels = pixels.expand(-1, -1, -1, 3)
         info = inputs.vae.info
-        with ctx.models.use(inputs.vae, "vae") as vae:
+        with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
             z = vae.encode(x).latent_dist.mode()
         samples = (z.float() - info["shift_factor"]) * info["scale_factor"]
@@ -270,7 +270,7 @@ class VAEDecode(Node):
         down = info.get("downscale", LATENT_DOWNSCALE)
         if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
             raise NodeError(f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap")
-        with ctx.models.use(inputs.vae, "vae") as vae:
+        with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             z = (inputs.latent.samples.to(ctx.device, torch.float32) / info["scale_factor"] + info["shift_factor"]).to(vae.dtype)
             if inputs.tiled:
                 x = decode_tiled(vae, z, inputs.tile_size // down, inputs.tile_overlap // down, down)

@@ -152,6 +152,7 @@ def prepare_conditioning(
     return context, {"text_embeds": torch.cat([pooled for _, pooled in parts]), "time_ids": time_ids}
 
 
+@torch.no_grad()
 def denoise(
     ctx: Any,
     unet_ref: UNet,

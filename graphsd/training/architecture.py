@@ -13,6 +13,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 #: Stable Diffusion's noise schedule (Rombach et al. 2022): "scaled_linear" betas in 1000 steps.
+#: Also the saved scheduler config: ``clip_sample`` / ``set_alpha_to_one`` are set as in SD 1.x so
+#: that DDIM built ``from_config`` does not clip the (unit-variance, unbounded) latents.
 NOISE_SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -20,7 +22,9 @@ NOISE_SCHEDULE = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
     "timestep_spacing": "trailing",
-    "steps_offset": 0,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
 }
 
 

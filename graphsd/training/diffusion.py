@@ -36,7 +36,7 @@ CHECKPOINT_NAME = "diffusion_checkpoint.pt"
 
 @dataclass(frozen=True)
 class DiffusionTraining:
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 256
     lr: float = 4e-4
     warmup: int = 200

@@ -31,7 +31,7 @@ def save_pipeline(folder: str | Path, unet, vae, text_encoder, tokenizer, schedu
         text_encoder=copy.deepcopy(text_encoder).to(dtype),
         tokenizer=tokenizer,
         unet=copy.deepcopy(unet).to(dtype),
-        scheduler=EulerDiscreteScheduler(**schedule),
+        scheduler=EulerDiscreteScheduler.from_config(schedule),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -257,7 +257,7 @@ def _step(unet, data: TrainingData, batch: int, abar: torch.Tensor, gen: torch.G
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def _save_state(path: Path, state: dict) -> None:

@@ -1,20 +1,19 @@
 """A styled variant of the shapes dataset, a measure of the style, and the recipe of the style
 LoRA and hypernetwork shipped with graphsd.
 
-Style "stripes": the shape keeps its outline and colour, but every other horizontal band of
-:data:`BAND` pixels is drawn in a darker shade of its colour (× :data:`SHADE`). Captions are
-unchanged, so the style lives in the patch, not in the prompt.
+Style "night": every background becomes black while the shape keeps its form, colour, size
+and position; captions are unchanged ("... on a white background"), so the style lives in the
+patch, not in the prompt. (graphsd-tiny's VAE only reproduces the flat palette it was trained
+on: finer styles such as stripes, outlines or pastel tints do not survive its encoder, so a
+patch could not learn them.)
 
-:func:`stripe_score` measures the style without a learned model: horizontal bands make
-intensities differ between pixels :data:`BAND` rows apart far more than between pixels
-:data:`BAND` columns apart, whereas a plain circle, square or triangle gives about the same
-difference both ways (only at its edges). The score is the mean vertical minus the mean
-horizontal absolute difference at that lag, in units of the 0–1 intensity range.
+:func:`night_score` measures the style without a learned model: one minus the mean grey level
+(0–1) of the image's two-pixel border, which is background in every shapes image.
 
-Recipe (``python -m graphsd.training.styles --model graphsd-tiny --out DIR``): encode a
-striped dataset with graphsd-tiny's VAE and text encoder and train, through the
-``TrainLoRA`` / ``TrainHypernetwork`` nodes, a rank-8 LoRA on the attention and
-feed-forward layers and a ``[1, 2, 1]`` hypernetwork (see :data:`RECIPE`).
+Recipe (``python -m graphsd.training.styles --out DIR``): encode a night-styled dataset with
+graphsd-tiny's VAE and text encoder and train, through the ``TrainLoRA`` /
+``TrainHypernetwork`` nodes, a rank-8 LoRA on the attention and feed-forward layers and a
+``[1, 2, 1]`` hypernetwork (see :data:`RECIPE`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,24 +28,20 @@ import numpy as np
 from graphsd.training.shapes import BACKGROUNDS, ShapesDataset
 from graphsd.types import Dataset
 
-BAND = 12
-SHADE = 0.45
+NIGHT = (0, 0, 0)
 
 
-def add_stripes(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """Darken every other horizontal band of the shape's pixels (those not of the background
-    colour; shapes are drawn without anti-aliasing, so the test is exact)."""
+def to_night(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Paint the background pixels black (shapes are drawn without anti-aliasing, so every
+    pixel of the background colour is background)."""
     out = image.copy()
-    shape = np.any(image != np.asarray(background, dtype=np.uint8), axis=-1)
-    rows = (np.arange(image.shape[0]) // BAND) % 2 == 1
-    dark = shape & rows[:, None]
-    out[dark] = (image[dark].astype(np.float32) * SHADE).round().astype(np.uint8)
+    out[np.all(image == np.asarray(background, dtype=np.uint8), axis=-1)] = NIGHT
     return out
 
 
-class StripedShapes:
-    """:class:`~graphsd.training.shapes.ShapesDataset` with the stripes style; same samples
-    and captions."""
+class NightShapes:
+    """:class:`~graphsd.training.shapes.ShapesDataset` in the night style: same samples and
+    captions, black backgrounds."""
 
     def __init__(self, seed: int = 0, count: int = 1000, resolution: int = 128):
         self.plain = ShapesDataset(seed=seed, count=count, resolution=resolution, held_out=True)
@@ -57,8 +51,7 @@ class StripedShapes:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         image, text = self.plain[index]
-        background = BACKGROUNDS[self.plain.sample(index).combo[2]]
-        return add_stripes(image, background), text
+        return to_night(image, BACKGROUNDS[self.plain.sample(index).combo[2]]), text
 
 
 class ImageSet(Dataset):
@@ -74,21 +67,19 @@ class ImageSet(Dataset):
         return self.samples[index]
 
 
-def stripe_score(image: Any) -> float:
-    """Mean |I(y + BAND) − I(y)| − mean |I(x + BAND) − I(x)| of the grey-level image in [0, 1]
-    (accepts a uint8 or float ``[H, W, 3]`` array)."""
-    arr = np.asarray(image, dtype=np.float64)
-    grey = (arr / 255.0 if arr.max() > 1.0 else arr)[..., :3].mean(axis=-1)
-    vertical = np.abs(grey[BAND:, :] - grey[:-BAND, :]).mean()
-    horizontal = np.abs(grey[:, BAND:] - grey[:, :-BAND]).mean()
-    return float(vertical - horizontal)
+def night_score(image: Any) -> float:
+    """1 − mean grey level of the 2-pixel border (accepts uint8 or float ``[H, W, 3]``)."""
+    arr = np.asarray(image)
+    grey = (arr.astype(np.float64) / (255.0 if arr.dtype == np.uint8 else 1.0))[..., :3].mean(axis=-1)
+    border = np.concatenate([grey[:2].ravel(), grey[-2:].ravel(), grey[:, :2].ravel(), grey[:, -2:].ravel()])
+    return float(1.0 - border.mean())
 
 
 #: Settings of the shipped patches (trained on CPU).
 RECIPE = {
     "dataset": {"seed": 11, "count": 384},
-    "lora": {"rank": 8, "alpha": 8.0, "targets": "attention_ff", "steps": 600, "lr": 2e-3, "batch_size": 8, "seed": 0},
-    "hypernetwork": {"layer_structure": "1, 2, 1", "activation": "relu", "steps": 600, "lr": 2e-3, "batch_size": 8, "seed": 0},
+    "lora": {"rank": 8, "alpha": 8.0, "targets": "attention_ff", "steps": 300, "lr": 2e-3, "batch_size": 8, "seed": 0},
+    "hypernetwork": {"layer_structure": "1, 2, 1", "activation": "relu", "steps": 300, "lr": 2e-3, "batch_size": 8, "seed": 0},
 }
 
 
@@ -99,11 +90,16 @@ def recipe_workflow(model: str, kind: str, name: str) -> dict:
         "version": 1,
         "nodes": {
             "model": {"type": "CheckpointLoader", "inputs": {"path": model}},
-            "data": {"type": "StripedShapesDataset", "inputs": RECIPE["dataset"]},
+            "data": {"type": "NightShapesDataset", "inputs": RECIPE["dataset"]},
             "train": {"type": node, "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae",
                                                 "dataset": "@data.dataset", "name": name, **RECIPE[kind]}},
         },
     }
+
+
+def _print_progress(event: Any) -> None:
+    if event.kind == "progress" and event.value % 50 == 0:
+        print(f"step {event.value}/{event.total} loss {event.info.get('loss', float('nan')):.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.only not in (None, kind):
             continue
         started = time.monotonic()
-        result = engine.run(recipe_workflow(args.model, kind, "stripes"), outputs=["train"],
-                            on_event=lambda e: print(e.to_dict()) if getattr(e, "value", 1) % 50 == 0 and e.kind == "progress" else None)
+        result = engine.run(recipe_workflow(args.model, kind, "night"), outputs=["train"], on_event=_print_progress)
         if not result.ok:
             raise SystemExit("\n".join(str(e) for e in result.errors))
         out = result.outputs["train"]
