@@ -130,8 +130,8 @@ def _empty_latent(c: _Conversion, cid: str, gid: str) -> None:
 
 def _choice(c: _Conversion, cid: str, name: str, table: dict[str, str]) -> str | None:
     value = c.value(cid, name)
-    if value is None or value in table or (isinstance(value, str) and value.startswith("@")):
-        return table.get(value, value)
+    if value is None or (isinstance(value, str) and (value in table or value.startswith("@"))):
+        return table.get(value, value) if isinstance(value, str) else None
     c.issue(cid, f"{name} '{value}' is not supported", field=name, hint=f"supported: {', '.join(table)}", code="unsupported")
     return None
 

@@ -8,7 +8,8 @@ once per engine through the ModelManager (keyed by the file's fingerprint).
 
 Files are found, in order, among the built-in ones (``graphsd/models/builtin/loras/`` or
 ``.../hypernetworks/``), under ``<models_dir>/loras/`` (or ``hypernetworks/``), then as a path;
-a name without a suffix also tries ``.safetensors`` (LoRA) or ``.pt`` (hypernetwork).
+a name without a suffix also tries ``.safetensors`` and the pickle suffixes (LoRA) or ``.pt``
+(hypernetwork).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from graphsd.types import Clip, UNet
 
 log = logging.getLogger("graphsd.patches")
 
-SUFFIXES = {"loras": (".safetensors", ".pt", ".ckpt", ".bin"), "hypernetworks": (".pt", ".safetensors")}
+SUFFIXES = {"loras": (".safetensors", ".pt", ".ckpt", ".bin"), "hypernetworks": (".pt",)}
 
 
 def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None:

@@ -165,10 +165,10 @@ def train_diffusion(
         _update_ema(ema_unet, unet, decay)
         step += 1
         losses.append(loss.item())
-        if progress is not None:
-            progress(step, cfg.steps, losses[-1])
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint()
+        if progress is not None:
+            progress(step, cfg.steps, losses[-1])
         if max_seconds is not None and time.monotonic() - started > max_seconds:
             break
     checkpoint()
