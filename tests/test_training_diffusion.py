@@ -16,8 +16,8 @@ from graphsd.training.tokenizer import tokenize, train_tokenizer, vocab_info
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "train_tiny.yaml"
 TOY = {
-    "count": 32, "resolution": 32, "vae_steps": 20, "vae_batch": 8, "vae_channels": "16,16,16,16",
-    "unet_steps": 40, "unet_batch": 16, "unet_channels": "16,32", "text_width": 32, "text_layers": 2,
+    "count": 32, "resolution": 32, "vae_steps": 12, "vae_batch": 4, "vae_channels": "16,16,16,16",
+    "unet_steps": 30, "unet_batch": 8, "unet_lr": 0.003, "unet_channels": "16,32", "text_width": 32, "text_layers": 2,
     "text_heads": 2, "sample_steps": 4, "name": "toy",
 }
 
@@ -28,9 +28,9 @@ def test_train_tiny_workflow_trains_saves_reloads_and_generates(tmp_path):
     assert not result.errors, result.errors
     losses = [e.info["loss"] for e in events if isinstance(e, Progress) and e.node_id == "unet"]
     assert len(losses) == TOY["unet_steps"]
-    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+    assert sum(losses[-6:]) / 6 < 0.85 * sum(losses[:6]) / 6
     vae_losses = [e.info["loss"] for e in events if isinstance(e, Progress) and e.node_id == "vae"]
-    assert sum(vae_losses[-5:]) < sum(vae_losses[:5])
+    assert sum(vae_losses[-3:]) < sum(vae_losses[:3])
 
     folder = Path(result.outputs["save"]["path"])
     assert folder == tmp_path / "toy" and (folder / "model_index.json").exists()
