@@ -6,3 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("GRAPHSD_NO_ENTRY_POINTS", "")
+
+import torch  # noqa: E402
+
+# Tiny models: one thread is faster than two fighting over small kernels, and deterministic.
+torch.set_num_threads(1)

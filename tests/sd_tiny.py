@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -23,16 +22,6 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from graphsd.text.tokenizer import clip_tokenizer_dir
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run a test module with one intra-op thread: tiny models gain nothing from more, and on a
-    busy machine spinning worker threads make each small op hundreds of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 

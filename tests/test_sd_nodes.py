@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import sd_tiny
-from sd_tiny import single_thread  # noqa: F401 (autouse fixture)
 from graphsd import Engine, Settings
 from graphsd.events import ModelEvent, NodeStart, Progress
 from graphsd.models.loading import candidate_paths

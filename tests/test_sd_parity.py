@@ -30,7 +30,6 @@ from diffusers import (
 from PIL import Image as PILImage
 
 import sd_tiny
-from sd_tiny import single_thread  # noqa: F401 (autouse fixture)
 from graphsd import Engine, Settings
 
 TOL = 1e-4

@@ -13,7 +13,6 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, St
 from PIL import Image as PILImage
 
 import sd_tiny
-from sd_tiny import single_thread  # noqa: F401 (autouse fixture)
 from graphsd import Engine, Settings, WorkflowError
 from graphsd.comfy import comfy_to_workflow
 

@@ -136,7 +136,7 @@ class TrainVAE(Node):
 
     class Inputs(NodeIO):
         dataset: Dataset = Field(description="Training images (square, side a multiple of 8)")
-        steps: int = Field(2000, ge=1, le=1_000_000, description="Optimizer steps")
+        steps: int = Field(3500, ge=1, le=1_000_000, description="Optimizer steps")
         batch_size: int = Field(64, ge=1, le=4096)
         lr: float = Field(5e-4, gt=0, le=1.0, description="AdamW learning rate")
         kl_weight: float = Field(1e-4, ge=0, description="Weight of the KL term (per-element means)")
