@@ -39,9 +39,11 @@ class Patch(Protocol):
 
 
 def module_nbytes(module: Any) -> int:
+    """Memory held by a component: tensors of an nn.Module, or what its ``nbytes()`` says."""
     if isinstance(module, torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    return 0
+    nbytes = getattr(module, "nbytes", None)
+    return int(nbytes()) if callable(nbytes) else 0
 
 
 def _device_of(module: Any) -> torch.device:
@@ -191,8 +193,9 @@ class ModelManager:
     @contextmanager
     def use(self, ref: Any, role: str) -> Iterator[Any]:
         """Place the component ``ref.keys[role]`` on the compute device, apply the handle's
-        patches for that role, yield it, then remove the patches (restoring the weights
-        exactly). Nested uses of the same component are not allowed with different patches."""
+        patches for that role in order, yield it, then undo them in reverse order (so stacked
+        patches restore the weights exactly). Nested uses of the same component are not allowed
+        with different patches."""
         key = ref.keys[role]
         with self._lock:
             self.in_use[key] = self.in_use.get(key, 0) + 1

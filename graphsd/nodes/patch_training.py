@@ -27,7 +27,6 @@ from graphsd.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.paths import safe_output_path, write_atomic
 from graphsd.text.encode import encode_prompt
 from graphsd.training.data import load_images, to_model_range
-from graphsd.training.styles import ImageSet, NightShapes
 from graphsd.training.lora import (
     AdapterTraining,
     TrainingData,
@@ -38,6 +37,7 @@ from graphsd.training.lora import (
     train_hypernetwork,
     train_lora,
 )
+from graphsd.training.styles import ImageSet, NightShapes
 from graphsd.types import Clip, Dataset, UNet, Vae
 
 ACTIVATION_CHOICES = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish", "gelu", "silu"]
