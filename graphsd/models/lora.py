@@ -224,6 +224,10 @@ class LoraFile:
     targets: dict[str, LoraTarget]
     unreadable: list[str] = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        """Memory held by the file's tensors (for the ModelManager's RAM budget)."""
+        return sum(t.numel() * t.element_size() for tg in self.targets.values() for t in tg.layer.tensors.values())
+
 
 def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint: str = "") -> LoraFile:
     """Group a state dict's keys into per-layer recipes (see the module docstring)."""
