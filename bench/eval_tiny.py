@@ -99,6 +99,9 @@ def quality(model: str, device: str, out: Path, samples: Path | None) -> None:
         f"device {torch.cuda.get_device_name() if device.startswith('cuda') else device}, {str(dtype).replace('torch.', '')}. "
         "Scored by `graphsd.training.evaluate` (pixel analysis). Held-out combinations were never seen in training.",
         "",
+        "Reproduce: `python bench/eval_tiny.py --device cuda --samples bench/tiny_samples.png` "
+        "(seed-0 images at guidance 7.5, euler: `bench/tiny_samples.png`).",
+        "",
         "| sampler | guidance | split | images | shape | colour | background | all three |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

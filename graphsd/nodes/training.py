@@ -9,6 +9,7 @@ The methods are in :mod:`graphsd.training` (one module per step).
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from graphsd.paths import safe_output_path
 from graphsd.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
 from graphsd.training.data import ImageFolderDataset as FolderImages
 from graphsd.training.data import load_images
-from graphsd.training.diffusion import DiffusionTraining, train_diffusion
+from graphsd.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
 from graphsd.training.evaluate import score_image
 from graphsd.training.export import save_pipeline
 from graphsd.training.shapes import ShapesDataset as Shapes
@@ -136,8 +137,8 @@ class TrainVAE(Node):
 
     class Inputs(NodeIO):
         dataset: Dataset = Field(description="Training images (square, side a multiple of 8)")
-        steps: int = Field(3500, ge=1, le=1_000_000, description="Optimizer steps")
-        batch_size: int = Field(64, ge=1, le=4096)
+        steps: int = Field(2000, ge=1, le=1_000_000, description="Optimizer steps")
+        batch_size: int = Field(64, ge=1, le=4096, description="Images per step")
         lr: float = Field(5e-4, gt=0, le=1.0, description="AdamW learning rate")
         kl_weight: float = Field(1e-4, ge=0, description="Weight of the KL term (per-element means)")
         seed: int = Field(0, ge=0, description="Seed of the initial weights and of the batches")
@@ -152,7 +153,8 @@ class TrainVAE(Node):
         pixels, _ = _pixels(inputs.dataset)
         if pixels.shape[-1] % 2 ** (len(widths) - 1):
             raise NodeError(f"image side {pixels.shape[-1]} is not divisible by {2 ** (len(widths) - 1)}", field="channels")
-        cfg = VAETraining(inputs.steps, inputs.batch_size, inputs.lr, inputs.kl_weight, inputs.seed, VAEShape(widths, norm_groups=_groups(widths)))
+        shape = VAEShape(widths, norm_groups=_groups(widths))
+        cfg = VAETraining(inputs.steps, inputs.batch_size, inputs.lr, inputs.kl_weight, inputs.seed, shape)
         losses: list[float] = []
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -176,18 +178,20 @@ class TrainUNet(Node):
         dataset: Dataset = Field(description="Training images with captions")
         vae: TrainedModel = Field(description="A trained VAE (from TrainVAE)")
         steps: int = Field(4000, ge=1, le=10_000_000, description="Optimizer steps")
-        batch_size: int = Field(256, ge=1, le=8192)
+        batch_size: int = Field(256, ge=1, le=8192, description="Latents per step")
         lr: float = Field(4e-4, gt=0, le=1.0, description="Peak AdamW learning rate (warm-up, then cosine to 10%)")
         seed: int = Field(0, ge=0, description="Seed of the initial weights, batches, timesteps and noise")
         caption_dropout: float = Field(0.1, ge=0, le=1, description="Probability of training on the empty caption (for CFG)")
         ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average that is returned")
         unet_channels: str = Field("64,128,192", description="U-Net level widths (cross-attention in all but the last)")
-        layers_per_block: int = Field(1, ge=1, le=4)
+        layers_per_block: int = Field(1, ge=1, le=4, description="ResNet (+ attention) layers per U-Net level")
         text_width: int = Field(128, ge=8, le=2048, description="Text encoder width (= cross-attention width)")
-        text_layers: int = Field(4, ge=1, le=24)
-        text_heads: int = Field(4, ge=1, le=32)
+        text_layers: int = Field(4, ge=1, le=24, description="Text encoder transformer layers")
+        text_heads: int = Field(4, ge=1, le=32, description="Text encoder attention heads (must divide text_width)")
         checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end)")
-        resume: bool = Field(False, description="Continue from the checkpoint of an earlier run with the same name")
+        resume: bool = Field(
+            False, description="Continue from the checkpoint of an earlier run with the same name (false: start afresh, removing it)"
+        )
         name: str = Field("graphsd-tiny", description="Checkpoint folder: <output_dir>/checkpoints/<name>")
 
     class Outputs(NodeIO):
@@ -204,7 +208,7 @@ class TrainUNet(Node):
         pixels, captions = _pixels(inputs.dataset)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = train_tokenizer(captions, tmp)
-        autoencoder = vae.vae
+        autoencoder = copy.deepcopy(vae.vae)  # the scale factor is set on a copy: upstream outputs stay as they were
         latents = encode_latents(autoencoder, pixels, ctx.device)
         scale = set_scale_factor(autoencoder, latents)
         cfg = DiffusionTraining(
@@ -215,12 +219,15 @@ class TrainUNet(Node):
             text=TextEncoderShape(inputs.text_width, inputs.text_layers, inputs.text_heads),
         )
         ckpt_dir = safe_output_path(ctx.output_dir, f"checkpoints/{inputs.name}", field="name")
-        if not inputs.resume and (ckpt_dir / "diffusion_checkpoint.pt").exists():
-            (ckpt_dir / "diffusion_checkpoint.pt").unlink()
-        trained = train_diffusion(
-            latents * scale, tokenize(tokenizer, captions), tokenize(tokenizer, [""])[0], vocab_info(tokenizer),
-            cfg, ctx.device, _progress(ctx, "unet"), ckpt_dir,
-        )
+        if not inputs.resume:
+            (ckpt_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        try:
+            trained = train_diffusion(
+                latents * scale, tokenize(tokenizer, captions), tokenize(tokenizer, [""])[0], vocab_info(tokenizer),
+                cfg, ctx.device, _progress(ctx, "unet"), ckpt_dir,
+            )
+        except ValueError as exc:
+            raise NodeError(f"{exc}; use the settings of the run that wrote it, or set resume to false", field="resume") from None
         tail = trained.losses[-max(1, len(trained.losses) // 10):]
         record = {**vae.record, "unet_steps": trained.steps_done, "latent_scale_factor": scale}
         model = TrainedDiffusionModel(autoencoder, trained.unet, trained.text_encoder, tokenizer, dict(cfg.schedule), record)

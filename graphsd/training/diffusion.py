@@ -122,9 +122,12 @@ def train_diffusion(
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        for module, key in ((text, "text"), (unet, "unet"), (ema_text, "ema_text"), (ema_unet, "ema_unet")):
-            module.load_state_dict(state[key])
-        opt.load_state_dict(state["opt"])
+        try:
+            for module, key in ((text, "text"), (unet, "unet"), (ema_text, "ema_text"), (ema_unet, "ema_unet")):
+                module.load_state_dict(state[key])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"checkpoint {ckpt_path} was written with other network settings: {str(exc)[:200]}") from None
         gen.set_state(state["generator"].cpu())
         step, losses = int(state["step"]), list(state["losses"].tolist())
 

@@ -20,7 +20,9 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
 
-def save_pipeline(folder: str | Path, unet, vae, text_encoder, tokenizer, schedule: dict, dtype: torch.dtype = torch.float16, readme: str | None = None) -> Path:
+def save_pipeline(
+    folder: str | Path, unet, vae, text_encoder, tokenizer, schedule: dict, dtype: torch.dtype = torch.float16, readme: str | None = None
+) -> Path:
     """Save the components (copied and cast to ``dtype``) as a diffusers folder, atomically
     replacing whatever was at ``folder``."""
     folder = Path(folder)

@@ -35,7 +35,10 @@ def _printer(stage: str, every: int):
     return progress
 
 
-def build(out: Path, seed: int, count: int, vae: VAETraining, diffusion: DiffusionTraining, device: str, max_seconds: float | None, checkpoint_dir: Path | None, log_every: int) -> dict:
+def build(
+    out: Path, seed: int, count: int, vae: VAETraining, diffusion: DiffusionTraining, device: str,
+    max_seconds: float | None = None, checkpoint_dir: Path | None = None, log_every: int = 100,
+) -> dict:
     """Run the whole recipe and return a record of it (also written to the folder's README)."""
     t0 = time.monotonic()
     dataset = ShapesDataset(seed=seed, count=count, resolution=128, held_out=True)
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     vae = VAETraining(steps=a.vae_steps, batch_size=a.vae_batch_size, seed=a.seed)
-    diffusion = replace(DiffusionTraining(), steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every)
+    diffusion = replace(
+        DiffusionTraining(), steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every
+    )
     record = build(a.out, a.seed, a.count, vae, diffusion, a.device, a.max_seconds, a.checkpoint_dir, a.log_every)
     print(json.dumps(record, indent=2))
 

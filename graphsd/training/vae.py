@@ -2,16 +2,15 @@
 
 Loss (Kingma & Welling 2014, with SD's small KL weight, Rombach et al. 2022 §3):
 ``MSE(decode(z), x) + kl_weight · KL(q(z|x) ‖ N(0, I))``, z drawn by reparameterisation, both
-terms averaged per element; AdamW with the learning rate decayed along a cosine to 10 %. The latent scale factor is set afterwards to 1 / std of the encoded
-training latents, as SD's 0.18215 was, so the diffusion model sees unit-variance latents.
+terms averaged per element (AdamW, constant learning rate). The latent scale factor is set
+afterwards to 1 / std of the encoded training latents, as SD's 0.18215 was, so the diffusion
+model sees unit-variance latents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
-
-import math
 
 import torch
 from diffusers import AutoencoderKL
@@ -24,7 +23,7 @@ ProgressFn = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class VAETraining:
-    steps: int = 3500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 5e-4
     kl_weight: float = 1e-4
@@ -36,7 +35,9 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def train_vae(pixels: torch.Tensor, cfg: VAETraining, device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> AutoencoderKL:
+def train_vae(
+    pixels: torch.Tensor, cfg: VAETraining, device: torch.device | str = "cpu", progress: ProgressFn | None = None
+) -> AutoencoderKL:
     """Train an AutoencoderKL on uint8 images ``[N, 3, H, W]``; returns it in eval mode on CPU."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -44,11 +45,11 @@ def train_vae(pixels: torch.Tensor, cfg: VAETraining, device: torch.device | str
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = pixels.to(device)
+    down = 2 ** (len(cfg.shape.channels) - 1)
+    latent_shape = (cfg.batch_size, cfg.shape.latent_channels, data.shape[-2] // down, data.shape[-1] // down)
     for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / cfg.steps)))
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-        eps = torch.randn((cfg.batch_size, cfg.shape.latent_channels, *[s // 2 ** (len(cfg.shape.channels) - 1) for s in data.shape[-2:]]), generator=gen)
+        eps = torch.randn(latent_shape, generator=gen)
         x = to_model_range(data[idx.to(device)])
         with _autocast(device):
             posterior = vae.encode(x).latent_dist
@@ -66,11 +67,13 @@ def train_vae(pixels: torch.Tensor, cfg: VAETraining, device: torch.device | str
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, device: torch.device | str = "cpu", batch: int = 256) -> torch.Tensor:
     """Posterior means of all images, ``[N, C, h, w]`` float32 on CPU, NOT yet scaled."""
     device = torch.device(device)
     vae = vae.to(device)
-    out = [vae.encode(to_model_range(pixels[i : i + batch_size].to(device))).latent_dist.mean.float().cpu() for i in range(0, len(pixels), batch_size)]
+    out = []
+    for i in range(0, len(pixels), batch):
+        out.append(vae.encode(to_model_range(pixels[i : i + batch].to(device))).latent_dist.mean.float().cpu())
     vae.cpu()
     return torch.cat(out)
 
