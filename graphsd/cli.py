@@ -96,8 +96,18 @@ class _Display:
             self.bar = None
 
 
+def _quiet_libraries() -> None:
+    """graphsd shows its own progress; the libraries' loading bars would only add noise."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params = _parse_sets(args.set or [])
+    _quiet_libraries()
     engine = _engine(args)
     graph = engine.load(args.workflow, params)
     display = _Display(0, enabled=not args.quiet)

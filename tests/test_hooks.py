@@ -46,3 +46,12 @@ def test_every_hook_is_documented_with_a_docstring():
     for name in hook_names():
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
         assert f"`{name}" in text, f"{name} is missing from docs/plugins.md"
+
+
+def test_node_reference_is_up_to_date(capsys):
+    """docs/nodes.md is generated from the node schemas: regenerate it with
+    `graphsd nodes --markdown > docs/nodes.md` when a node changes."""
+    from graphsd.cli import main
+
+    assert main(["nodes", "--markdown"]) == 0
+    assert capsys.readouterr().out == (DOCS.parent / "nodes.md").read_text()

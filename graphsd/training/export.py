@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
 
 def save_pipeline(
@@ -25,6 +24,9 @@ def save_pipeline(
 ) -> Path:
     """Save the components (copied and cast to ``dtype``) as a diffusers folder, atomically
     replacing whatever was at ``folder``."""
+    # imported here: the pipelines package is heavy and only saving needs it
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
