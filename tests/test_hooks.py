@@ -50,8 +50,8 @@ def test_every_hook_is_documented_with_a_docstring():
 
 def test_node_reference_is_up_to_date(capsys):
     """docs/nodes.md is generated from the node schemas: regenerate it with
-    `graphsd nodes --markdown > docs/nodes.md` when a node changes."""
+    `graphsd nodes --builtin --markdown > docs/nodes.md` when a node changes."""
     from graphsd.cli import main
 
-    assert main(["nodes", "--markdown"]) == 0
+    assert main(["nodes", "--builtin", "--markdown"]) == 0
     assert capsys.readouterr().out == (DOCS.parent / "nodes.md").read_text()
