@@ -1,0 +1,81 @@
+"""The main job on the shipped graphsd-tiny model: the example workflows as a user runs them,
+reproducibility across processes, what a seed change re-runs, and image-to-image."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from graphsd import Engine, Settings
+from graphsd.training.evaluate import read_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(Settings(output_dir=str(tmp_path_factory.mktemp("out")), device="cpu", load_entry_points=False))
+
+
+def pixels(path) -> np.ndarray:
+    with PILImage.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_main_job_command_is_bit_identical_across_processes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    paths = []
+    for run in range(2):
+        out = subprocess.run(
+            [sys.executable, "-m", "graphsd.cli", "run", str(WORKFLOWS / "txt2img.yaml"), "--output-dir", str(tmp_path / f"o{run}"), "-q"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+        )
+        [line] = out.stdout.strip().splitlines()
+        paths.append(Path(line))
+    assert paths[0].name == "txt2img_00001.png"
+    assert np.array_equal(pixels(paths[0]), pixels(paths[1]))
+    reading = read_shape(pixels(paths[0]))
+    assert (reading.color, reading.shape, reading.background) == ("red", "circle", "white")
+
+
+@pytest.mark.parametrize("prompt", ["a blue square on a black background", "a yellow triangle on a gray background"])
+def test_txt2img_draws_the_prompt(engine, prompt):
+    res = engine.run(WORKFLOWS / "txt2img.yaml", params={"prompt": prompt, "seed": 3})
+    [path] = res.files
+    reading = read_shape(pixels(path))
+    assert f"a {reading.color} {reading.shape} on a {reading.background} background" == prompt
+
+
+def test_seed_change_reruns_noise_denoise_decode_save_only(engine):
+    engine.run(WORKFLOWS / "txt2img.yaml", params={"seed": 11})
+    res = engine.run(WORKFLOWS / "txt2img.yaml", params={"seed": 12})
+    assert res.executed == ["noise", "denoise", "image", "save"]
+    assert {e.node_id for e in res.events if e.kind == "node_cached"} == {"model", "pos", "neg"}
+    assert not [e for e in res.events if e.kind == "model" and e.action == "load"]
+
+
+@pytest.mark.parametrize("background", ["white", "black"])
+def test_img2img_recolours_in_place(engine, background):
+    source_prompt = f"a red circle on a {background} background"
+    [src] = engine.run(WORKFLOWS / "txt2img.yaml", params={"prompt": source_prompt, "seed": 0}).files
+    before = read_shape(pixels(src))
+    res = engine.run(WORKFLOWS / "img2img.yaml", params={"image": src, "prompt": f"a blue circle on a {background} background", "denoise": 0.6, "seed": 0})
+    [out] = res.files
+    after = read_shape(pixels(out))
+    assert (after.color, after.shape, after.background) == ("blue", "circle", background)
+    shift = np.hypot(after.center[0] - before.center[0], after.center[1] - before.center[1])
+    assert shift <= 8, f"the circle moved {shift:.1f} px"
+
+
+def test_comfy_prompt_runs_on_the_builtin_model(engine):
+    res = engine.run(WORKFLOWS / "comfy_txt2img.json")
+    [path] = res.files
+    reading = read_shape(pixels(path))
+    assert (reading.color, reading.shape, reading.background) == ("red", "circle", "white")
