@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from graphsd.errors import NodeError
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Cheap identity of a file's or folder's content, for cache keys: the resolved path and the
+    relative name, size and modification time of every file in it (no hashing of contents), so it
+    changes when a file is replaced. ``missing:<path>`` when nothing is there."""
+    root = Path(path).resolve()
+    if not root.exists():
+        return f"missing:{root}"
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256(str(root).encode())
+    for f in files:
+        st = f.stat()
+        name = f.relative_to(root) if root.is_dir() else f.name
+        digest.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
 
 
 def safe_output_path(output_dir: str | Path, name: str, field: str = "prefix") -> Path:

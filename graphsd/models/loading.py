@@ -15,14 +15,13 @@ component: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`
 (``local_files_only=True``).
 
 Each component is loaded once per engine: its ModelManager key is the model's fingerprint
-(path, names, sizes and mtimes of its files, see :func:`path_fingerprint`) + the component
+(path, names, sizes and mtimes of its files, see :func:`graphsd.paths.file_fingerprint`) + the component
 name + the dtype, so a second ``CheckpointLoader`` of the same files is a ``reuse`` event and a
 replaced file is loaded afresh.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from graphsd.errors import GraphsdError
+from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet, Vae
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -74,19 +74,6 @@ def resolve_model_path(name: str, models_dir: str | Path) -> Path:
     )
 
 
-def path_fingerprint(path: str | Path) -> str:
-    """Identity of a model file or folder: its path and the relative name, size and mtime of
-    every file in it (weights and configs). Cheap (no hashing of contents); changes when a file
-    is replaced."""
-    path = Path(path).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256(str(path).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"\0{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
-
-
 @dataclass
 class LoadedCheckpoint:
     """The three handles a checkpoint provides."""
@@ -101,7 +88,7 @@ def load_checkpoint(manager: Any, path: Path, dtype: str = "fp32", allow_pickle:
     ``manager`` and return its handles. Components already held are reused."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    fingerprint = path_fingerprint(path)
+    fingerprint = file_fingerprint(path)
     family = None
     if path.is_dir():
         loaders, scheduler_config = _folder_loaders(path, DTYPES[dtype], allow_pickle)

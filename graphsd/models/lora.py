@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from graphsd.paths import file_fingerprint
+
 #: Key endings → the slot they fill in a layer's recipe, longest first so that matching the
 #: first ending that fits is unambiguous.
 _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
@@ -101,12 +103,6 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool) -> dict[str, torch
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LoraFormatError(f"'{path.name}' does not hold a flat dictionary of tensors")
     return data
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """Cheap identity of a file's content: resolved path, size and modification time."""
-    st = os.stat(path)
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 @dataclass

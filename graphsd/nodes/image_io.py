@@ -13,21 +13,9 @@ from pydantic import Field
 
 from graphsd.errors import NodeError
 from graphsd.node import Node, NodeIO
-from graphsd.paths import safe_output_path, write_numbered
+from graphsd.paths import file_fingerprint, safe_output_path, write_numbered
 from graphsd.types import Image, Mask
 from graphsd.workflow import PNG_WORKFLOW_KEY
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """Size and modification time of a file (or every file below a folder)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-        return ";".join(f"{f.relative_to(p)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    if p.is_file():
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"missing:{p}"
 
 
 def pil_to_image(im: PILImage.Image) -> tuple[torch.Tensor, torch.Tensor]:

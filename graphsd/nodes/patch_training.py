@@ -21,10 +21,10 @@ from pydantic import Field
 
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkPatch, save_hypernetwork
-from graphsd.models.lora import LoraPatch, file_fingerprint, match_lora, parse_lora
+from graphsd.models.lora import LoraPatch, match_lora, parse_lora
 from graphsd.node import Node, NodeIO
 from graphsd.nodes.text import TOKENIZER_OF_ROLE
-from graphsd.paths import safe_output_path, write_atomic
+from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
 from graphsd.text.encode import encode_prompt
 from graphsd.training.data import load_images, to_model_range
 from graphsd.training.lora import (

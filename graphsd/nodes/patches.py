@@ -23,8 +23,9 @@ from pydantic import Field
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
 from graphsd.models.loading import builtin_models_dir
-from graphsd.models.lora import PICKLE_SUFFIXES, LoraFormatError, LoraPatch, check_family, file_fingerprint, guess_family, load_lora, match_lora
+from graphsd.models.lora import PICKLE_SUFFIXES, LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
 from graphsd.node import Node, NodeIO
+from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet
 
 log = logging.getLogger("graphsd.patches")

@@ -15,8 +15,9 @@ import torch
 from pydantic import Field
 
 from graphsd.errors import GraphsdError, NodeError
-from graphsd.models.loading import load_checkpoint, path_fingerprint, resolve_model_path
+from graphsd.models.loading import load_checkpoint, resolve_model_path
 from graphsd.node import Node, NodeIO
+from graphsd.paths import file_fingerprint
 from graphsd.sampling.loop import DenoiseError, DenoiseSettings, denoise
 from graphsd.sampling.schedulers import UnsupportedSchedule
 from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae
@@ -67,7 +68,7 @@ class CheckpointLoader(Node):
         if not isinstance(path, str):
             return ""
         try:
-            return path_fingerprint(resolve_model_path(path, ctx.models_dir))
+            return file_fingerprint(resolve_model_path(path, ctx.models_dir))
         except GraphsdError:
             return "missing"
 
