@@ -41,6 +41,7 @@ def _engine(args: argparse.Namespace):
         plugins_dirs=list(args.plugins_dir or []),
         allow_pickle=getattr(args, "allow_pickle", False),
         vram_budget_mb=getattr(args, "vram_budget", None),
+        ram_budget_mb=getattr(args, "ram_budget", None),
     )
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="output", metavar="DIR", help="where files are written (default ./output)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU (model offload)")
+    run.add_argument("--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM (least recently used models are dropped)")
     run.add_argument("--allow-pickle", action="store_true", help="allow pickle-based model files (.ckpt/.pt/.bin), loaded with weights_only")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display")
