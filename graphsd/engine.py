@@ -57,7 +57,7 @@ class Engine:
 
     def load(self, workflow: str | Path | dict, params: dict[str, Any] | None = None) -> Graph:
         """Read and validate a workflow (raises WorkflowError listing every problem)."""
-        return build_graph(read_document(workflow), self.registry.nodes, params)
+        return build_graph(read_document(workflow), self.registry, params)
 
     def run(
         self,

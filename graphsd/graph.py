@@ -87,9 +87,10 @@ def _contains_link(value: Any) -> bool:
     return False
 
 
-def build_graph(data: dict, registry_nodes: dict[str, type[Node]], params: dict[str, Any] | None = None) -> Graph:
-    """Validate a workflow document against the registered node types and build its DAG.
-    Raises WorkflowError listing every problem found."""
+def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None) -> Graph:
+    """Validate a workflow document against what the plugins registered (``registry.nodes``,
+    ``registry.samplers``, ...) and build its DAG. Raises WorkflowError listing every problem."""
+    registry_nodes: dict[str, type[Node]] = registry.nodes
     doc: WorkflowDoc = parse_document(data)
     issues: list[Issue] = []
     try:
@@ -126,6 +127,8 @@ def build_graph(data: dict, registry_nodes: dict[str, type[Node]], params: dict[
                 gn.links[name] = value
             else:
                 gn.literals[name] = _check_literal(node_id, cls, name, value, issues)
+        for name, problem, hint in cls.check_literals(gn.literals, registry):
+            issues.append(Issue(problem, node=node_id, field=name, code="bad_value", hint=hint))
         for name, f in fields.items():
             if f.is_required() and name not in spec.inputs:
                 issues.append(Issue(f"missing required input '{name}' ({type_label(f.annotation)})", node=node_id, field=name, code="missing_input", hint=f.description or None))

@@ -122,6 +122,12 @@ class Node:
         raise NotImplementedError(f"node type {self.type!r} does not implement run()")
 
     @classmethod
+    def check_literals(cls, literals: dict[str, Any], registry: Any) -> list[tuple[str, str, str | None]]:
+        """Checks that depend on what plugins registered (e.g. a sampler name), run during
+        validation: return ``(field, problem, hint)`` triples. Default: none."""
+        return []
+
+    @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: "Context") -> str:
         """Extra cache identity beyond the literal inputs, e.g. the size and mtime of a file a
         loader reads, so that replacing the file invalidates the cache. Default: nothing."""

@@ -184,6 +184,14 @@ class UNetDenoiseLoop(Node):
     class Outputs(NodeIO):
         latent: Latent = Field(description="The denoised latent (scaled latent space)")
 
+    @classmethod
+    def check_literals(cls, literals: dict[str, Any], registry: Any) -> list[tuple[str, str, str | None]]:
+        """An unknown sampler name is reported before anything runs."""
+        sampler = literals.get("sampler")
+        if isinstance(sampler, str) and sampler not in registry.samplers:
+            return [("sampler", f"unknown sampler {sampler!r}", f"available: {', '.join(sorted(registry.samplers))}")]
+        return []
+
     def run(self, inputs: Inputs, ctx: Any) -> Outputs:
         factory = ctx.samplers.get(inputs.sampler)
         if factory is None:
