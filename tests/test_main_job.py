@@ -79,3 +79,21 @@ def test_comfy_prompt_runs_on_the_builtin_model(engine):
     [path] = res.files
     reading = read_shape(pixels(path))
     assert (reading.color, reading.shape, reading.background) == ("red", "circle", "white")
+
+
+def test_ctrl_c_stops_between_steps_and_leaves_no_file(tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graphsd.cli", "run", str(WORKFLOWS / "txt2img.yaml"), "--set", "steps=400", "--output-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    for line in proc.stderr:  # wait until the denoise loop is running
+        if "(UNetDenoiseLoop) run" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert stdout == "" and (not out.exists() or list(out.rglob("*")) == [])
