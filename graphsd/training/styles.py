@@ -79,7 +79,7 @@ def night_score(image: Any) -> float:
 RECIPE = {
     "dataset": {"seed": 11, "count": 384},
     "lora": {"rank": 8, "alpha": 8.0, "targets": "attention_ff", "steps": 1000, "lr": 3e-3, "batch_size": 8, "seed": 0},
-    "hypernetwork": {"layer_structure": "1, 2, 1", "activation": "relu", "steps": 300, "lr": 2e-3, "batch_size": 8, "seed": 0},
+    "hypernetwork": {"layer_structure": "1, 2, 1", "activation": "relu", "steps": 1000, "lr": 2e-3, "batch_size": 8, "seed": 0},
 }
 
 
