@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import warnings
@@ -161,30 +162,22 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for s in schemas:
         print(f"{s['type']}  [{s['category']}]  {s['description']}")
         for name, f in s["inputs"].items():
-            extra = []
-            if "default" in f:
-                extra.append(f"default {f['default']!r}")
-            if "min" in f or "max" in f:
-                extra.append(f"range {f.get('min', '-inf')}..{f.get('max', 'inf')}")
-            if "choices" in f:
-                extra.append("one of " + ", ".join(map(str, f["choices"])))
-            req = "required" if f["required"] else ", ".join(extra)
-            print(f"    in  {name}: {f['type']} ({req}) {f['description']}")
+            kind = "link" if f["link_only"] else _constraints(f, quote="")
+            print(f"    in  {name}: {f['type']} ({kind}) {f['description']}")
         for name, f in s["outputs"].items():
             print(f"    out {name}: {f['type']} {f['description']}")
     return EXIT_OK
 
 
-def _constraints(f: dict) -> str:
-    parts = []
+def _constraints(f: dict, quote: str = "`") -> str:
+    """'required; default ...; min … max; one of ...' for one input of a node schema."""
+    parts = ["required"] if f["required"] else []
     if "default" in f:
-        parts.append(f"default `{f['default']!r}`")
+        parts.append(f"default {quote}{f['default']!r}{quote}")
     if "min" in f or "max" in f:
         parts.append(f"{f.get('min', '−∞')} … {f.get('max', '∞')}")
     if "choices" in f:
-        parts.append("one of " + ", ".join(f"`{c}`" for c in f["choices"]))
-    if f["required"]:
-        parts.insert(0, "required")
+        parts.append("one of " + ", ".join(f"{quote}{c}{quote}" for c in f["choices"]))
     return "; ".join(parts)
 
 
@@ -270,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
 
 
 if __name__ == "__main__":

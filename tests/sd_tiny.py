@@ -137,3 +137,11 @@ def save_sdxl_refiner(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def save_all(root: Path) -> Path:
+    """All three tiny models under ``root``: ``sd1``, ``xl`` (SDXL base), ``refiner``."""
+    save_sd1(root / "sd1")
+    save_sdxl_base(root / "xl")
+    save_sdxl_refiner(root / "refiner")
+    return root

@@ -50,11 +50,7 @@ REFERENCE = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    sd_tiny.save_sd1(root / "sd1")
-    sd_tiny.save_sdxl_base(root / "xl")
-    sd_tiny.save_sdxl_refiner(root / "refiner")
-    return root
+    return sd_tiny.save_all(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
