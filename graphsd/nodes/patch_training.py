@@ -26,7 +26,7 @@ from graphsd.node import Node, NodeIO
 from graphsd.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
 from graphsd.text.encode import encode_prompt
-from graphsd.training.data import load_images, to_model_range
+from graphsd.training.data import ImageSet, load_images, to_model_range
 from graphsd.training.lora import (
     AdapterTraining,
     TrainingData,
@@ -37,7 +37,7 @@ from graphsd.training.lora import (
     train_hypernetwork,
     train_lora,
 )
-from graphsd.training.styles import ImageSet, NightShapes
+from graphsd.training.styles import NightShapes
 from graphsd.types import Clip, Dataset, UNet, Vae
 
 ACTIVATION_CHOICES = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish", "gelu", "silu"]

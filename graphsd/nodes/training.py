@@ -25,12 +25,11 @@ from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
 from graphsd.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
 from graphsd.training.data import ImageFolderDataset as FolderImages
-from graphsd.training.data import load_images
+from graphsd.training.data import ImageSet, load_images
 from graphsd.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
 from graphsd.training.evaluate import score_image
 from graphsd.training.export import save_pipeline
 from graphsd.training.shapes import ShapesDataset as Shapes
-from graphsd.training.styles import ImageSet
 from graphsd.training.tokenizer import tokenize, train_tokenizer, vocab_info
 from graphsd.training.vae import VAETraining, encode_latents, set_scale_factor, train_vae
 from graphsd.types import Dataset, Image, TrainedModel

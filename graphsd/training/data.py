@@ -9,11 +9,13 @@ it is trained and when the latents are encoded, never again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from graphsd.types import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -76,3 +78,16 @@ def load_images(dataset: Sequence | CaptionedImages, resolution: int | None = No
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] → float [-1, 1], the VAE's input range."""
     return pixels.float() / 127.5 - 1.0
+
+
+class ImageSet(Dataset):
+    """A Dataset socket value over any sequence of ``(uint8 image [H, W, 3], caption)``."""
+
+    def __init__(self, samples: Any):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        return self.samples[index]

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from graphsd.training.shapes import BACKGROUNDS, ShapesDataset
-from graphsd.types import Dataset
 
 NIGHT = (0, 0, 0)
 
@@ -52,19 +51,6 @@ class NightShapes:
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         image, text = self.plain[index]
         return to_night(image, BACKGROUNDS[self.plain.sample(index).combo[2]]), text
-
-
-class ImageSet(Dataset):
-    """A Dataset socket value over any sequence of ``(uint8 image [H, W, 3], caption)``."""
-
-    def __init__(self, samples: Any):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
-        return self.samples[index]
 
 
 def night_score(image: Any) -> float:
