@@ -60,7 +60,7 @@ class _Conversion:
     def issue(self, comfy_id: str, message: str, field: str | None = None, hint: str | None = None, code: str = "comfy") -> None:
         self.issues.append(Issue(message, node=comfy_id, field=field, hint=hint, code=code))
 
-    def value(self, comfy_id: str, name: str, default: Any = ..., required: bool = True) -> Any:
+    def value(self, comfy_id: str, name: str, default: Any = ...) -> Any:
         """A ComfyUI input as a graphsd value: links become ``"@node.output"``."""
         inputs = self.prompt[comfy_id].get("inputs", {})
         if name not in inputs:

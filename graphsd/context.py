@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from graphsd.errors import RunInterrupted
-from graphsd.events import Event, Progress
+from graphsd.events import EventCallback, Progress
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Context:
     settings: Settings
     workflow: dict[str, Any]
     samplers: dict[str, Any]
-    emit: Callable[[Event], None]
+    emit: EventCallback
     interrupt_flag: threading.Event
     files: list[str] = field(default_factory=list)
 

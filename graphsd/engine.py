@@ -13,11 +13,11 @@ from __future__ import annotations
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from graphsd.cache import OutputCache
 from graphsd.context import Settings
-from graphsd.events import Event
+from graphsd.events import EventCallback
 from graphsd.executor import Execution, RunResult, plan
 from graphsd.graph import Graph, build_graph
 from graphsd.models.manager import KeepOnDevice, ModelManager, ModelOffload
@@ -64,7 +64,7 @@ class Engine:
         workflow: str | Path | dict | Graph,
         params: dict[str, Any] | None = None,
         outputs: list[str] | None = None,
-        on_event: Callable[[Event], None] | None = None,
+        on_event: EventCallback | None = None,
     ) -> RunResult:
         """Validate and run a workflow. Only ``outputs`` (node ids) and their ancestors run;
         by default every output node. Raises WorkflowError for an invalid workflow; node
@@ -87,7 +87,7 @@ def run_workflow(
     workflow: str | Path | dict,
     params: dict[str, Any] | None = None,
     outputs: list[str] | None = None,
-    on_event: Callable[[Event], None] | None = None,
+    on_event: EventCallback | None = None,
     **settings: Any,
 ) -> RunResult:
     """Run a workflow file or dict. Without settings, a process-wide Engine is reused so models

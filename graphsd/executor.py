@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -98,7 +98,7 @@ def plan(graph: Graph, outputs: list[str] | None) -> tuple[list[str], list[str]]
 class Execution:
     """One run of a graph on an engine."""
 
-    def __init__(self, engine: "Engine", graph: Graph, on_event: Callable[[ev.Event], None] | None, interrupt_flag: threading.Event):
+    def __init__(self, engine: "Engine", graph: Graph, on_event: ev.EventCallback | None, interrupt_flag: threading.Event):
         self.engine = engine
         self.graph = graph
         self.on_event = on_event
