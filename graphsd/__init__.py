@@ -5,13 +5,26 @@ them from a plugin, :class:`Engine` / :func:`run_workflow` to run workflows, and
 types in :mod:`graphsd.types`.
 """
 
-from graphsd.context import Context, Settings
-from graphsd.engine import Engine, run_workflow
-from graphsd.errors import Issue, NodeError, RunInterrupted, WorkflowError
-from graphsd.executor import RunResult
-from graphsd.node import Node, NodeIO
-from graphsd.plugins import hookimpl
-from graphsd import types
+import importlib
+from typing import Any
+
+#: Where each public name lives; imported on first use, so ``import graphsd`` (and the command
+#: line's start-up) does not pay for torch before it needs it.
+_EXPORTS = {
+    "Context": "graphsd.context",
+    "Settings": "graphsd.context",
+    "Engine": "graphsd.engine",
+    "run_workflow": "graphsd.engine",
+    "Issue": "graphsd.errors",
+    "NodeError": "graphsd.errors",
+    "RunInterrupted": "graphsd.errors",
+    "WorkflowError": "graphsd.errors",
+    "RunResult": "graphsd.executor",
+    "Node": "graphsd.node",
+    "NodeIO": "graphsd.node",
+    "hookimpl": "graphsd.plugins",
+    "types": "graphsd.types",
+}
 
 __version__ = "0.1.0"
 
@@ -30,3 +43,11 @@ __all__ = [
     "run_workflow",
     "types",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graphsd' has no attribute {name!r}")
+    value = importlib.import_module(module)
+    return value if name == "types" else getattr(value, name)

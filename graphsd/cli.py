@@ -1,7 +1,13 @@
 """The ``graphsd`` command: run | validate | nodes | plugins.
 
-Exit codes: 0 success, 1 a node failed, 2 a user mistake (bad workflow, bad option), 130
-interrupted. User mistakes are printed as messages, never as tracebacks.
+Exit codes: 0 success, 1 a node failed, 2 a user mistake (bad workflow, bad option, unusable
+output directory), 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM. User mistakes
+are printed as messages, never as tracebacks.
+
+Signals: during start-up (imports, loading plugins) Ctrl-C or SIGTERM ends the process at once
+(nothing has been written yet). While a workflow runs, the first one asks the run to stop at
+the next step or node (files are written atomically, so none is half-written); the second
+aborts at once, after deleting the temporary files of writes in progress.
 """
 
 from __future__ import annotations
@@ -11,28 +17,32 @@ import json
 import os
 import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-from graphsd.context import Settings
 from graphsd.errors import GraphsdError, Issue, WorkflowError
+from graphsd.paths import remove_temporaries
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    from graphsd.workflow import parse_set_value
+    from graphsd.workflow import SetText
 
-    params = {}
+    params: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise WorkflowError([Issue(f"--set expects key=value, got '{pair}'", code="usage")])
         key, value = pair.split("=", 1)
-        params[key.strip()] = parse_set_value(value)
+        params[key.strip()] = SetText(value)
     return params
 
 
 def _engine(args: argparse.Namespace):
+    from graphsd.context import Settings
     from graphsd.engine import Engine
 
     settings = Settings(
@@ -43,6 +53,7 @@ def _engine(args: argparse.Namespace):
         allow_pickle=getattr(args, "allow_pickle", False),
         vram_budget_mb=getattr(args, "vram_budget", None),
         ram_budget_mb=getattr(args, "ram_budget", None),
+        max_image_pixels=int(getattr(args, "max_image_megapixels", 0) * 1e6) or Settings.max_image_pixels,
     )
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -59,10 +70,12 @@ def _print_issues(err: WorkflowError, source: str) -> None:
 
 
 class _Display:
-    """Per-node and per-step progress on stderr (a tqdm bar for steps)."""
+    """Per-node progress on stderr, one line per node; on a terminal also a tqdm bar for the
+    steps of long nodes (in a pipe or a log file a bar would only be carriage returns)."""
 
-    def __init__(self, total_nodes: int, enabled: bool):
+    def __init__(self, total_nodes: int, enabled: bool, bars: bool):
         self.enabled = enabled
+        self.bars = bars
         self.total = total_nodes
         self.done = 0
         self.bar = None
@@ -70,16 +83,16 @@ class _Display:
     def __call__(self, event) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         kind = event.kind
         if kind == "run_start":
             self.total = len(event.planned)
         elif kind in ("node_start", "node_cached"):
             self.done += 1
             state = "cached" if kind == "node_cached" else "run"
-            print(f"[{self.done}/{self.total}] {event.node_id} ({event.node_type}) {state}", file=sys.stderr)
-        elif kind == "progress":
+            print(f"[{self.done}/{self.total}] {event.node_id} ({event.node_type}) {state}", file=sys.stderr, flush=True)
+        elif kind == "progress" and self.bars:
+            from tqdm import tqdm
+
             if self.bar is None or self.bar.total != event.total:
                 self._close()
                 self.bar = tqdm(total=event.total, file=sys.stderr, leave=False, desc=event.node_id, dynamic_ncols=True)
@@ -107,23 +120,63 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """Start-up handler: nothing has been written yet, so stop without unwinding (a
+    KeyboardInterrupt inside ``import torch`` can print a traceback or even abort)."""
+    remove_temporaries()
+    os.write(2, b"\ninterrupted\n")
+    os._exit(128 + signum)
+
+
+def _set_handlers(handler: Any) -> dict[int, Any]:
+    """Install ``handler`` for SIGINT and SIGTERM (main thread only); the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in SIGNALS}
+
+
+def _run_stoppable(engine: Any, run: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run ``run()`` in a worker thread while the main thread waits for signals: the first
+    SIGINT/SIGTERM interrupts the engine (it stops at the next step or node), the second aborts
+    at once. Returns (the result, the signal that interrupted it or None)."""
+    received: list[int] = []
+    box: dict[str, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            _exit_at_once(signum, frame)
+        engine.interrupt()
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        os.write(2, f"\n{name}: stopping after the current step (Ctrl-C again to abort at once)...\n".encode())
+
+    def work() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as exc:  # re-raised in the main thread
+            box["error"] = exc
+
+    previous = _set_handlers(on_signal)
+    try:
+        worker = threading.Thread(target=work, name="graphsd-run", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in box:
+        raise box["error"]
+    return box["result"], (received[0] if received else None)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params = _parse_sets(args.set or [])
     _quiet_libraries()
     engine = _engine(args)
     graph = engine.load(args.workflow, params)
-    display = _Display(0, enabled=not args.quiet)
-
-    def on_sigint(signum, frame):
-        engine.interrupt()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ninterrupting (Ctrl-C again to abort at once)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        result = engine.run(graph, outputs=args.output or None, on_event=display)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    display = _Display(0, enabled=not args.quiet, bars=sys.stderr.isatty())
+    result, signum = _run_stoppable(engine, lambda: engine.run(graph, outputs=args.output or None, on_event=display))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -135,7 +188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(failure.traceback, file=sys.stderr)
         if result.status == "interrupted":
             print("interrupted", file=sys.stderr)
-    return {"success": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[result.status]
+    if result.status == "interrupted":
+        return 128 + (signum or signal.SIGINT)
+    return {"success": EXIT_OK, "failed": EXIT_FAILED}[result.status]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -228,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU (model offload)")
     run.add_argument("--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM (least recently used models are dropped)")
-    run.add_argument("--allow-pickle", action="store_true", help="allow pickle-based model files (.ckpt/.pt/.bin), loaded with weights_only")
+    run.add_argument(
+        "--allow-pickle", action="store_true",
+        help="allow pickle-based model files (.ckpt/.pt/.pth/.bin) you trust; they are read with torch.load(weights_only=True), "
+        "which loads tensors only. This is the only switch: a workflow cannot turn it on",
+    )
+    run.add_argument("--max-image-megapixels", type=float, default=0, metavar="MP", help="largest image LoadImage reads (default 67, i.e. 8192x8192)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     run.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of unexpected node errors")
@@ -251,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = _set_handlers(_exit_at_once)
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -26,6 +26,7 @@ noise its shape), as in diffusers' text-to-image pipelines.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,6 +47,19 @@ SAMPLER_NAMES = {
 
 SCHEDULER_NAMES = {"normal": "normal", "karras": "karras"}
 """ComfyUI ``scheduler`` → graphsd schedule."""
+
+MAX_RESOLUTION = 16384
+RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "KSampler": {"seed": (0, 2**64 - 1), "steps": (1, 10000), "cfg": (0.0, 100.0), "denoise": (0.0, 1.0)},
+    "EmptyLatentImage": {"width": (16, MAX_RESOLUTION), "height": (16, MAX_RESOLUTION), "batch_size": (1, 4096)},
+    "LoraLoader": {"strength_model": (-100.0, 100.0), "strength_clip": (-100.0, 100.0)},
+    "VAEDecodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
+}
+"""ComfyUI's widget ranges (min, max) of the number inputs of each class: a prompt with a value
+outside them is refused on import, as ComfyUI refuses it."""
+
+OUTPUT_CLASSES = {"SaveImage"}
+"""ComfyUI classes that are output nodes: a prompt without one has nothing to run."""
 
 
 @dataclass
@@ -156,6 +170,9 @@ def _ksampler(c: _Conversion, cid: str, gid: str) -> None:
     if isinstance(denoise, (int, float)) and isinstance(steps, int) and denoise < 1.0:
         if denoise <= 0:
             c.issue(cid, "denoise 0 leaves the latent unchanged", field="denoise", hint="use a denoise in (0, 1]")
+        elif steps / denoise > RANGES["KSampler"]["steps"][1]:
+            c.issue(cid, f"denoise {denoise:g} with {steps} steps needs a schedule of {steps / denoise:.3g} steps (at most 10000)",
+                    field="denoise", hint="raise denoise or lower steps")
         else:
             total = int(steps / denoise)
             loop.update(steps=total, start_step=total - steps)
@@ -239,6 +256,21 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 """ComfyUI class_type → graphsd output name of each ComfyUI output index."""
 
 
+def _check_ranges(c: _Conversion, cid: str, node: dict[str, Any]) -> None:
+    """Refuse number widgets outside ComfyUI's range, and NaN / infinities, as ComfyUI does."""
+    inputs = node.get("inputs", {})
+    for name, (low, high) in RANGES.get(node["class_type"], {}).items():
+        value = inputs.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            c.issue(cid, f"Value {value} is not a number", field=name, code="out_of_range")
+        elif value < low:
+            c.issue(cid, f"Value {value} smaller than min of {low}", field=name, code="out_of_range")
+        elif value > high:
+            c.issue(cid, f"Value {value} bigger than max of {high}", field=name, code="out_of_range")
+
+
 def _graphsd_ids(prompt: dict[str, Any]) -> dict[str, str]:
     """ComfyUI ids (``"3"``, ``"12:5"``) → valid, unique graphsd node ids."""
     ids: dict[str, str] = {}
@@ -277,7 +309,10 @@ def comfy_to_workflow(prompt: dict[str, Any]) -> dict[str, Any]:
                 code="unknown_type",
             )
         )
+    if not any(n["class_type"] in OUTPUT_CLASSES for n in prompt.values()) and not unknown:
+        conversion.issues.append(Issue("Prompt has no outputs", hint=f"add an output node ({', '.join(sorted(OUTPUT_CLASSES))})", code="no_outputs"))
     for cid, node in prompt.items():
+        _check_ranges(conversion, cid, node)
         converter = CONVERTERS.get(node.get("class_type"))
         if converter is not None:
             converter(conversion, cid, conversion.ids[cid])

@@ -27,6 +27,7 @@ class Settings:
     ram_budget_mb: float | None = None
     vram_budget_mb: float | None = None
     load_entry_points: bool = True
+    max_image_pixels: int = 8192 * 8192  # LoadImage refuses larger images, from their header
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -19,8 +19,10 @@ from graphsd.cache import OutputCache
 from graphsd.context import Settings
 from graphsd.events import EventCallback
 from graphsd.executor import Execution, RunResult, plan
+from graphsd.errors import GraphsdError
 from graphsd.graph import Graph, build_graph
 from graphsd.models.manager import KeepOnDevice, ModelManager, ModelOffload
+from graphsd.paths import check_output_dir
 from graphsd.plugins import load_plugins
 from graphsd.workflow import read_document
 
@@ -68,7 +70,10 @@ class Engine:
     ) -> RunResult:
         """Validate and run a workflow. Only ``outputs`` (node ids) and their ancestors run;
         by default every output node. Raises WorkflowError for an invalid workflow; node
-        failures are reported in the returned result, not raised."""
+        failures are reported in the returned result, not raised. An output directory that
+        cannot be written (a file is in the way) raises GraphsdError before anything runs."""
+        if problem := check_output_dir(self.settings.output_dir):
+            raise GraphsdError(problem)
         graph = workflow if isinstance(workflow, Graph) else self.load(workflow, params)
         order, targets = plan(graph, outputs)
         with self._lock:

@@ -1,6 +1,7 @@
 """Plan, cache and execute a validated :class:`~graphsd.graph.Graph`.
 
-- Plan: the requested output nodes (or the graph's sinks) and their ancestors, nothing else,
+- Plan: the requested output nodes (or the declared output nodes; a workflow with none is
+  refused) and their ancestors, nothing else,
   in a deterministic topological order.
 - Cache: a node whose key is in the output cache is not run (``node_cached``). Keys chain, so
   a changed literal re-runs exactly that node and its descendants.
@@ -86,6 +87,12 @@ class RunResult:
 def plan(graph: Graph, outputs: list[str] | None) -> tuple[list[str], list[str]]:
     """(ancestors of the targets in execution order, the targets)."""
     targets = list(outputs) if outputs else graph.output_nodes()
+    if not targets:
+        raise WorkflowError([Issue(
+            "the workflow has no output node, so running it would produce nothing",
+            code="no_outputs",
+            hint="add an output node (SaveImage, SaveModel, ...) or name the nodes to run (--output NODE)",
+        )])
     missing = [t for t in targets if t not in graph.nodes]
     if missing:
         raise WorkflowError([Issue(f"requested output node '{m}' does not exist", node=m, code="missing_node", hint=f"nodes: {', '.join(sorted(graph.nodes))}") for m in missing])

@@ -44,10 +44,9 @@ class Graph:
         return list(nx.lexicographical_topological_sort(g))
 
     def output_nodes(self) -> list[str]:
-        """Sinks to run when no outputs are requested: nodes declared ``output_node``, or,
-        if there are none, every node without successors."""
-        declared = [n for n, gn in self.nodes.items() if gn.cls.output_node]
-        return sorted(declared) if declared else sorted(n for n in self.dag if self.dag.out_degree(n) == 0)
+        """What runs when no outputs are requested: the nodes declared ``output_node``
+        (SaveImage, SaveModel, ...)."""
+        return sorted(n for n, gn in self.nodes.items() if gn.cls.output_node)
 
 
 def _suggest(name: str, options: list[str]) -> str | None:

@@ -60,14 +60,101 @@ class Link:
 
 
 # ---- reading ------------------------------------------------------------------------------
+#: Largest number of values a YAML document may stand for once its aliases are expanded (a
+#: "billion laughs" document has a few lines and 10⁹ values).
+MAX_YAML_VALUES = 100_000
+#: Deepest nesting of lists and mappings a workflow document may have (real ones have ~5).
+MAX_NESTING = 64
+
+
+class _BoundedYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents whose aliases expand beyond MAX_YAML_VALUES
+    values or that nest deeper than MAX_NESTING (checked while the node graph is composed,
+    before any Python object is built)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise _TooLarge(f"is nested more than {MAX_NESTING} levels deep")
+            return super().compose_node(parent, index)  # type: ignore[misc]
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_yaml_size(node)
+        return super().construct_document(node)
+
+
+def _check_yaml_size(root: yaml.Node) -> None:
+    """Refuse a node graph that stands for more than MAX_YAML_VALUES values (each alias counts
+    as a full copy of its anchor); sizes are memoised per node, so this is linear in the text."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _yaml_children(node)
+        if children_done or not children:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise _TooLarge(f"expands to more than {MAX_YAML_VALUES:,} values (YAML aliases repeat their anchor)")
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _json_depth_ok(text: str) -> bool:
+    """Whether the brackets of a JSON text nest at most MAX_NESTING deep (a linear scan that
+    skips strings), so a hostile document never reaches the recursive decoder."""
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
 def _parse_text(text: str, suffix: str, source: str) -> Any:
     if suffix == ".json":
+        if not _json_depth_ok(text):
+            raise WorkflowError([Issue(f"{source}: the JSON is nested more than {MAX_NESTING} levels deep; it is not a workflow", code="syntax")])
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise WorkflowError([Issue(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", code="syntax")]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except _TooLarge as exc:
+        raise WorkflowError([Issue(f"{source}: the YAML document {exc}; it is not a workflow", code="syntax")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -77,12 +164,17 @@ def _parse_text(text: str, suffix: str, source: str) -> Any:
 
 def read_png_workflow(path: Path) -> Any:
     """The workflow a PNG carries: graphsd's own text chunk, else ComfyUI's ``prompt``."""
+    import warnings
+
     from PIL import Image as PILImage
 
     try:
-        with PILImage.open(path) as im:
-            text = dict(getattr(im, "text", {}) or {})
-    except OSError as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(path) as im:
+                text = dict(getattr(im, "text", {}) or {})
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as exc:
+        # ValueError: a text chunk larger than PIL's limit (a decompression bomb)
         raise WorkflowError([Issue(f"{path}: not a readable PNG image ({exc})", code="syntax")]) from None
     for key in (PNG_WORKFLOW_KEY, "prompt"):
         if key in text:
@@ -157,25 +249,58 @@ def parse_document(data: dict) -> WorkflowDoc:
 
 
 # ---- params and links ---------------------------------------------------------------------
-def parse_set_value(text: str) -> Any:
-    """Value of ``--set key=value``: a YAML scalar (7 → int, 1.5 → float, true → bool, else
-    the text itself)."""
+class SetText(str):
+    """A param value as typed on the command line (``--set key=value``): converted to the type
+    of the param's declared default when the workflow is read (:func:`convert_set_value`)."""
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def convert_set_value(name: str, text: str, default: Any) -> Any:
+    """``text`` as a value for the param ``name`` whose default is ``default``: a string param
+    takes the text verbatim (``#``, quotes, an empty value and all); numbers and booleans are
+    parsed; a param without a typed default takes a YAML scalar. Raises ValueError saying
+    what was expected."""
+    if isinstance(default, bool):
+        if text.strip().lower() in _TRUE | _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ValueError(f"param '{name}' is a boolean (true or false), got {text!r}")
+    if isinstance(default, (int, float)):
+        for number in (int, float):  # an int param given 7.5 stays 7.5: the node's field decides
+            try:
+                return number(text.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"param '{name}' is a number, got {text!r}")
+    if isinstance(default, str):
+        return str(text)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (int, float, str, bool)) or value is None else text
+        return str(text)
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(text)
 
 
 def merge_params(doc: WorkflowDoc, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The workflow's params with ``overrides`` applied (command-line text converted to each
+    param's type). Every unknown name or unconvertible value is reported at once."""
     params = dict(doc.params)
-    unknown = sorted(set(overrides or {}) - set(params))
-    if unknown:
-        known = ", ".join(sorted(params)) or "none"
-        raise WorkflowError(
-            [Issue(f"no param named '{k}' in this workflow (params: {known})", code="unknown_param", hint="declare it under 'params:'") for k in unknown]
-        )
-    params.update(overrides or {})
+    issues = []
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            known = ", ".join(sorted(params)) or "none"
+            issues.append(Issue(f"no param named '{key}' in this workflow (params: {known})", code="unknown_param", hint="declare it under 'params:'"))
+            continue
+        if isinstance(value, SetText):
+            try:
+                value = convert_set_value(key, value, params[key])
+            except ValueError as exc:
+                issues.append(Issue(str(exc), code="bad_param"))
+                continue
+        params[key] = value
+    if issues:
+        raise WorkflowError(issues)
     return params
 
 

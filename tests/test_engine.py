@@ -178,10 +178,10 @@ def test_lru_budget_evicts_oldest(tmp_path):
     # budget 300 B: the 256 B latent fits alone, the 192 B image pushes it out
     eng = Engine(Settings(output_dir=str(tmp_path), plugins_dirs=[str(FIXTURES / "plugins")], device="cpu", load_entry_points=False, cache_budget_mb=300 / 2**20))
     doc = wf({"l": {"type": "MakeLatent", "inputs": {"size": 4}}, "i": {"type": "LatentToImage", "inputs": {"latent": "@l.latent"}}})
-    res = eng.run(doc)
+    res = eng.run(doc, outputs=["i"])
     evicted = [e.key for e in res.events if isinstance(e, CacheEvent) and e.action == "evict"]
     assert evicted == [next(e.key for e in res.events if e.kind == "node_start" and e.node_id == "l")]
-    again = eng.run(doc)  # the image is still cached, so its evicted ancestor need not run
+    again = eng.run(doc, outputs=["i"])  # the image is still cached, so its evicted ancestor need not run
     assert again.executed == [] and again.cached == ["i"]
 
 
@@ -213,7 +213,7 @@ def test_interrupt_between_steps(engine):
     progress = [e.value for e in res.events if e.kind == "progress"]
     assert progress == [1, 2, 3, 4]  # stopped at the first check after the flag was set
     assert "out" not in res.executed
-    assert engine.run(wf({"n": {"type": "Number", "inputs": {"value": 1}}})).status == "success"  # next run is fine
+    assert engine.run(wf({"n": {"type": "Number", "inputs": {"value": 1}}}), outputs=["n"]).status == "success"  # next run is fine
 
 
 def test_event_sequence(engine):

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 import sd_tiny
-from graphsd import Engine, Settings
+from graphsd import Engine, Settings, WorkflowError
 from graphsd.events import ModelEvent, NodeCached
 from test_hypernetwork import LAYOUT_B, Transformed, make_file, reference_net
 from test_lora import kohya_sd1, kohya_sdxl
@@ -182,9 +182,9 @@ def test_missing_lora_lists_where_it_looked(engine, models):
     assert "'nope' not found" in error.message and str(models / "loras") in error.message
 
 
-def test_hypernetwork_loader_matches_reference(engine, models):
-    extra = {"hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": "hn", "strength": 0.7,
-                                                             "allow_pickle": True}}}
+def test_hypernetwork_loader_matches_reference(engine, models, monkeypatch):
+    monkeypatch.setattr(engine.settings, "allow_pickle", True)  # as --allow-pickle does
+    extra = {"hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": "hn", "strength": 0.7}}}
     result = run(engine, workflow("@hn.unet", extra=extra), outputs=("denoise", "pos", "neg"))
     data = torch.load(models / "hypernetworks" / "hn.pt", weights_only=True)
     pipe = reference_pipe(models / "sd1")
@@ -204,4 +204,9 @@ def test_hypernetwork_pickle_needs_permission(engine):
     extra = {"hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": "hn"}}}
     result = engine.run(workflow("@hn.unet", extra=extra), outputs=["denoise"])
     [error] = result.errors
-    assert error.node_id == "hn" and "allow_pickle" in error.message
+    assert error.node_id == "hn" and "--allow-pickle" in error.message and "weights_only=True" in error.message
+    assert "weights_only=False" not in error.message
+    # a workflow cannot allow pickle files by itself
+    extra["hn"]["inputs"]["allow_pickle"] = True
+    with pytest.raises(WorkflowError, match="allow_pickle"):
+        engine.run(workflow("@hn.unet", extra=extra), outputs=["denoise"])

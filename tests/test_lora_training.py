@@ -109,14 +109,15 @@ def test_resumed_lora_training_equals_one_run(engine):
     assert parts["loss"] == whole["loss"]
 
 
-def test_trained_hypernetwork_is_a1111_and_reloads(engine):
+def test_trained_hypernetwork_is_a1111_and_reloads(engine, monkeypatch):
     doc = nodes("TrainHypernetwork", name="hn", steps=3, layer_structure="1, 2, 1", activation="relu")
     out = run(engine, doc, "train", "denoise")
     hn = load_hypernetwork(out["train"]["path"], allow_pickle=True)
     assert hn.widths == [32, 64] and hn.meta["layer_structure"] == [1, 2, 1] and hn.meta["step"] == 3
     raw = torch.load(out["train"]["path"], weights_only=True)
     assert raw["activation_func"] == "relu" and set(raw[32][0]) == {"linear.0.weight", "linear.0.bias", "linear.2.weight", "linear.2.bias"}
-    doc["hn"] = {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": out["train"]["path"], "allow_pickle": True}}
+    monkeypatch.setattr(engine.settings, "allow_pickle", True)  # as --allow-pickle does
+    doc["hn"] = {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": out["train"]["path"]}}
     doc["denoise"]["inputs"]["unet"] = "@hn.unet"
     reloaded = run(engine, doc, "denoise")
     torch.testing.assert_close(reloaded["denoise"]["latent"].samples, out["denoise"]["latent"].samples, atol=1e-6, rtol=0)

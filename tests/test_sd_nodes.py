@@ -157,7 +157,7 @@ def test_missing_model_says_where_it_looked(engine, models):
         assert str(place) in failure.message
 
 
-def test_pickle_only_weights_are_refused_unless_allowed(engine, models, tmp_path):
+def test_pickle_only_weights_are_refused_unless_allowed(engine, models, tmp_path, monkeypatch):
     folder = tmp_path / "pickled"
     shutil.copytree(models / "sd1", folder)
     from diffusers import AutoencoderKL
@@ -165,8 +165,9 @@ def test_pickle_only_weights_are_refused_unless_allowed(engine, models, tmp_path
     AutoencoderKL.from_pretrained(folder / "vae").save_pretrained(folder / "vae", safe_serialization=False)
     (next((folder / "vae").glob("*.safetensors"))).unlink()
     failure = only_error(engine.run(doc({"m": {"type": "CheckpointLoader", "inputs": {"path": str(folder)}}}), outputs=["m"]))
-    assert "pickle" in failure.message and "allow_pickle" in failure.message
-    allowed = engine.run(doc({"m": {"type": "CheckpointLoader", "inputs": {"path": str(folder), "allow_pickle": True}}}), outputs=["m"])
+    assert "pickle" in failure.message and "--allow-pickle" in failure.message
+    monkeypatch.setattr(engine.settings, "allow_pickle", True)  # as --allow-pickle does
+    allowed = engine.run(doc({"m": {"type": "CheckpointLoader", "inputs": {"path": str(folder)}}}), outputs=["m"])
     assert allowed.ok, allowed.errors
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,22 @@ class LoadImage(Node):
         path = Path(inputs.path)
         if not path.is_file():
             raise NodeError(f"image file '{path}' does not exist", field="path")
+        limit = ctx.settings.max_image_pixels
+        too_large = (
+            f"is larger than the limit of {limit / 1e6:g} megapixels (settings.max_image_pixels, "
+            "--max-image-megapixels); raise the limit if you trust the file and have the memory"
+        )
         try:
-            with PILImage.open(path) as im:
-                pixels, mask = pil_to_image(im)
-        except (UnidentifiedImageError, OSError) as exc:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+                with PILImage.open(path) as im:  # reads the header only
+                    width, height = im.size
+                    if width * height > limit:
+                        raise NodeError(f"'{path}' is {width}x{height} pixels and {too_large}", field="path")
+                    pixels, mask = pil_to_image(im)
+        except PILImage.DecompressionBombError:
+            raise NodeError(f"'{path}' {too_large}", field="path") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise NodeError(f"'{path}' is not a readable image ({exc})", field="path") from None
         return self.Outputs(image=Image(pixels), mask=Mask(mask))
 
@@ -89,7 +102,10 @@ class SaveImage(Node):
         for pixels in inputs.image.pixels:
             ctx.check_interrupted()
             pil = image_to_pil(pixels)
-            path = write_numbered(target.parent, target.name, ".png", lambda tmp: pil.save(tmp, format="PNG", pnginfo=info))
+            try:
+                path = write_numbered(target.parent, target.name, ".png", lambda tmp: pil.save(tmp, format="PNG", pnginfo=info))
+            except OSError as exc:
+                raise NodeError(f"cannot write into {target.parent}: {exc.strerror or exc}", field="prefix") from None
             ctx.wrote_file(path)
             paths.append(str(path))
         return self.Outputs(paths=paths)

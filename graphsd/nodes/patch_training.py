@@ -103,7 +103,7 @@ class _TrainInputs(NodeIO):
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate")
     batch_size: int = Field(8, ge=1, le=1024, description="Samples per step")
     seed: int = Field(0, ge=0, description="Seed of initialisation, batches, timesteps and noise")
-    name: str = Field(description="File name (without suffix) inside the output folder")
+    name: str = Field(description="File name (without suffix) inside the output folder; a taken name is saved as <name>_2, ... (nothing is replaced)")
     resume: bool = Field(False, description="Continue from the training state an earlier run of this name left")
 
 
@@ -133,7 +133,7 @@ class TrainLoRA(Node):
                                     _progress(ctx), _state_file(path, inputs.resume))
             except ValueError as exc:
                 raise NodeError(str(exc)) from None
-        write_atomic(path, lambda tmp: save_lora(adapters, tmp, {"ss_steps": str(record.steps_done)}))
+        path = write_atomic(path, lambda tmp: save_lora(adapters, tmp, {"ss_steps": str(record.steps_done)}))
         ctx.wrote_file(path)
         lora = parse_lora(lora_state_dict(adapters), path.name, file_fingerprint(path))
         match = match_lora(lora, {"unet": ctx.models.get(inputs.unet.keys["unet"])})
@@ -170,7 +170,7 @@ class TrainHypernetwork(Node):
             except ValueError as exc:
                 raise NodeError(str(exc)) from None
         hn.cpu()
-        write_atomic(path, lambda tmp: save_hypernetwork(hn, tmp))
+        path = write_atomic(path, lambda tmp: save_hypernetwork(hn, tmp))
         ctx.wrote_file(path)
         patched = inputs.unet.with_patches(HypernetworkPatch(hn, file_fingerprint(path), 1.0))
         return self.Outputs(unet=patched, path=str(path), loss=_tail_mean(record.losses))

@@ -72,14 +72,16 @@ def _file_identity(name: str, kind: str, ctx: Any) -> str:
     return file_fingerprint(path) if path is not None else "missing"
 
 
-def _allow_pickle(inputs: Any, ctx: Any, path: Path, field: str) -> bool:
-    """Whether pickle files may be read; refuses a pickle file up front when they may not
-    (checked before the ModelManager's cache, which may already hold the file)."""
-    allowed = bool(inputs.allow_pickle or ctx.settings.allow_pickle)
+def _allow_pickle(ctx: Any, path: Path, field: str) -> bool:
+    """Whether pickle files may be read: only when the user said so (``--allow-pickle``,
+    ``Settings.allow_pickle``; a workflow cannot) or for the files graphsd ships. Refuses a
+    pickle file up front otherwise (before the ModelManager's cache, which may hold it)."""
+    allowed = bool(ctx.settings.allow_pickle) or builtin_models_dir() in path.resolve().parents
     if path.suffix.lower() in PICKLE_SUFFIXES and not allowed:
         raise NodeError(
-            f"'{path.name}' is a pickle file: set allow_pickle: true on this node (or in the settings) to read it "
-            "with torch.load(weights_only=True), or convert it to .safetensors",
+            f"'{path.name}' is a pickle file: convert it to .safetensors, or, for a file you trust, run with "
+            "--allow-pickle (Settings.allow_pickle), which reads pickle files with torch.load(weights_only=True): "
+            "tensors only, no code",
             field=field,
         )
     return allowed
@@ -99,7 +101,6 @@ class LoraLoader(Node):
         lora: str = Field(description="LoRA file: a built-in name, a name under <models_dir>/loras, or a path")
         strength_model: float = Field(1.0, ge=-100.0, le=100.0, description="Strength on the U-Net (0 = off, negative inverts)")
         strength_clip: float = Field(1.0, ge=-100.0, le=100.0, description="Strength on the text encoder(s)")
-        allow_pickle: bool = Field(False, description="Also read pickle files (.pt/.ckpt), with torch.load(weights_only=True)")
 
     class Outputs(NodeIO):
         unet: UNet = Field(description="The U-Net with the LoRA recorded on it")
@@ -111,7 +112,7 @@ class LoraLoader(Node):
 
     def run(self, inputs: Any, ctx: Any) -> NodeIO:
         path = _require_file(inputs.lora, "loras", ctx, "lora")
-        allow_pickle = _allow_pickle(inputs, ctx, path, "lora")
+        allow_pickle = _allow_pickle(ctx, path, "lora")
         try:
             key = ctx.models.load(f"lora:{file_fingerprint(path)}", lambda: load_lora(path, allow_pickle))
         except LoraFormatError as exc:
@@ -158,10 +159,6 @@ class HypernetworkLoader(Node):
         unet: UNet = Field(description="U-Net to patch")
         hypernetwork: str = Field(description="Hypernetwork file: a built-in name, a name under <models_dir>/hypernetworks, or a path")
         strength: float = Field(1.0, ge=-10.0, le=10.0, description="Multiplier of the nets' outputs (0 = off)")
-        allow_pickle: bool = Field(
-            False,
-            description="Read the .pt file (pickle) with torch.load(weights_only=True); also allowed by settings.allow_pickle",
-        )
 
     class Outputs(NodeIO):
         unet: UNet = Field(description="The U-Net with the hypernetwork recorded on it")
@@ -173,7 +170,7 @@ class HypernetworkLoader(Node):
     def run(self, inputs: Any, ctx: Any) -> NodeIO:
         path = _require_file(inputs.hypernetwork, "hypernetworks", ctx, "hypernetwork")
         fingerprint = file_fingerprint(path)
-        allow_pickle = _allow_pickle(inputs, ctx, path, "hypernetwork")
+        allow_pickle = _allow_pickle(ctx, path, "hypernetwork")
         try:
             key = ctx.models.load(f"hypernetwork:{fingerprint}", lambda: load_hypernetwork(path, allow_pickle))
         except HypernetworkFormatError as exc:

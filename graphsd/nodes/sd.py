@@ -18,6 +18,7 @@ from graphsd.errors import GraphsdError, NodeError
 from graphsd.models.loading import load_checkpoint, resolve_model_path
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
+from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
 from graphsd.sampling.loop import DenoiseError, DenoiseSettings, denoise
 from graphsd.sampling.schedulers import UnsupportedSchedule
 from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae
@@ -48,13 +49,6 @@ class CheckpointLoader(Node):
         dtype: Literal["fp32", "fp16", "bf16"] = Field(
             "fp32", description="Weight precision: fp32 (exact, CPU-friendly), fp16 or bf16 (half the memory, GPU)"
         )
-        allow_pickle: bool = Field(
-            False,
-            description=(
-                "Allow pickle-based files (.ckpt, .pt, .bin), loaded with torch.load(weights_only=True). "
-                "Only for files you trust; the engine setting allow_pickle allows them everywhere"
-            ),
-        )
 
     class Outputs(NodeIO):
         unet: UNet = Field(description="The noise-prediction U-Net, with its scheduler config")
@@ -73,7 +67,7 @@ class CheckpointLoader(Node):
             return "missing"
 
     def run(self, inputs: Inputs, ctx: Any) -> Outputs:
-        allow_pickle = inputs.allow_pickle or ctx.settings.allow_pickle
+        allow_pickle = ctx.settings.allow_pickle  # only the user's setting (--allow-pickle), never the workflow
         try:
             path = resolve_model_path(inputs.path, ctx.models_dir)
             loaded = load_checkpoint(ctx.models, path, inputs.dtype, allow_pickle=allow_pickle)
@@ -86,6 +80,22 @@ class CheckpointLoader(Node):
 
 def _latent_size(width: int, height: int) -> tuple[int, int]:
     return height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE
+
+
+def _require_latent_memory(shape: tuple[int, ...]) -> None:
+    """Refuse a latent whose denoise could not even hold its per-step tensors in RAM."""
+    batch, _, h, w = shape
+    require_memory(
+        torch.device("cpu"), latent_working_set(shape),
+        f"denoising a batch of {batch} latent(s) of {w * LATENT_DOWNSCALE}x{h * LATENT_DOWNSCALE} pixels",
+        "lower width/height or batch_size",
+    )
+
+
+def _first_channels(ctx: Any, handle: Any, role: str) -> tuple[int, torch.dtype]:
+    """Channels of the full-resolution blocks of a U-Net or VAE, and its weight dtype."""
+    module = ctx.models.get(handle.keys[role])
+    return int(module.config.block_out_channels[0]), module.dtype
 
 
 class LatentNoise(Node):
@@ -117,6 +127,7 @@ class LatentNoise(Node):
         else:
             batch, channels = inputs.batch_size, inputs.channels
             h, w = _latent_size(inputs.width, inputs.height)
+        _require_latent_memory((batch, channels, h, w))
         gens = [torch.Generator("cpu").manual_seed((inputs.seed + i) % (MAX_SEED + 1)) for i in range(batch)]
         samples = torch.cat([torch.randn((1, channels, h, w), generator=g, dtype=torch.float32) for g in gens])
         state = torch.stack([g.get_state() for g in gens])
@@ -139,6 +150,7 @@ class EmptyLatent(Node):
 
     def run(self, inputs: Inputs, ctx: Any) -> Outputs:
         h, w = _latent_size(inputs.width, inputs.height)
+        _require_latent_memory((inputs.batch_size, inputs.channels, h, w))
         return self.Outputs(latent=Latent(torch.zeros(inputs.batch_size, inputs.channels, h, w)))
 
 
@@ -206,6 +218,13 @@ class UNetDenoiseLoop(Node):
             scheduler = factory(scheduler_config=inputs.unet.info["scheduler_config"], schedule=inputs.schedule)
         except UnsupportedSchedule as e:
             raise NodeError(str(e), field="schedule") from None
+        batch, _, h, w = inputs.noise.samples.shape
+        guided = inputs.negative is not None and inputs.cfg != 1.0
+        width, dtype = _first_channels(ctx, inputs.unet, "unet")
+        require_memory(
+            ctx.device, feature_map_bytes(batch * (2 if guided else 1), width, h, w, dtype),
+            f"the U-Net on a batch of {batch} latent(s) of {w}x{h}", "lower the size or the batch", field="noise",
+        )
         settings = DenoiseSettings(
             steps=inputs.steps,
             cfg=inputs.cfg,
@@ -220,6 +239,8 @@ class UNetDenoiseLoop(Node):
             samples = denoise(ctx, inputs.unet, scheduler, inputs.positive, inputs.negative, inputs.noise, inputs.latent, settings)
         except DenoiseError as e:
             raise NodeError(str(e), field=e.field) from None
+        if not torch.isfinite(samples).all():
+            raise NodeError(_not_finite("the denoised latent", inputs.unet), field="unet")
         return self.Outputs(latent=Latent(samples))
 
 
@@ -247,6 +268,9 @@ class VAEEncode(Node):
             )
         if pixels.shape[-1] == 1:
             pixels = pixels.expand(-1, -1, -1, 3)
+        channels, dtype = _first_channels(ctx, inputs.vae, "vae")
+        require_memory(ctx.device, feature_map_bytes(pixels.shape[0], channels, height, width, dtype),
+                       f"encoding {pixels.shape[0]} image(s) of {width}x{height}", "use a smaller image", field="image")
         info = inputs.vae.info
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
@@ -279,14 +303,33 @@ class VAEDecode(Node):
         down = info.get("downscale", LATENT_DOWNSCALE)
         if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
             raise NodeError(f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap")
+        batch, _, h, w = inputs.latent.samples.shape
+        channels, dtype = _first_channels(ctx, inputs.vae, "vae")
+        full = (min(inputs.tile_size, h * down), min(inputs.tile_size, w * down)) if inputs.tiled else (h * down, w * down)
+        require_memory(ctx.device, feature_map_bytes(batch, channels, full[0], full[1], dtype),
+                       f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             z = (inputs.latent.samples.to(ctx.device, torch.float32) / info["scale_factor"] + info["shift_factor"]).to(vae.dtype)
             if inputs.tiled:
                 x = decode_tiled(vae, z, inputs.tile_size // down, inputs.tile_overlap // down, down)
             else:
                 x = vae.decode(z, return_dict=False)[0]
+        if not torch.isfinite(x).all():
+            if not torch.isfinite(inputs.latent.samples).all():
+                raise NodeError("the latent to decode holds NaN or infinite values; the node that made it went wrong", field="latent")
+            raise NodeError(_not_finite("the decoded image", inputs.vae), field="vae")
         pixels = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
         return self.Outputs(image=Image(pixels))
+
+
+def _not_finite(what: str, handle: Any) -> str:
+    """Why a result holds NaN or infinities, and what to try (A1111 checks the same places)."""
+    causes = []
+    if handle.patches:
+        causes.append(f"a patch on the model ({', '.join(p.fingerprint().split(':')[0] for p in handle.patches)}) "
+                      "with broken or too strong weights: try without it or at a lower strength")
+    causes.append("fp16 overflow: load the checkpoint with dtype fp32 or bf16 (an SD1/SDXL VAE often overflows in fp16)")
+    return f"{what} holds NaN or infinite values (it would be a black image). Likely causes: " + "; ".join(causes)
 
 
 def decode_tiled(vae: Any, z: torch.Tensor, tile: int, overlap: int, down: int) -> torch.Tensor:

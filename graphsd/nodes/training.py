@@ -237,12 +237,22 @@ class SaveModel(Node):
     type = "SaveModel"
     category = "training"
     output_node = True
-    description = "Write a trained model as a diffusers folder (fp16 safetensors) under the output directory, atomically."
+    description = (
+        "Write a trained model as a diffusers folder (fp16 safetensors) under the output directory, atomically; "
+        "never deletes or replaces anything unless overwrite is set."
+    )
 
     class Inputs(NodeIO):
         model: TrainedModel = Field(description="A complete model (from TrainUNet)")
         name: str = Field("graphsd-tiny", description="Folder name (or relative path) inside the output directory")
         dtype: Literal["fp16", "fp32"] = Field("fp16", description="Weight precision of the saved files")
+        overwrite: bool = Field(
+            False,
+            description=(
+                "Replace a model folder of this name. Without it nothing existing is touched: a taken "
+                "name is saved as <name>_2, <name>_3, ...; a folder that is not a model is never replaced"
+            ),
+        )
 
     class Outputs(NodeIO):
         path: str = Field(description="The written folder (feed CheckpointLoader.path)")
@@ -253,7 +263,8 @@ class SaveModel(Node):
             raise NodeError("needs the model output of TrainUNet (VAE, U-Net, text encoder and tokenizer)", field="model")
         folder = safe_output_path(ctx.output_dir, inputs.name, field="name")
         dtype = torch.float16 if inputs.dtype == "fp16" else torch.float32
-        save_pipeline(folder, model.unet, model.vae, model.text_encoder, model.tokenizer, model.schedule, dtype=dtype)
+        folder = save_pipeline(folder, model.unet, model.vae, model.text_encoder, model.tokenizer, model.schedule,
+                               dtype=dtype, overwrite=inputs.overwrite)
         ctx.wrote_file(folder)
         return self.Outputs(path=str(folder))
 

@@ -5,31 +5,30 @@ and ``scheduler/`` (an Euler scheduler with the training noise schedule, which D
 and the other diffusers schedulers also read), weights as safetensors, so
 ``StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)`` and graphsd's
 CheckpointLoader load it. It is written to a temporary sibling and renamed into place, so a
-reader never sees half a model.
+reader never sees half a model, and nothing that was there is deleted unless asked.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from graphsd.paths import write_folder_atomic
+
 
 def save_pipeline(
-    folder: str | Path, unet, vae, text_encoder, tokenizer, schedule: dict, dtype: torch.dtype = torch.float16, readme: str | None = None
+    folder: str | Path, unet, vae, text_encoder, tokenizer, schedule: dict, dtype: torch.dtype = torch.float16,
+    readme: str | None = None, overwrite: bool = False,
 ) -> Path:
     """Save the components (copied and cast to ``dtype``) as a diffusers folder, atomically
-    replacing whatever was at ``folder``."""
+    (:func:`graphsd.paths.write_folder_atomic`): an existing model folder is replaced only with
+    ``overwrite``, anything else existing is never touched (a taken name gives ``<name>_2``).
+    Returns the folder written."""
     # imported here: the pipelines package is heavy and only saving needs it
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).to(dtype),
         text_encoder=copy.deepcopy(text_encoder).to(dtype),
@@ -40,18 +39,15 @@ def save_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if readme:
             (tmp / "README.md").write_text(readme, encoding="utf-8")
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return folder
+
+    return write_folder_atomic(Path(folder), write, overwrite=overwrite, replaceable=is_model_folder)
+
+
+def is_model_folder(path: Path) -> bool:
+    """A diffusers model folder (it has ``model_index.json``)."""
+    return (path / "model_index.json").is_file()

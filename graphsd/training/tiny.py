@@ -77,7 +77,7 @@ def build(
         "Reproduce with `python -m graphsd.training.tiny --out DIR --device cuda`.\n\n"
         f"```json\n{json.dumps(record, indent=2)}\n```\n"
     )
-    save_pipeline(out, trained.unet, autoencoder, trained.text_encoder, tokenizer, diffusion.schedule, readme=readme)
+    save_pipeline(out, trained.unet, autoencoder, trained.text_encoder, tokenizer, diffusion.schedule, readme=readme, overwrite=True)
     return record
 
 
