@@ -1,10 +1,12 @@
 """Single-file checkpoints: our writer's files read back identically, diffusers' own
 ``from_single_file`` (offline, with a local config folder) reads them into the same weights,
 real SD1.5 / SD2.1 / SDXL shapes give the real configs, pickles stay inert, and CheckpointSave
-exports a LoRA-patched model."""
+exports a LoRA-patched model and keeps a tokenizer other than CLIP's (the shipped graphsd-tiny)."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -418,11 +420,11 @@ def test_checkpoint_save_refuses_a_hypernetwork(tmp_path):
             "dropout_structure": [0, 0, 0], "use_dropout": False, "last_layer_dropout": False}
     hn = Hypernetwork({32: (build_net(32, meta), build_net(32, meta))}, meta)
     save_hypernetwork(hn, tmp_path / "hn.pt")
-    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path), load_entry_points=False,
+                             allow_pickle=True))
     result = engine.run({"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
-        "hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": str(tmp_path / "hn.pt"),
-                                                       "allow_pickle": True}},
+        "hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": str(tmp_path / "hn.pt")}},
         "save": {"type": "CheckpointSave", "inputs": {"unet": "@hn.unet", "clip": "@model.clip", "vae": "@model.vae"}},
     }})
     [error] = result.errors
@@ -483,3 +485,58 @@ def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
     # The weights are equal bit for bit (tests above); CPU matrix kernels may still differ in
     # the last bits between two copies of a weight at different memory addresses.
     torch.testing.assert_close(result.outputs["imageb"]["image"].pixels, result.outputs["imagea"]["image"].pixels, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_save_keeps_the_tokenizer_of_the_builtin_model(tmp_path):
+    """graphsd-tiny's text encoder has its own 568-token vocabulary: its single file carries the
+    tokenizer, so the reloaded model encodes prompts exactly as the folder does and draws the
+    same image bit for bit. Without the stored tokenizer, loading refuses the file."""
+    out = tmp_path / "out"
+    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path), load_entry_points=False))
+    saved = engine.run({"version": 1, "nodes": {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": "graphsd-tiny"}},
+        "save": {"type": "CheckpointSave", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae",
+                                                      "filename": "tiny"}},
+    }})
+    assert saved.ok, saved.to_dict()
+    written = out / "tiny.safetensors"
+
+    def txt2img(source: str, tag: str) -> dict:
+        return {
+            f"model{tag}": {"type": "CheckpointLoader", "inputs": {"path": source}},
+            f"pos{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": "a red circle on a white background"}},
+            f"neg{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": ""}},
+            f"noise{tag}": {"type": "LatentNoise", "inputs": {"seed": 3, "width": 128, "height": 128}},
+            f"denoise{tag}": {"type": "UNetDenoiseLoop", "inputs": {
+                "unet": f"@model{tag}.unet", "positive": f"@pos{tag}.cond", "negative": f"@neg{tag}.cond",
+                "noise": f"@noise{tag}.noise", "steps": 4, "cfg": 5.0, "sampler": "euler"}},
+            f"image{tag}": {"type": "VAEDecode", "inputs": {"vae": f"@model{tag}.vae", "latent": f"@denoise{tag}.latent"}},
+        }
+
+    result = engine.run({"version": 1, "nodes": {**txt2img("graphsd-tiny", "a"), **txt2img(str(written), "b")}},
+                        outputs=["posa", "posb", "nega", "negb", "imagea", "imageb"])
+    assert result.ok, result.to_dict()
+    for node in ("pos", "neg"):
+        assert torch.equal(result.outputs[f"{node}b"]["cond"].embeddings, result.outputs[f"{node}a"]["cond"].embeddings)
+    assert torch.equal(result.outputs["imageb"]["image"].pixels, result.outputs["imagea"]["image"].pixels)
+
+    with safe_open(str(written), framework="pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["graphsd.tokenizer"]).keys() == {"tokenizer"}
+    stripped = tmp_path / "no_tokenizer.safetensors"
+    save_file(load_file(written), stripped, metadata={k: v for k, v in metadata.items() if k != "graphsd.tokenizer"})
+    with pytest.raises(NodeError, match="568-token vocabulary, not the 49408 tokens of the CLIP tokenizer"):
+        load_single_file(stripped)
+    hostile = tmp_path / "hostile.safetensors"
+    save_file(load_file(written), hostile, metadata={**metadata, "graphsd.tokenizer": json.dumps(
+        {"tokenizer": {"../../escaped.json": "{}"}})})
+    with pytest.raises(NodeError, match="'graphsd.tokenizer' metadata is damaged"):
+        load_single_file(hostile)
+    assert not (Path(tempfile.gettempdir()).parent / "escaped.json").exists()
+
+
+def test_standard_clip_tokenizers_are_not_stored(saved, tmp_path):
+    """Models with the standard CLIP tokenizer(s) get no tokenizer metadata: the loader supplies it."""
+    components = {**saved[0], "tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer()}
+    with safe_open(str(save_single_file(components, tmp_path / "model.safetensors")), framework="pt") as f:
+        assert "graphsd.tokenizer" not in f.metadata()

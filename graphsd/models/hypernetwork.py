@@ -27,7 +27,10 @@ are left alone), and ``s`` is the strength.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,22 +94,47 @@ def build_net(width: int, meta: dict[str, Any]) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def _metadata(data: dict[Any, Any]) -> dict[str, Any]:
-    structure = list(data.get("layer_structure") or [1, 2, 1])
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _metadata(data: dict[Any, Any], name: str) -> dict[str, Any]:
+    """The layout keys of a file, checked: ``layer_structure`` a list of positive numbers that
+    starts and ends with 1, ``dropout_structure`` one probability per entry of it, a known
+    activation. Nothing is allocated here."""
+
+    def refuse(what: str) -> HypernetworkFormatError:
+        return HypernetworkFormatError(f"'{name}': {what}; the file is not a valid A1111 hypernetwork")
+
+    structure = data.get("layer_structure")
+    structure = [1, 2, 1] if structure is None else structure
+    if (not isinstance(structure, (list, tuple)) or len(structure) < 2 or not all(_is_number(x) and x > 0 for x in structure)
+            or structure[0] != 1 or structure[-1] != 1):
+        raise refuse(f"layer_structure {structure!r} must be a list of positive numbers that starts and ends with 1")
     use_dropout = bool(data.get("use_dropout", False))
     dropout = data.get("dropout_structure")
     if dropout is None:
         dropout = dropout_structure(structure, use_dropout, bool(data.get("last_layer_dropout", False)))
+    if (not isinstance(dropout, (list, tuple)) or len(dropout) != len(structure)
+            or not all(_is_number(p) and 0 <= p <= 1 for p in dropout)):
+        raise refuse(f"dropout_structure {dropout!r} must hold one probability (0 to 1) per entry of "
+                     f"layer_structure {structure}")
+    act = data.get("activation_func")
+    if act is not None and (not isinstance(act, str) or act not in ACTIVATIONS):
+        raise HypernetworkFormatError(f"'{name}': unsupported activation function {act!r} (known: {sorted(ACTIVATIONS)})")
+    step = data.get("step")
+    if step is not None and not (isinstance(step, int) and not isinstance(step, bool)):
+        raise refuse(f"step {step!r} is not an integer")
     return {
-        "layer_structure": structure,
-        "activation_func": data.get("activation_func"),
+        "layer_structure": list(structure),
+        "activation_func": act,
         "is_layer_norm": bool(data.get("is_layer_norm", False)),
         "activate_output": bool(data.get("activate_output", True)),
         "dropout_structure": list(dropout),
         "use_dropout": use_dropout or any(dropout),
         "last_layer_dropout": bool(data.get("last_layer_dropout", False)),
         "name": data.get("name"),
-        "step": data.get("step", 0),
+        "step": step or 0,
     }
 
 
@@ -132,17 +160,22 @@ class Hypernetwork(torch.nn.Module):
         return self.nets[str(width)] if str(width) in self.nets else None
 
     @classmethod
-    def from_state(cls, data: dict[Any, Any]) -> "Hypernetwork":
-        """Build from the dict an A1111 ``.pt`` file holds."""
-        meta = _metadata(data)
+    def from_state(cls, data: dict[Any, Any], name: str = "hypernetwork") -> "Hypernetwork":
+        """Build from the dict an A1111 ``.pt`` file holds (``name`` is used in error messages).
+        Every stored tensor is checked against the layout before a module holds it; the nets
+        are built on the meta device and take the stored tensors, so memory stays bounded by
+        the file's size whatever its ``layer_structure`` says."""
+        meta = _metadata(data, name)
         nets: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
         for width, pair in data.items():
-            if isinstance(width, int):
-                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                    raise HypernetworkFormatError(f"width {width} must hold [k_net, v_net] state dicts")
-                nets[width] = tuple(_load_net(width, meta, sd) for sd in pair)  # type: ignore[assignment]
+            if isinstance(width, bool) or not isinstance(width, int):
+                continue
+            if width < 1 or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise HypernetworkFormatError(f"'{name}': width {width} must be positive and hold [k_net, v_net] state dicts")
+            nets[width] = tuple(_load_net(width, meta, sd, f"'{name}': width {width} {part}")  # type: ignore[assignment]
+                                for sd, part in zip(pair, ("k_net", "v_net")))
         if not nets:
-            raise HypernetworkFormatError("no integer (context width) keys: not an A1111 hypernetwork")
+            raise HypernetworkFormatError(f"'{name}': no integer (context width) keys: not an A1111 hypernetwork")
         return cls(nets, meta)
 
     def to_state(self) -> dict[Any, Any]:
@@ -157,31 +190,61 @@ class Hypernetwork(torch.nn.Module):
         return state
 
 
-def _load_net(width: int, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Sequential:
+def _load_net(width: int, meta: dict[str, Any], state: Any, where: str) -> torch.nn.Sequential:
+    """One net from its stored ``linear.*`` tensors: names and shapes must be exactly those of
+    :func:`build_net` (built on the meta device, so nothing is allocated), values finite."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise HypernetworkFormatError(f"{where} is not a state dict of named tensors")
     state = {_OLD_NAMES.get(k, k): v for k, v in state.items()}
-    net = build_net(width, meta)
-    prefixed = {k[len("linear."):]: v for k, v in state.items() if k.startswith("linear.")}
+    stored = {k[len("linear."):]: v for k, v in state.items() if k.startswith("linear.")}
     try:
-        net.load_state_dict(prefixed)
-    except RuntimeError as exc:
-        raise HypernetworkFormatError(f"width {width}: weights do not fit layer_structure "
-                                      f"{meta['layer_structure']}: {str(exc).splitlines()[0]}") from None
+        with torch.device("meta"):
+            net = build_net(width, meta)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise HypernetworkFormatError(f"{where}: cannot build layer_structure {meta['layer_structure']} "
+                                      f"with activation {meta['activation_func']!r}: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    problems = [f"missing linear.{k}" for k in expected if k not in stored]
+    problems += [f"unexpected linear.{k}" for k in stored if k not in expected]
+    problems += [f"linear.{k} is {tuple(stored[k].shape)}, expected {shape}"
+                 for k, shape in expected.items() if k in stored and tuple(stored[k].shape) != shape]
+    if problems:
+        raise HypernetworkFormatError(f"{where}: weights do not fit layer_structure {meta['layer_structure']}: "
+                                      f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
+    for k, v in stored.items():
+        if not v.is_floating_point():
+            raise HypernetworkFormatError(f"{where}: linear.{k} holds {v.dtype} values, not floating-point weights")
+        if not torch.isfinite(v).all():
+            raise HypernetworkFormatError(f"{where}: linear.{k} holds NaN or infinite values; the file is damaged "
+                                          "(e.g. its training diverged): do not use it")
+    net.load_state_dict({k: v.to(torch.float32) for k, v in stored.items()}, assign=True)
     return net.eval().requires_grad_(False)
 
 
 def load_hypernetwork(path: str | os.PathLike, allow_pickle: bool = False) -> Hypernetwork:
-    """Read an A1111 hypernetwork file (``.pt``; pickle, so only when allowed, and then with
-    ``torch.load(weights_only=True)``)."""
+    """Read an A1111 hypernetwork file (``.pt``: a pickle, so only when allowed, and then with
+    ``torch.load(weights_only=True)``, which builds plain containers and tensors only)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise HypernetworkFormatError(f"'{path.name}' is a pickle file; allow pickle files (allow_pickle) to read it")
+        raise HypernetworkFormatError(
+            f"'{path.name}' is a pickle file: graphsd reads one only when pickle files are allowed (--allow-pickle, "
+            "Settings.allow_pickle), and then reads tensors only, with torch.load(weights_only=True)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise HypernetworkFormatError(f"'{path.name}' is empty (0 bytes): the file was not written completely")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if refused := re.search(r"GLOBAL ([\w.]+)", str(exc)):
+            raise HypernetworkFormatError(
+                f"'{path.name}' contains Python objects beyond tensors (it names {refused.group(1)}), which graphsd "
+                "does not load: convert it to a plain tensors file with a tool you trust, or do not use it") from None
+        raise HypernetworkFormatError(f"'{path.name}' is not a readable PyTorch file (damaged or another format)") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise HypernetworkFormatError(f"'{path.name}' cannot be read as a hypernetwork: {str(exc).splitlines()[0]}") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HypernetworkFormatError(f"'{path.name}' is not a readable PyTorch file ({detail})") from None
     if not isinstance(data, dict):
-        raise HypernetworkFormatError(f"'{path.name}' does not hold a dict")
-    return Hypernetwork.from_state(data)
+        raise HypernetworkFormatError(f"'{path.name}' holds a {type(data).__name__}, not an A1111 hypernetwork dict")
+    return Hypernetwork.from_state(data, path.name)
 
 
 def save_hypernetwork(hn: Hypernetwork, path: str | os.PathLike) -> None:

@@ -12,7 +12,8 @@ What is found is either a diffusers model folder (``model_index.json`` + one fol
 component: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL adds
 ``text_encoder_2/`` and ``tokenizer_2/``) or a single checkpoint file, which
 :func:`graphsd.models.single_file.load_single_file` converts. Everything loads offline
-(``local_files_only=True``).
+(``local_files_only=True``). A folder is data, never code: ``model_index.json`` may name
+classes of the ``diffusers`` and ``transformers`` packages only.
 
 Each component is loaded once per engine: its ModelManager key is the model's fingerprint
 (path, names, sizes and mtimes of its files, see :func:`graphsd.paths.file_fingerprint`) + the component
@@ -39,6 +40,8 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: Component folders of a diffusers model, in the order they are loaded.
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+#: The only packages whose classes a model folder's ``model_index.json`` may name.
+TRUSTED_LIBRARIES = ("diffusers", "transformers")
 
 
 class ModelLoadError(GraphsdError):
@@ -164,16 +167,23 @@ def _torch_dtype_kwargs(cls: type, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _folder_loaders(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Loader functions for the components a diffusers folder lists in ``model_index.json``."""
-    index = json.loads((path / "model_index.json").read_text())
+    """Loader functions for the components a diffusers folder lists in ``model_index.json``
+    (a JSON object: role → ``[library, class name]``, ``[null, null]`` for an absent one)."""
+    index = _read_json(path / "model_index.json")
     loaders: dict[str, Any] = {}
     for role in COMPONENTS:
         spec = index.get(role)
-        if not spec or spec[0] is None:
+        if spec is None:
+            continue
+        if not (isinstance(spec, list) and len(spec) == 2 and all(x is None or isinstance(x, str) for x in spec)):
+            raise ModelLoadError(
+                f"{path}/model_index.json: {role} is {spec!r}, expected [library, class name] (e.g. "
+                '["diffusers", "UNet2DConditionModel"]) or [null, null]; fix or replace the file')
+        if spec[0] is None:
             continue
         if not (path / role).is_dir():
             raise ModelLoadError(f"{path}/model_index.json lists {role} but the {role}/ folder is missing: the copy is incomplete")
-        cls = getattr(importlib.import_module(spec[0]), spec[1])
+        cls = _component_class(path, role, spec[0], spec[1])
         role_dtype = torch.float32 if role == "vae" and _keeps_fp32(index, path / role, dtype) else dtype
         loaders[role] = _component_loader(cls, path / role, role_dtype, allow_pickle, tokenizer=role.startswith("tokenizer"))
     for role in ("unet", "vae"):
@@ -182,16 +192,51 @@ def _folder_loaders(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple
     config_file = path / "scheduler" / "scheduler_config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no scheduler/scheduler_config.json")
-    return loaders, json.loads(config_file.read_text())
+    return loaders, _read_json(config_file)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file`` of a model folder; anything else is a ModelLoadError."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} cannot be read as JSON ({exc}): the model folder is damaged; copy it again") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(data).__name__}, not an object: the model folder is damaged; copy it again")
+    return data
+
+
+def _component_class(path: Path, role: str, library: str, name: str | None) -> type:
+    """The class ``model_index.json`` names for ``role``. A model folder is data, not code: only
+    modules of the installed :data:`TRUSTED_LIBRARIES` are imported (checked before importing),
+    and the attribute must be a model class (``torch.nn.Module``) or, for a tokenizer role, a
+    transformers tokenizer class."""
+    from transformers import PreTrainedTokenizerBase
+
+    where = f"{path}/model_index.json names {library}.{name} for {role}"
+    if library.split(".")[0] not in TRUSTED_LIBRARIES:
+        raise ModelLoadError(
+            f"{where}: refused, graphsd imports classes from {' and '.join(TRUSTED_LIBRARIES)} only "
+            f"(a model folder must not make it run other code); use a standard diffusers model folder")
+    try:
+        module = importlib.import_module(library)
+    except ImportError as exc:
+        raise ModelLoadError(f"{where}: module {library} cannot be imported ({exc})") from None
+    cls = getattr(module, name or "", None)
+    base, kind = ((PreTrainedTokenizerBase, "tokenizer class (PreTrainedTokenizerBase)") if role.startswith("tokenizer")
+                  else (torch.nn.Module, "model class (torch.nn.Module)"))
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ModelLoadError(f"{where}: that is not a {kind} of {library}; the folder's model_index.json is wrong")
+    return cls
 
 
 def _keeps_fp32(index: dict[str, Any], folder: Path, dtype: torch.dtype) -> bool:
     """An SDXL VAE whose config sets ``force_upcast`` (the original one overflows in fp16) stays
     in fp32 when fp16 is asked for, as diffusers' SDXL pipelines upcast it before decoding."""
     config = folder / "config.json"
-    if dtype != torch.float16 or "XL" not in index.get("_class_name", "") or not config.is_file():
+    if dtype != torch.float16 or "XL" not in str(index.get("_class_name", "")) or not config.is_file():
         return False
-    return bool(json.loads(config.read_text()).get("force_upcast"))
+    return bool(_read_json(config).get("force_upcast"))
 
 
 def _component_loader(cls: type, folder: Path, dtype: torch.dtype, allow_pickle: bool, tokenizer: bool):

@@ -15,7 +15,9 @@ transformers modules from the bundled diffusers-layout configs in ``graphsd/data
 (channels, layers, context width, transformer depth, ...) taken from the file, so small models
 load as well as real ones. Files written by :func:`save_single_file` also carry the exact
 diffusers configs in the safetensors metadata (key ``graphsd``), which restores what shapes
-cannot tell (attention heads, norm groups, scheduler).
+cannot tell (attention heads, norm groups, scheduler), and, under ``graphsd.tokenizer``, the
+tokenizer files of a text encoder whose vocabulary is not the standard CLIP one (a single file
+otherwise gets the shipped CLIP tokenizer, which only fits a 49,408-token text encoder).
 
 The key mapping is one table per component, built from the diffusers config; the same table
 serves both directions. Facts of the format follow diffusers'
@@ -44,6 +46,14 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 METADATA_KEY = "graphsd"
+#: Metadata key of the tokenizers that are not the standard CLIP one: a JSON object
+#: role (``tokenizer`` / ``tokenizer_2``) → {file name → text of that file, as the tokenizer's
+#: ``save_pretrained`` writes it (``tokenizer.json``: vocabulary, merges, special tokens;
+#: ``tokenizer_config.json``)}.
+TOKENIZER_KEY = "graphsd.tokenizer"
+#: The tokenizer files that may be stored (and written back on load), nothing else.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -505,15 +515,54 @@ def _tokenizer(pad_token: str | None = None) -> Any:
     return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), local_files_only=True, **extra)
 
 
-def _stored_configs(metadata: dict[str, str]) -> dict[str, Any]:
-    """The diffusers configs :func:`save_single_file` stored in the file's metadata, if any."""
-    text = metadata.get(METADATA_KEY)
+def _stored_tokenizer(files: Any) -> Any:
+    """A CLIP tokenizer from the files :func:`tokenizer_files` stored (only names of
+    :data:`TOKENIZER_FILES`, written to a temporary folder and read from there)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    if not (isinstance(files, dict) and files and all(n in TOKENIZER_FILES and isinstance(t, str) for n, t in files.items())):
+        raise NodeError(f"the file's {TOKENIZER_KEY!r} metadata is damaged: it must map {', '.join(TOKENIZER_FILES)} "
+                        "to their text; re-save the model", field="path")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        try:
+            return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable stored tokenizer is the same error
+            raise NodeError(f"the tokenizer stored in the file's {TOKENIZER_KEY!r} metadata cannot be read ({exc}); "
+                            "re-save the model", field="path") from None
+
+
+def _check_vocabulary(role: str, tokenizer: Any, encoder: torch.nn.Module, stored: bool) -> None:
+    """The tokenizer must only give ids the text encoder has: a stored tokenizer at most
+    ``vocab_size`` tokens; without one, the encoder's vocabulary must be the standard CLIP
+    one (the file does not say which other tokenizer it was trained with)."""
+    from graphsd.text.tokenizer import VOCAB_SIZE
+
+    vocab = encoder.config.vocab_size
+    if stored and len(tokenizer) > vocab:
+        raise NodeError(f"the {role} stored in this file has {len(tokenizer)} tokens but the text encoder only "
+                        f"{vocab}: the file is inconsistent; re-save the model", field="path")
+    if not stored and vocab != VOCAB_SIZE:
+        raise NodeError(
+            f"the text encoder of this file has a {vocab}-token vocabulary, not the {VOCAB_SIZE} tokens of the CLIP "
+            f"tokenizer, and the file carries no tokenizer of its own (metadata {TOKENIZER_KEY!r}): its prompts "
+            "cannot be encoded. Load the model from its diffusers folder (with its tokenizer/), or save it again "
+            "with CheckpointSave, which stores such a tokenizer in the file", field="path")
+
+
+def _json_metadata(metadata: dict[str, str], key: str) -> dict[str, Any]:
+    """What :func:`write_single_file` stored as JSON under ``key`` of the file's metadata, if any
+    (the diffusers configs under :data:`METADATA_KEY`, tokenizers under :data:`TOKENIZER_KEY`)."""
+    text = metadata.get(key)
     if not text:
         return {}
     try:
         stored = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise NodeError(f"the file's {METADATA_KEY!r} metadata is not valid JSON ({exc})", field="path") from exc
+        raise NodeError(f"the file's {key!r} metadata is not valid JSON ({exc})", field="path") from exc
     return stored if isinstance(stored, dict) else {}
 
 
@@ -523,16 +572,17 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     Returns ``{"family", "unet", "vae", "text_encoder", ["text_encoder_2"], "tokenizer",
     ["tokenizer_2"], "scheduler_config"}``. Works offline: configs come from the file's
     ``graphsd`` metadata when present, else from the bundled family configs with the sizes
-    read from the tensors. The tokenizers are the shipped CLIP tokenizer, padding with
-    ``<|endoftext|>`` (SD1, SDXL's first) or ``!`` (SD2, SDXL's second: OpenCLIP pads with id 0)
-    unless the metadata names the pad tokens. Raises :class:`~graphsd.errors.NodeError` for pickle files unless
-    ``allow_pickle`` and for layouts it does not recognise."""
+    read from the tensors. The tokenizers are those stored in the ``graphsd.tokenizer`` metadata,
+    else the shipped CLIP tokenizer, padding with ``<|endoftext|>`` (SD1, SDXL's first) or ``!``
+    (SD2, SDXL's second: OpenCLIP pads with id 0) unless the metadata names the pad tokens.
+    Raises :class:`~graphsd.errors.NodeError` for pickle files unless ``allow_pickle``, for
+    layouts it does not recognise and for a text encoder no available tokenizer fits."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = Path(path)
     tensors, metadata = read_tensors(path, allow_pickle)
     family = detect_family(tensors)
-    stored = _stored_configs(metadata)
+    stored = _json_metadata(metadata, METADATA_KEY)
     roles = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
     result: dict[str, Any] = {"family": family}
     for role in roles:
@@ -546,9 +596,12 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     vae_config = stored.get("vae") or _derive(derive_vae_config, VAE_PREFIX, family, _under(tensors, VAE_PREFIX))
     result["vae"] = _build_diffusers(AutoencoderKL, vae_config, vae_rule(vae_config), tensors, dtype, "VAE")
     pads = {"tokenizer": "!" if family == "sd2" else None, "tokenizer_2": "!", **stored.get("pad_tokens", {})}
-    result["tokenizer"] = _tokenizer(pads["tokenizer"])
-    if family == "sdxl":
-        result["tokenizer_2"] = _tokenizer(pads["tokenizer_2"])
+    stored_tokenizers = _json_metadata(metadata, TOKENIZER_KEY)
+    for role, tokenizer_role in zip(roles, ("tokenizer", "tokenizer_2")):
+        files = stored_tokenizers.get(tokenizer_role)
+        tokenizer = _tokenizer(pads[tokenizer_role]) if files is None else _stored_tokenizer(files)
+        _check_vocabulary(tokenizer_role, tokenizer, result[role], stored=files is not None)
+        result[tokenizer_role] = tokenizer
     result["scheduler_config"] = stored.get("scheduler") or bundled_config(family, "scheduler")
     return result
 
@@ -629,15 +682,38 @@ def component_roles(family: str) -> list[str]:
     return ["unet", "vae", "text_encoder", *(["text_encoder_2"] if family == "sdxl" else [])]
 
 
-def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, Any]) -> Path:
+def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, Any],
+                      tokenizers: dict[str, Any] | None = None) -> Path:
     """Write single-file ``tensors`` atomically (:func:`graphsd.paths.write_atomic`) with the
     diffusers ``configs`` (role -> config, ``family``, optional ``scheduler`` and
-    ``pad_tokens``) as metadata."""
+    ``pad_tokens``) as metadata, and the ``tokenizers`` (role -> tokenizer) that are not the
+    standard CLIP one (:func:`tokenizer_files`)."""
     from safetensors.torch import save_file
 
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
+    if stored := tokenizer_files(tokenizers or {}):
+        metadata[TOKENIZER_KEY] = json.dumps(stored)
     write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return Path(path)
+
+
+def tokenizer_files(tokenizers: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """role -> {file name -> text} of each ``tokenizer`` / ``tokenizer_2`` whose vocabulary is not
+    the standard CLIP one (a file without them gets that one on load), as ``save_pretrained``
+    writes them (only :data:`TOKENIZER_FILES`)."""
+    import tempfile
+
+    from graphsd.text.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    stored = {}
+    for role in ("tokenizer", "tokenizer_2"):
+        tokenizer = tokenizers.get(role)
+        if tokenizer is None or (len(tokenizer) == VOCAB_SIZE and tokenizer.get_vocab() == clip_tokenizer().get_vocab()):
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            stored[role] = {f.name: f.read_text(encoding="utf-8") for f in Path(folder).iterdir() if f.name in TOKENIZER_FILES}
+    return stored
 
 
 def pad_tokens(tokenizers: dict[str, Any]) -> dict[str, str]:
@@ -649,7 +725,8 @@ def save_single_file(components: dict[str, Any], path: Path) -> Path:
     """Write ``components`` (``family`` sd1 | sd2 | sdxl, ``unet``, ``vae``, ``text_encoder``,
     SDXL ``text_encoder_2``, optional ``tokenizer``/``tokenizer_2`` and ``scheduler_config``) as
     one ``.safetensors`` file in the original LDM layout. The diffusers configs (and the
-    tokenizers' pad tokens) go into the metadata, so :func:`load_single_file` restores them."""
+    tokenizers' pad tokens, and tokenizers other than the standard CLIP one) go into the
+    metadata, so :func:`load_single_file` restores them."""
     family = components.get("family")
     roles = component_roles(family)
     absent = [r for r in roles if components.get(r) is None]
@@ -664,4 +741,4 @@ def save_single_file(components: dict[str, Any], path: Path) -> Path:
         configs["scheduler"] = dict(components["scheduler_config"])
     if pads := pad_tokens(components):
         configs["pad_tokens"] = pads
-    return write_single_file(path, tensors, configs)
+    return write_single_file(path, tensors, configs, components)

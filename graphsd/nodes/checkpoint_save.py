@@ -72,7 +72,7 @@ class CheckpointSave(Node):
             configs["scheduler"] = dict(scheduler_config)
         if pads := pad_tokens(inputs.clip.info):
             configs["pad_tokens"] = pads
-        write_single_file(path, tensors, configs)
+        write_single_file(path, tensors, configs, inputs.clip.info)
         ctx.wrote_file(path)
         return self.Outputs(path=str(path))
 
