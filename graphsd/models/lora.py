@@ -7,10 +7,24 @@ Formats read (one file may mix them, layer by layer):
   paths are the diffusers module names with ``.`` replaced by ``_`` (kohya's SD1 trainer) or
   the original SGM/LDM names (``input_blocks_4_1_...``, kohya's SDXL trainer), mapped to
   diffusers through the U-Net's block layout.
+- **LyCORIS LoCon** with Tucker-decomposed convolutions (LyCORIS ``use_tucker``; kohya-style
+  names): ``lora_down`` [r, in, 1, 1], ``lora_mid`` [r, r, kh, kw], ``lora_up`` [out, r, 1, 1],
+  optional ``alpha``.
 - **PEFT / diffusers** (``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, also
   ``.lora.down/up.weight``, ``.lora_linear_layer.down/up.weight`` and the old attention-processor
   spelling ``attn1.processor.to_q_lora.down.weight``) under ``unet.`` / ``text_encoder.`` /
-  ``text_encoder_2.``.
+  ``text_encoder_2.``. Keys with no such prefix are U-Net layers: diffusers' 2023
+  ``save_attn_procs`` / ``LoRAAttnProcessor`` files
+  (``down_blocks.0.….attn1.processor.to_q_lora.down.weight``; ``to_out_lora`` → ``to_out.0``) and
+  PEFT's ``adapter_model.safetensors`` (``base_model.model.<module>.lora_A.weight``). A folder
+  holding ``adapter_model.safetensors`` or ``pytorch_lora_weights.safetensors`` may be given
+  instead of the file.
+- **PEFT scale**: ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``; per-module
+  ``rank_pattern`` / ``alpha_pattern``, regular expressions matched against the end of the
+  module path), read from the safetensors metadata entry ``lora_adapter_metadata`` (JSON, fields
+  prefixed by component, ``unet.lora_alpha``, as diffusers' ``save_lora_weights`` writes it) or,
+  for ``adapter_model.*``, from PEFT's ``adapter_config.json`` beside it. Without either, and
+  without ``alpha`` keys, the scale is 1 (``W + B·A``, diffusers' convention).
 - **LyCORIS LoHa** (``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, optional Tucker
   cores ``hada_t1`` / ``hada_t2``) and **LoKr** (``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b``,
   ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b``, optional ``lokr_t2``), with kohya-style names.
@@ -18,7 +32,9 @@ Formats read (one file may mix them, layer by layer):
 Deltas (strength 1; the patch multiplies by the strength), all computed in float32:
 
 - LoRA: ``up @ down × alpha / rank`` (rank = rows of ``down``; scale 1 without alpha), from
-  the LoRA paper (Hu et al. 2021, arXiv:2106.09685) with kohya's alpha convention.
+  the LoRA paper (Hu et al. 2021, arXiv:2106.09685) with kohya's alpha convention. With a Tucker
+  core the three are convolutions applied in turn (``up ∘ mid ∘ down``), whose merged kernel is
+  ``Σ_ij up[p, i] · mid[i, j, y, x] · down[j, c]``.
 - LoHa: ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b) × alpha / rank`` (Hadamard product; FedPara, Hyeon-Woo
   et al. 2022, arXiv:2108.06098, as LyCORIS stores it).
 - LoKr: ``kron(w1, w2) × alpha / rank``, rank from a decomposed factor, scale 1 when neither
@@ -26,11 +42,14 @@ Deltas (strength 1; the patch multiplies by the strength), all computed in float
 
 Conv layers (1×1 and 3×3) use the same formulas on weights flattened to ``[out, in·k·k]`` and
 reshaped back. Pickle files (``.pt``, ``.ckpt``, ``.bin``) are read only when allowed, and
-then with ``torch.load(weights_only=True)``.
+then with ``torch.load(weights_only=True)``. Truncated or damaged files, and files holding NaN or
+infinite values, are refused with a :class:`LoraFormatError` that names the file.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -75,7 +94,15 @@ _PREFIXES: tuple[tuple[str, str, bool], ...] = (
     ("unet.", "unet", False),
     ("text_encoder_2.", "text_encoder_2", False),
     ("text_encoder.", "text_encoder", False),
+    ("base_model.model.", "unet", False),
 )
+
+#: What a folder given as the LoRA may hold: PEFT's and diffusers' file names.
+_FOLDER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+
+#: The safetensors metadata entry where diffusers' ``save_lora_weights`` stores the PEFT
+#: ``LoraConfig`` fields as JSON, each prefixed with its component (``unet.lora_alpha``).
+_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -84,25 +111,108 @@ class LoraFormatError(ValueError):
     """The file is not a LoRA graphsd can read, or does not fit the model (message says why)."""
 
 
-def read_tensors(path: str | os.PathLike, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """Read a flat ``name → tensor`` file: safetensors, or a pickle file when allowed
-    (``torch.load(weights_only=True)``, which refuses arbitrary objects)."""
+def read_tensors(path: str | os.PathLike, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a flat ``name → tensor`` file and its string metadata: safetensors, or a pickle file
+    when allowed (``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    containers; no metadata). Unreadable files raise :class:`LoraFormatError` naming the file."""
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise LoraFormatError(f"'{path.name}' is empty (0 bytes); download or copy it again")
+    metadata: dict[str, str] = {}
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoraFormatError(
-                f"'{path.name}' is a pickle file; convert it to .safetensors or allow pickle files "
-                "(allow_pickle setting)"
+                f"'{path.name}' is a pickle file: convert it to .safetensors, or pass --allow-pickle (the "
+                "allow_pickle setting) for files you trust; graphsd then reads it with torch.load(weights_only=True), "
+                "which loads tensors only"
             )
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = _load_pickle(path)
         data = data.get("state_dict", data) if isinstance(data, dict) else data
     else:
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
-        data = load_file(str(path), device="cpu")
+        try:
+            with safe_open(str(path), "pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:  # the header is checked against the file size before any tensor is read
+            raise LoraFormatError(f"'{path.name}' is truncated or damaged, or not a safetensors file ({e}); "
+                                  "download or copy it again") from e
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LoraFormatError(f"'{path.name}' does not hold a flat dictionary of tensors")
-    return data
+    return data, metadata
+
+
+def _load_pickle(path: Path) -> object:
+    """``torch.load(weights_only=True)``, its errors re-raised as :class:`LoraFormatError`
+    (torch's own message for refused objects suggests ``weights_only=False``, which would run
+    code from the file, so it is not passed on)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for damaged files
+        if "Weights only load failed" in str(e):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"a pickled object ({found.group(1)})" if found else "pickled objects"
+            raise LoraFormatError(
+                f"'{path.name}' holds {what} besides tensors, which graphsd never loads, also not with "
+                "--allow-pickle (that reads tensors only); convert the file to .safetensors with a tool you trust, "
+                "or use another file"
+            ) from None
+        raise LoraFormatError(f"'{path.name}' is truncated or damaged, or not a PyTorch file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Raise :class:`LoraFormatError` naming the first key (sorted) whose tensor holds NaN or ±inf."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoraFormatError(f"'{name}': '{key}' holds NaN or infinite values; the file is corrupt or was saved "
+                                  "after a diverged training run")
+
+
+def peft_configs(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
+    """PEFT ``LoraConfig`` fields per component role, from the safetensors metadata diffusers
+    writes (``lora_adapter_metadata``: JSON with keys ``<role>.<field>``) or, for a file named
+    ``adapter_model.*``, from PEFT's ``adapter_config.json`` beside it (applies to every role).
+    Empty when there is neither."""
+    if _ADAPTER_METADATA_KEY in metadata:
+        try:
+            fields = json.loads(metadata[_ADAPTER_METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise LoraFormatError(f"'{path.name}': its {_ADAPTER_METADATA_KEY} metadata is not valid JSON ({e})") from e
+        configs: dict[str, dict] = {}
+        for key, value in fields.items():
+            role, _, name = key.partition(".")
+            configs.setdefault(role, {})[name] = value
+        return configs
+    config_file = path.with_name("adapter_config.json")
+    if path.stem == "adapter_model" and config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LoraFormatError(f"'{config_file}' is not valid JSON ({e})") from e
+        return {role: config for _, role, _ in _PREFIXES}
+    return {}
+
+
+def _peft_pattern(patterns: dict | None, path: str, default):
+    """PEFT's per-module override: the value of the first pattern (a regular expression) that
+    matches the whole module path or a dot-separated ending of it, else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", path):
+            return value
+    return default
+
+
+def _peft_alpha(config: dict, path: str, rank: int, name: str) -> float:
+    """The ``alpha`` that makes graphsd's ``alpha / rank`` equal PEFT's scale for the module
+    ``path``: ``lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``."""
+    r = _peft_pattern(config.get("rank_pattern"), path, config["r"])
+    if r != rank:
+        raise LoraFormatError(f"'{name}': the adapter config gives {path} rank {r}, but its tensors have rank {rank}")
+    alpha = float(_peft_pattern(config.get("alpha_pattern"), path, config["lora_alpha"]))
+    return alpha * math.sqrt(r) if config.get("use_rslora") else alpha
 
 
 @dataclass
@@ -132,6 +242,8 @@ def _lora_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
     up, down = t["up"], t["down"]
     if up.ndim == 4 and up.shape[2:] != (1, 1):
         raise LoraFormatError("LoRA up weights with a spatial kernel are not supported")
+    if "mid" in t:  # LoCon Tucker: 1×1 down [r, in], k×k mid [r, r, kh, kw], 1×1 up [out, r]
+        return _tucker(t["mid"], up.flatten(1).T, down.flatten(1))
     return up.flatten(1) @ down.flatten(1)
 
 
@@ -174,7 +286,7 @@ def _lokr_rank(t: dict[str, torch.Tensor]) -> int | None:
 
 
 def _layer_kind(slots: dict[str, torch.Tensor]) -> str | None:
-    if {"down", "up"} <= slots.keys() and not {"mid", "dora_scale"} & slots.keys():
+    if {"down", "up"} <= slots.keys() and "dora_scale" not in slots:
         return "lora"
     if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= slots.keys():
         return "loha"
@@ -213,7 +325,7 @@ class LoraTarget:
 @dataclass
 class LoraFile:
     """A parsed LoRA file: ``targets`` (one per layer in the file) and ``unreadable`` keys
-    (present but of a kind graphsd does not apply, e.g. DoRA or LoCon Tucker layers)."""
+    (present but of a kind graphsd does not apply, e.g. DoRA layers)."""
 
     name: str
     fingerprint: str
@@ -225,8 +337,11 @@ class LoraFile:
         return sum(t.numel() * t.element_size() for tg in self.targets.values() for t in tg.layer.tensors.values())
 
 
-def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint: str = "") -> LoraFile:
-    """Group a state dict's keys into per-layer recipes (see the module docstring)."""
+def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint: str = "",
+               peft: dict[str, dict] | None = None) -> LoraFile:
+    """Group a state dict's keys into per-layer recipes (see the module docstring). ``peft``:
+    PEFT ``LoraConfig`` fields per role (:func:`peft_configs`), for LoRA layers without an
+    ``alpha`` key."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unreadable: list[str] = []
     for key, value in tensors.items():
@@ -239,28 +354,47 @@ def parse_lora(tensors: dict[str, torch.Tensor], name: str = "lora", fingerprint
     targets: dict[str, LoraTarget] = {}
     for base, slots in groups.items():
         kind = _layer_kind(slots)
-        where = _role_and_path(base)
-        if kind is None or where is None:
+        if kind is None:
             unreadable += [f"{base}.{slot}" for slot in slots]
             continue
-        alpha = float(slots["alpha"].float().item()) if "alpha" in slots else None
+        role, path, flat = _role_and_path(base)
+        config = (peft or {}).get(role, {})
+        if "alpha" in slots:
+            alpha = float(slots["alpha"].float().item())
+        elif kind == "lora" and config.get("peft_type", "LORA") == "LORA" and {"r", "lora_alpha"} <= config.keys():
+            alpha = _peft_alpha(config, path, slots["down"].shape[0], name)
+        else:
+            alpha = None
         tensors_ = {k: v for k, v in slots.items() if k != "alpha"}
-        targets[base] = LoraTarget(where[0], where[1], where[2], LoraLayer(kind, tensors_, alpha))
+        targets[base] = LoraTarget(role, path, flat, LoraLayer(kind, tensors_, alpha))
     return LoraFile(name, fingerprint, targets, sorted(unreadable))
 
 
-def _role_and_path(base: str) -> tuple[str, str, bool] | None:
+def _role_and_path(base: str) -> tuple[str, str, bool]:
+    """Component role, module path and whether it is flattened; unprefixed paths are the U-Net's."""
     for prefix, role, flat in _PREFIXES:
         if base.startswith(prefix):
             return role, base[len(prefix):], flat
-    return None
+    return "unet", base, False
 
 
 def load_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
-    """Read and parse a LoRA file (raises :class:`LoraFormatError` on unreadable files)."""
-    lora = parse_lora(read_tensors(path, allow_pickle), Path(path).name, file_fingerprint(path))
+    """Read and parse a LoRA file, or a folder holding one (raises :class:`LoraFormatError` on
+    unreadable or non-finite files)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f for f in _FOLDER_FILES if (path / f).is_file()]
+        if not found:
+            raise LoraFormatError(f"folder '{path.name}' holds none of {', '.join(_FOLDER_FILES)}")
+        path = found[0]
+    tensors, metadata = read_tensors(path, allow_pickle)
+    _check_finite(tensors, path.name)
+    fingerprint = file_fingerprint(path)
+    if path.stem == "adapter_model":  # its scale may come from adapter_config.json
+        fingerprint += "+" + file_fingerprint(path.with_name("adapter_config.json"))
+    lora = parse_lora(tensors, path.name, fingerprint, peft_configs(path, metadata))
     if not lora.targets:
-        raise LoraFormatError(f"'{Path(path).name}' holds no LoRA, LoHa or LoKr layers (keys such as "
+        raise LoraFormatError(f"'{path.name}' holds no LoRA, LoHa or LoKr layers (keys such as "
                               f"{lora.unreadable[:3]}); is it a full checkpoint or an embedding?")
     return lora
 
