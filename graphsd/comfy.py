@@ -309,13 +309,13 @@ def comfy_to_workflow(prompt: dict[str, Any]) -> dict[str, Any]:
                 code="unknown_type",
             )
         )
-    if not any(n["class_type"] in OUTPUT_CLASSES for n in prompt.values()) and not unknown:
-        conversion.issues.append(Issue("Prompt has no outputs", hint=f"add an output node ({', '.join(sorted(OUTPUT_CLASSES))})", code="no_outputs"))
     for cid, node in prompt.items():
         _check_ranges(conversion, cid, node)
         converter = CONVERTERS.get(node.get("class_type"))
         if converter is not None:
             converter(conversion, cid, conversion.ids[cid])
+    if not conversion.issues and not any(n["class_type"] in OUTPUT_CLASSES for n in prompt.values()):
+        conversion.issues.append(Issue("Prompt has no outputs", hint=f"add an output node ({', '.join(sorted(OUTPUT_CLASSES))})", code="no_outputs"))
     if conversion.issues:
         raise WorkflowError(conversion.issues)
     return {"version": 1, "params": {}, "nodes": conversion.nodes}

@@ -247,7 +247,8 @@ def _component_loader(cls: type, folder: Path, dtype: torch.dtype, allow_pickle:
     if weights and not safetensors and not allow_pickle:
         raise ModelLoadError(
             f"{folder} holds only pickle weights ({', '.join(p.name for p in weights)}); "
-            "convert them to .safetensors or allow pickle files (allow_pickle: true)"
+            "convert them to .safetensors or, for files you trust, run with --allow-pickle (Settings.allow_pickle: "
+            "they are then read with torch.load(weights_only=True), tensors only)"
         )
     kwargs = {"local_files_only": True, "use_safetensors": safetensors, **_torch_dtype_kwargs(cls, dtype)}
     return lambda: cls.from_pretrained(str(folder), **kwargs)

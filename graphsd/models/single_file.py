@@ -269,9 +269,9 @@ def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torc
         )
     if not allow_pickle:
         raise NodeError(
-            f"{path.name} is pickle-based; convert it to .safetensors or allow pickle files with "
-            "allow_pickle / --allow-pickle (pickle files can run code when loaded; allowed ones are read "
-            "with torch.load(weights_only=True), which accepts only tensors)",
+            f"{path.name} is pickle-based; convert it to .safetensors or, for a file you trust, run with "
+            "--allow-pickle (Settings.allow_pickle; pickle files can run code when loaded, allowed ones are "
+            "read with torch.load(weights_only=True), which accepts only tensors)",
             field="path",
         )
     return _read_pickle(path), {}
@@ -683,8 +683,10 @@ def component_roles(family: str) -> list[str]:
 
 
 def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, Any],
-                      tokenizers: dict[str, Any] | None = None) -> Path:
-    """Write single-file ``tensors`` atomically (:func:`graphsd.paths.write_atomic`) with the
+                      tokenizers: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write single-file ``tensors`` atomically (:func:`graphsd.paths.write_atomic`: an
+    existing file is replaced only with ``overwrite``, else the next free name is taken; the
+    path written is returned) with the
     diffusers ``configs`` (role -> config, ``family``, optional ``scheduler`` and
     ``pad_tokens``) as metadata, and the ``tokenizers`` (role -> tokenizer) that are not the
     standard CLIP one (:func:`tokenizer_files`)."""
@@ -693,8 +695,7 @@ def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dic
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
     if stored := tokenizer_files(tokenizers or {}):
         metadata[TOKENIZER_KEY] = json.dumps(stored)
-    write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return Path(path)
+    return write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
 def tokenizer_files(tokenizers: dict[str, Any]) -> dict[str, dict[str, str]]:

@@ -31,8 +31,9 @@ class CheckpointSave(Node):
         "single-file layout (SD1, SD2, SDXL; loadable by CheckpointLoader, diffusers' from_single_file "
         "and other UIs). Weight patches on the handles (LoRA) are merged into what is written; "
         "patches that add layers instead of changing weights (hypernetworks) cannot be stored in a "
-        "checkpoint and are refused. The file is written atomically and replaces an existing file "
-        "of that name."
+        "checkpoint and are refused. A tokenizer other than CLIP's (graphsd-tiny's) is stored in the "
+        "file's metadata. The file is written atomically and never replaces an existing file unless "
+        "overwrite is set."
     )
     output_node = True
 
@@ -44,6 +45,9 @@ class CheckpointSave(Node):
             "checkpoints/graphsd.safetensors",
             min_length=1,
             description="File name inside the output directory (may name a sub-folder); .safetensors is appended if missing",
+        )
+        overwrite: bool = Field(
+            False, description="Replace a file of this name; without it a taken name is saved as <name>_2.safetensors, ..."
         )
 
     class Outputs(NodeIO):
@@ -72,7 +76,7 @@ class CheckpointSave(Node):
             configs["scheduler"] = dict(scheduler_config)
         if pads := pad_tokens(inputs.clip.info):
             configs["pad_tokens"] = pads
-        write_single_file(path, tensors, configs, inputs.clip.info)
+        path = write_single_file(path, tensors, configs, inputs.clip.info, overwrite=inputs.overwrite)
         ctx.wrote_file(path)
         return self.Outputs(path=str(path))
 

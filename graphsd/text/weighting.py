@@ -62,15 +62,18 @@ def parse_prompt(text: str, use_break: bool = True) -> list[Segment]:
 
     >>> [(s.text, round(s.weight, 3)) for s in parse_prompt("a (red:1.5) [cat]")]
     [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.909)]
+
+    A closing bracket multiplies the weight of every piece since its opener; those ranges are
+    recorded and the products formed in one sweep at the end (:func:`_weights`), so the time
+    is O(n log n) in the prompt's length, however deeply the brackets nest.
     """
-    pieces: list[list] = []  # [text, weight] pairs, mutable while brackets close; None = BREAK
+    pieces: list[str | None] = []  # texts; None = BREAK
+    ranges: list[tuple[int, int, float]] = []  # (first piece, end piece, factor), in closing order
     round_open: list[int] = []
     square_open: list[int] = []
 
-    def scale_from(start: int, factor: float) -> None:
-        for piece in pieces[start:]:
-            if piece[1] is not None:
-                piece[1] *= factor
+    def close(start: int, factor: float) -> None:
+        ranges.append((start, len(pieces), factor))
 
     for match in _LEXER.finditer(text):
         item, weight = match.group(0), match.group("weight")
@@ -80,24 +83,58 @@ def parse_prompt(text: str, use_break: bool = True) -> list[Segment]:
             square_open.append(len(pieces))
         elif weight is not None and round_open:
             if _is_number(weight):
-                scale_from(round_open.pop(), float(weight))
+                close(round_open.pop(), float(weight))
             else:  # '(a:1.2.3)': the colon part is text, the bracket closes as a plain ')'
                 _append_text(pieces, item[:-1], use_break)
-                scale_from(round_open.pop(), ROUND_FACTOR)
+                close(round_open.pop(), ROUND_FACTOR)
         elif item == ")" and round_open:
-            scale_from(round_open.pop(), ROUND_FACTOR)
+            close(round_open.pop(), ROUND_FACTOR)
         elif item == "]" and square_open:
-            scale_from(square_open.pop(), SQUARE_FACTOR)
+            close(square_open.pop(), SQUARE_FACTOR)
         elif len(item) == 2 and item[0] == "\\":
-            pieces.append([item[1], 1.0])
+            pieces.append(item[1])
         else:
             _append_text(pieces, item, use_break)
 
     for start in round_open:
-        scale_from(start, ROUND_FACTOR)
+        close(start, ROUND_FACTOR)
     for start in square_open:
-        scale_from(start, SQUARE_FACTOR)
-    return _merge(pieces)
+        close(start, SQUARE_FACTOR)
+    return _merge(pieces, _weights(len(pieces), ranges))
+
+
+def _weights(n: int, ranges: list[tuple[int, int, float]]) -> list[float]:
+    """Weight of each of ``n`` pieces: the product of the factors of the ranges that cover it.
+    A sweep over the pieces switches each range's factor on at its first piece and off at its
+    end in a product tree over the ranges (leaves 1.0 when off), so each piece reads the
+    product at the root."""
+    size = 1
+    while size < len(ranges):
+        size *= 2
+    tree = [1.0] * (2 * size)
+    starts: dict[int, list[int]] = {}
+    ends: dict[int, list[int]] = {}
+    for k, (first, end, _) in enumerate(ranges):
+        starts.setdefault(first, []).append(k)
+        ends.setdefault(end, []).append(k)
+
+    def put(k: int, value: float) -> None:
+        i = size + k
+        tree[i] = value
+        i //= 2
+        while i:
+            tree[i] = tree[2 * i] * tree[2 * i + 1]
+            i //= 2
+
+    weights = []
+    for i in range(n):
+        for k in ends.get(i, ()):
+            put(k, 1.0)
+        for k in starts.get(i, ()):
+            if ranges[k][1] > i:
+                put(k, ranges[k][2])
+        weights.append(tree[1] if ranges else 1.0)
+    return weights
 
 
 def _is_number(text: str) -> bool:
@@ -108,23 +145,24 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _append_text(pieces: list[list], item: str, use_break: bool) -> None:
+def _append_text(pieces: list[str | None], item: str, use_break: bool) -> None:
     parts = _BREAK_WORD.split(item) if use_break else [item]
     for i, part in enumerate(parts):
         if i > 0:
-            pieces.append([BREAK.text, None])
+            pieces.append(None)
         if part:
-            pieces.append([part, 1.0])
+            pieces.append(part)
 
 
-def _merge(pieces: list[list]) -> list[Segment]:
+def _merge(pieces: list[str | None], weights: list[float]) -> list[Segment]:
     """Join neighbours of equal weight (never across a BREAK); an empty prompt is ``[("", 1.0)]``."""
-    merged: list[Segment] = []
-    for text, weight in pieces:
-        if weight is None:
-            merged.append(BREAK)
-        elif merged and merged[-1].weight == weight:
-            merged[-1] = Segment(merged[-1].text + text, weight)
+    runs: list[tuple[list[str], float] | None] = []
+    for text, weight in zip(pieces, weights):
+        if text is None:
+            runs.append(None)
+        elif runs and runs[-1] is not None and runs[-1][1] == weight:
+            runs[-1][0].append(text)
         else:
-            merged.append(Segment(text, weight))
+            runs.append(([text], weight))
+    merged = [BREAK if run is None else Segment("".join(run[0]), run[1]) for run in runs]
     return merged or [Segment("", 1.0)]
