@@ -96,7 +96,7 @@ def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None)
         merged = merge_params(doc, params)
     except WorkflowError as exc:
         issues.extend(exc.issues)
-        merged = {**doc.params, **(params or {})}
+        merged = dict(doc.params)  # the declared values: each bad override is reported once
     nodes: dict[str, GraphNode] = {}
     dag = nx.DiGraph()
     known_types = sorted(registry_nodes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+import torch
 from pydantic import Field
 
 from graphsd.errors import NodeError
@@ -65,6 +66,13 @@ class TextEncode(Node):
                 )
             except ValueError as exc:  # tokenizers that disagree about the prompt's length
                 raise NodeError(f"{exc}; use the tokenizers that came with the checkpoint", field="clip") from exc
+        if not torch.isfinite(embeddings).all():
+            cause = "patch on the text encoder, or the " if clip.patches else ""
+            raise NodeError(
+                f"the embeddings hold NaN or infinite values: check the {cause}prompt's weights (nested brackets "
+                "multiply: 1000 levels of (…) weigh 1.1^1000 ≈ 2e41, more than fp32 holds)",
+                field="text",
+            )
         return self.Outputs(cond=Conditioning(embeddings=embeddings, pooled=pooled))
 
 
