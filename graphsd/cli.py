@@ -54,6 +54,7 @@ def _engine(args: argparse.Namespace):
         vram_budget_mb=getattr(args, "vram_budget", None),
         ram_budget_mb=getattr(args, "ram_budget", None),
         max_image_pixels=int(getattr(args, "max_image_megapixels", 0) * 1e6) or Settings.max_image_pixels,
+        read_roots=_read_roots(args),
     )
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -61,6 +62,15 @@ def _engine(args: argparse.Namespace):
     for w in engine.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return engine
+
+
+def _read_roots(args: argparse.Namespace) -> list[str] | None:
+    """A workflow taken from a PNG may come from anyone: unless --trust-workflow, the files it
+    names must lie in the models folder, the output folder or the PNG's own folder."""
+    workflow = getattr(args, "workflow", None)
+    if not workflow or not str(workflow).lower().endswith(".png") or getattr(args, "trust_workflow", False):
+        return None
+    return [args.models_dir, getattr(args, "output_dir", "output"), os.path.dirname(os.path.abspath(workflow))]
 
 
 def _print_issues(err: WorkflowError, source: str) -> None:
@@ -287,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true",
         help="allow pickle-based model files (.ckpt/.pt/.pth/.bin) you trust; they are read with torch.load(weights_only=True), "
         "which loads tensors only. This is the only switch: a workflow cannot turn it on",
+    )
+    run.add_argument(
+        "--trust-workflow", action="store_true",
+        help="let a workflow taken from a PNG read files anywhere (by default it reads only the models, output and PNG folders)",
     )
     run.add_argument("--max-image-megapixels", type=float, default=0, metavar="MP", help="largest image LoadImage reads (default 67, i.e. 8192x8192)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")

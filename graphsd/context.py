@@ -28,6 +28,9 @@ class Settings:
     vram_budget_mb: float | None = None
     load_entry_points: bool = True
     max_image_pixels: int = 8192 * 8192  # LoadImage refuses larger images, from their header
+    # When set, nodes read files only under these folders (and graphsd's built-in models): the
+    # command line sets it for a workflow taken from a PNG, which may come from anyone.
+    read_roots: list[str] | None = None
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -75,6 +78,25 @@ class Context:
     def progress(self, value: int, total: int, **info: Any) -> None:
         self.emit(Progress(run_id=self.run_id, node_id=self.node_id, value=value, total=total, info=info))
         self.check_interrupted()
+
+    def readable(self, path: str | Path, field: str) -> Path:
+        """``path`` resolved, after checking it lies under ``settings.read_roots`` (when set) or
+        graphsd's built-in models; raises NodeError naming the field otherwise."""
+        from graphsd.errors import NodeError
+        from graphsd.models.loading import builtin_models_dir
+
+        resolved = Path(path).resolve()
+        roots = self.settings.read_roots
+        if roots is None:
+            return resolved
+        allowed = [Path(r).resolve() for r in roots] + [builtin_models_dir()]
+        if not any(resolved == root or root in resolved.parents for root in allowed):
+            raise NodeError(
+                f"'{path}' lies outside the folders this workflow may read ({', '.join(str(r) for r in allowed)}): "
+                "a workflow taken from an image is confined to them; run it with --trust-workflow if you trust it",
+                field=field,
+            )
+        return resolved
 
     def wrote_file(self, path: str | Path) -> None:
         """Record a file this node wrote (shown by the CLI, returned by the API)."""

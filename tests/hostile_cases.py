@@ -272,6 +272,43 @@ _file_case("png_without_workflow", "plain.png", png_bytes(8, 8), ("carries no wo
 _file_case("png_truncated", "cut.png", png_bytes(8, 8, [text_chunk("prompt", "{}")])[:30], ("not a readable PNG",))
 
 
+def _png_reading(d: Path, *extra: str) -> list[str]:
+    """A downloaded PNG whose workflow copies a file from elsewhere on the machine."""
+    (d / "private").mkdir()
+    (d / "private" / "secret.png").write_bytes(png_bytes(8, 8))
+    (d / "downloads").mkdir()
+    nodes = {"load": {"type": "LoadImage", "inputs": {"path": str(d / "private" / "secret.png")}},
+             "save": {"type": "SaveImage", "inputs": {"image": "@load.image", "prefix": "copy"}}}
+    doc = json.dumps({"version": 1, "params": {}, "nodes": nodes})
+    (d / "downloads" / "nice.png").write_bytes(png_bytes(8, 8, [text_chunk("graphsd_workflow", doc)]))
+    return run_args(d / "downloads" / "nice.png", *extra)
+
+
+@case("paths", 1, ("secret.png", "outside the folders", "--trust-workflow"))
+def png_workflow_reads_outside_its_folders(d):
+    return _png_reading(d)
+
+
+@case("paths", 0, writes=1)
+def png_workflow_trusted_by_the_user(d):
+    return _png_reading(d, "--trust-workflow")
+
+
+@case("paths", 1, ("outside the folders",))
+def png_workflow_loads_a_model_from_elsewhere(d):
+    import shutil
+
+    from graphsd.models.loading import builtin_models_dir
+
+    shutil.copytree(builtin_models_dir() / "graphsd-tiny", d / "elsewhere")
+    nodes = tiny_chain()
+    nodes["model"]["inputs"]["path"] = str(d / "elsewhere")
+    (d / "downloads").mkdir()
+    doc = json.dumps({"version": 1, "params": {}, "nodes": nodes})
+    (d / "downloads" / "nice.png").write_bytes(png_bytes(8, 8, [text_chunk("graphsd_workflow", doc)]))
+    return run_args(d / "downloads" / "nice.png")
+
+
 @case("files", 2, ("param 'seed' is a number",))
 def set_value_of_wrong_type(d):
     return ["run", str(TXT2IMG), "--output-dir", "out", "-q", "--set", "seed=abc"]

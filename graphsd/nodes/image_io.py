@@ -53,6 +53,7 @@ class LoadImage(Node):
 
     def run(self, inputs, ctx):
         path = Path(inputs.path)
+        ctx.readable(path, "path")
         if not path.is_file():
             raise NodeError(f"image file '{path}' does not exist", field="path")
         limit = ctx.settings.max_image_pixels

@@ -69,7 +69,7 @@ class CheckpointLoader(Node):
     def run(self, inputs: Inputs, ctx: Any) -> Outputs:
         allow_pickle = ctx.settings.allow_pickle  # only the user's setting (--allow-pickle), never the workflow
         try:
-            path = resolve_model_path(inputs.path, ctx.models_dir)
+            path = ctx.readable(resolve_model_path(inputs.path, ctx.models_dir), "path")
             loaded = load_checkpoint(ctx.models, path, inputs.dtype, allow_pickle=allow_pickle)
         except NodeError:
             raise

@@ -121,7 +121,7 @@ class ImageFolderDataset(Node):
 
     def run(self, inputs: Any, ctx: Any) -> NodeIO:
         try:
-            images = FolderImages(inputs.folder, inputs.resolution)
+            images = FolderImages(ctx.readable(inputs.folder, "folder"), inputs.resolution)
         except FileNotFoundError as exc:
             raise NodeError(f"{exc}; give an existing folder of images with .txt captions", field="folder") from None
         if len(images) == 0:
