@@ -55,7 +55,10 @@ def test_png_carries_the_workflow_and_reruns(tmp_path, picture, capsys):
     first = Path(capsys.readouterr().out.strip())
     embedded = json.loads(PILImage.open(first).text[PNG_WORKFLOW_KEY])
     assert embedded["nodes"]["load"]["type"] == "LoadImage" and embedded["params"]["src"] == str(src)
-    assert main(["run", str(first), "--output-dir", str(out), "-q"]) == 0
+    # the image it reads lies outside the folders a workflow from a PNG may read, unless trusted
+    assert main(["run", str(first), "--output-dir", str(out), "-q"]) == 1
+    assert "--trust-workflow" in capsys.readouterr().err
+    assert main(["run", str(first), "--output-dir", str(out), "-q", "--trust-workflow"]) == 0
     second = Path(capsys.readouterr().out.strip())
     assert second != first and np.array_equal(np.asarray(PILImage.open(second).convert("RGB")), arr)
 
