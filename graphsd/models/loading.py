@@ -35,7 +35,7 @@ from graphsd.errors import GraphsdError
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet, Vae
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 #: Checkpoint files: safetensors, or pickle-based ones (loaded only when allowed).
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: Component folders of a diffusers model, in the order they are loaded.

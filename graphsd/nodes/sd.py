@@ -21,7 +21,7 @@ from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
 from graphsd.sampling.loop import DenoiseError, DenoiseSettings, denoise
 from graphsd.sampling.schedulers import UnsupportedSchedule
-from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae
+from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, working_dtype
 
 #: Pixels per latent cell of Stable Diffusion VAEs (SD1, SD2, SDXL).
 LATENT_DOWNSCALE = 8
@@ -46,8 +46,12 @@ class CheckpointLoader(Node):
                 "(with model_index.json) or a single .safetensors file"
             )
         )
-        dtype: Literal["fp32", "fp16", "bf16"] = Field(
-            "fp32", description="Weight precision: fp32 (exact, CPU-friendly), fp16 or bf16 (half the memory, GPU)"
+        dtype: Literal["fp32", "fp16", "bf16", "fp64"] = Field(
+            "fp32",
+            description=(
+                "Weight precision: fp32 (CPU-friendly), fp16 or bf16 (half the memory, GPU), fp64 (slow; a "
+                "reference precision for checking results, in which latents and images are computed too)"
+            ),
         )
 
     class Outputs(NodeIO):
@@ -275,7 +279,7 @@ class VAEEncode(Node):
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
             z = vae.encode(x).latent_dist.mode()
-        samples = (z.float() - info["shift_factor"]) * info["scale_factor"]
+        samples = (z.to(working_dtype(z.dtype)) - info["shift_factor"]) * info["scale_factor"]
         return self.Outputs(latent=Latent(samples.cpu()))
 
 
@@ -309,7 +313,8 @@ class VAEDecode(Node):
         require_memory(ctx.device, feature_map_bytes(batch, channels, full[0], full[1], dtype),
                        f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
-            z = (inputs.latent.samples.to(ctx.device, torch.float32) / info["scale_factor"] + info["shift_factor"]).to(vae.dtype)
+            work = working_dtype(vae.dtype)
+            z = (inputs.latent.samples.to(ctx.device, work) / info["scale_factor"] + info["shift_factor"]).to(vae.dtype)
             if inputs.tiled:
                 x = decode_tiled(vae, z, inputs.tile_size // down, inputs.tile_overlap // down, down)
             else:
@@ -318,7 +323,7 @@ class VAEDecode(Node):
             if not torch.isfinite(inputs.latent.samples).all():
                 raise NodeError("the latent to decode holds NaN or infinite values; the node that made it went wrong", field="latent")
             raise NodeError(_not_finite("the decoded image", inputs.vae), field="vae")
-        pixels = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        pixels = (x.to(work) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
         return self.Outputs(image=Image(pixels))
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from graphsd.types import Conditioning, Latent, Noise, UNet
+from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
 
 @dataclass
@@ -163,9 +163,11 @@ def denoise(
     latent: Latent | None,
     settings: DenoiseSettings,
 ) -> torch.Tensor:
-    """Run the loop and return the denoised latent (scaled latent space, float32, on the CPU)."""
+    """Run the loop and return the denoised latent (scaled latent space, on the CPU, in the
+    U-Net's working precision: float32, or float64 for a float64 U-Net)."""
     device = ctx.device
-    samples = noise.samples.to(device, torch.float32)
+    work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
+    samples = noise.samples.to(device, work)
     if latent is not None and latent.samples.shape != noise.samples.shape:
         raise DenoiseError(f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent", "noise")
     if latent is not None and latent.noise_mask is not None:
@@ -181,9 +183,9 @@ def denoise(
     if latent is None:
         x = samples * scheduler.init_noise_sigma
     elif settings.add_noise:
-        x = scheduler.add_noise(latent.samples.to(device, torch.float32), samples, timesteps[:1])
+        x = scheduler.add_noise(latent.samples.to(device, work), samples, timesteps[:1])
     else:
-        x = latent.samples.to(device, torch.float32)
+        x = latent.samples.to(device, work)
 
     step_kwargs = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
@@ -202,7 +204,7 @@ def denoise(
             if guidance:
                 model_input = torch.cat([model_input, model_input])
             eps = unet(model_input.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
-            eps = eps.float()
+            eps = eps.to(work)
             if guidance:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + settings.cfg * (eps_cond - eps_uncond)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from graphsd.text.weighting import BREAK, Segment, parse_prompt
+from graphsd.types import working_dtype
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,15 @@ def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
 
 
 def apply_token_weights(z: torch.Tensor, z_empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's weighting ``z_empty + w · (z - z_empty)`` per position, computed in float32;
-    positions of weight 1 keep ``z`` bit for bit.
+    """ComfyUI's weighting ``z_empty + w · (z - z_empty)`` per position, computed in float32
+    (float64 for a float64 encoder); positions of weight 1 keep ``z`` bit for bit.
 
     ``z`` is ``[chunks, context, width]``, ``z_empty`` ``[1, context, width]``, ``weights``
     ``[chunks, context]``."""
-    w = weights.to(device=z.device, dtype=torch.float32).unsqueeze(-1)
-    base = z_empty.float()
-    weighted = (base + w * (z.float() - base)).to(z.dtype)
+    work = working_dtype(z.dtype)
+    w = weights.to(device=z.device, dtype=work).unsqueeze(-1)
+    base = z_empty.to(work)
+    weighted = (base + w * (z.to(work) - base)).to(z.dtype)
     return torch.where(w == 1.0, z, weighted)
 
 
