@@ -51,18 +51,19 @@ def make_file(layout, widths=(32, 64), seed=0) -> dict:
 
 
 def reference_net(sd: dict, layout) -> callable:
-    """x + net(x)·s from the format's definition, with plain tensor operations."""
+    """x + net(x)·s from the format's definition, with plain tensor operations (in x's dtype)."""
     last = len(layout["linears"]) - 1
 
     def f(x, s):
+        p = {k: v.to(x.dtype) for k, v in sd.items()}
         h = x
         for i, idx in enumerate(layout["linears"]):
-            h = h @ sd[f"linear.{idx}.weight"].T + sd[f"linear.{idx}.bias"]
+            h = h @ p[f"linear.{idx}.weight"].T + p[f"linear.{idx}.bias"]
             if i < last or layout["meta"]["activate_output"]:
                 h = layout["act"](h)
             if layout["norms"]:
                 n = layout["norms"][i]
-                h = F.layer_norm(h, h.shape[-1:], sd[f"linear.{n}.weight"], sd[f"linear.{n}.bias"])
+                h = F.layer_norm(h, h.shape[-1:], p[f"linear.{n}.weight"], p[f"linear.{n}.bias"])
         return x + h * s
 
     return f

@@ -13,6 +13,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, St
 from PIL import Image as PILImage
 
 import sd_tiny
+from reference import assert_same, diffusers_noise_in_float32
 from graphsd import Engine, Settings, WorkflowError
 from graphsd.comfy import comfy_to_workflow
 
@@ -74,18 +75,29 @@ def comfy_prompt(model, **ksampler):
     return prompt
 
 
+def in_fp64(prompt: dict) -> dict:
+    """The graphsd workflow of a ComfyUI prompt with its checkpoints loaded in float64, the
+    precision of the comparisons with diffusers (``reference.py``)."""
+    doc = comfy_to_workflow(prompt)
+    for node in doc["nodes"].values():
+        if node["type"] == "CheckpointLoader":
+            node["inputs"]["dtype"] = "fp64"
+    return doc
+
+
 def test_comfy_txt2img_runs_and_matches_diffusers(engine, models):
     prompt = comfy_prompt("sd1", sampler_name="euler", cfg=7.5, seed=3)
     prompt["7"]["inputs"]["text"] = "blurry"
     saved_image(engine.run(prompt))
-    latent = engine.run(prompt, outputs=["3"]).outputs["3"]["latent"].samples
-    pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
+    latent = engine.run(in_fp64(prompt), outputs=["3"]).outputs["3"]["latent"].samples
+    pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None).to(dtype=torch.float64)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    reference = pipe(
-        prompt=prompt["6"]["inputs"]["text"], negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
-        height=64, width=64, generator=torch.Generator().manual_seed(3), output_type="latent",
-    ).images
-    assert (latent - reference).abs().max().item() <= 1e-4
+    with diffusers_noise_in_float32():
+        reference = pipe(
+            prompt=prompt["6"]["inputs"]["text"], negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
+            height=64, width=64, generator=torch.Generator().manual_seed(3), output_type="latent",
+        ).images
+    assert_same(latent, reference)
 
 
 def test_comfy_ksampler_partial_denoise_runs_the_last_steps_of_a_longer_schedule(engine, models, input_png):
@@ -96,14 +108,15 @@ def test_comfy_ksampler_partial_denoise_runs_the_last_steps_of_a_longer_schedule
     prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": input_png}}
     loop = comfy_to_workflow(prompt)["nodes"]["3"]["inputs"]
     assert (loop["steps"], loop["start_step"], loop["latent"]) == (8, 4, "@10.latent")
-    out = engine.run(prompt, outputs=["3", "10"]).outputs
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
+    out = engine.run(in_fp64(prompt), outputs=["3", "10"]).outputs
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None).to(dtype=torch.float64)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    reference = pipe(
-        prompt=prompt["6"]["inputs"]["text"], negative_prompt="", image=out["10"]["latent"].samples, strength=0.5,
-        num_inference_steps=8, guidance_scale=7.5, generator=torch.Generator().manual_seed(3), output_type="latent",
-    ).images
-    assert (out["3"]["latent"].samples - reference).abs().max().item() <= 1e-4
+    with diffusers_noise_in_float32():
+        reference = pipe(
+            prompt=prompt["6"]["inputs"]["text"], negative_prompt="", image=out["10"]["latent"].samples, strength=0.5,
+            num_inference_steps=8, guidance_scale=7.5, generator=torch.Generator().manual_seed(3), output_type="latent",
+        ).images
+    assert_same(out["3"]["latent"].samples, reference)
 
 
 def test_comfy_conversion_maps_links_and_nodes():

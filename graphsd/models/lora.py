@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from graphsd.types import working_dtype
 from graphsd.paths import file_fingerprint
 
 #: Key endings → the slot they fill in a layer's recipe, longest first so that matching the
@@ -223,9 +224,10 @@ class LoraLayer:
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
 
-    def delta(self, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The weight delta at strength 1, float32, reshaped to ``shape``."""
-        t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+    def delta(self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight delta at strength 1, reshaped to ``shape``, computed in ``dtype``
+        (float32; float64 for a float64 model)."""
+        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         if self.kind == "lora":
             d, rank = _lora_matrix(t), t["down"].shape[0]
         elif self.kind == "loha":
@@ -595,8 +597,9 @@ class LoraPatch:
             for path, layer in layers.items():
                 weight = module.get_submodule(path).weight
                 backups.append((weight, weight.detach().clone()))
-                delta = layer.delta(weight.shape, weight.device) * strength
-                weight.copy_((weight.float() + delta).to(weight.dtype))
+                work = working_dtype(weight.dtype)
+                delta = layer.delta(weight.shape, weight.device, work) * strength
+                weight.copy_((weight.to(work) + delta).to(weight.dtype))
 
         def undo() -> None:
             with torch.no_grad():
