@@ -22,7 +22,7 @@ _EXPORTS = {
     "RunResult": "graphsd.executor",
     "Node": "graphsd.node",
     "NodeIO": "graphsd.node",
-    "hookimpl": "graphsd.plugins",
+    "hookimpl": "graphsd.hookspecs",
     "types": "graphsd.types",
 }
 

@@ -11,7 +11,8 @@ Implement a hook in a plugin module::
 
 and expose the module through the ``graphsd`` entry-point group, or drop it into a plugins
 directory (``--plugins-dir`` / ``GRAPHSD_PLUGINS_DIR``). The built-in nodes register through
-these same hooks (:mod:`graphsd.builtin`).
+these same hooks: each module of :mod:`graphsd.nodes` is a plugin with its own
+``graphsd_register_nodes``, and :mod:`graphsd.builtin` registers the socket types and samplers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ if TYPE_CHECKING:
     from graphsd.node import Node
     from graphsd.types import Socket
 
-hookspec = pluggy.HookspecMarker("graphsd")
+PROJECT = "graphsd"
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Marks a plugin's hook implementations (``from graphsd import hookimpl``). Only marked
+#: functions are hooks: an unmarked ``graphsd_*`` function, or a marked one whose name is no
+#: hook below, is reported as a warning naming the plugin and the function.
+hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # ---- registration (called once, when an Engine starts) -------------------------------------

@@ -9,6 +9,8 @@ names the plugin and the problem; the engine keeps working with everything else.
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -22,10 +24,9 @@ from typing import Any
 import pluggy
 
 from graphsd import hookspecs
+from graphsd.hookspecs import PROJECT
 from graphsd.node import Node
 from graphsd.types import Socket
-
-hookimpl = pluggy.HookimplMarker("graphsd")
 
 ENTRY_POINT_GROUP = "graphsd"
 PLUGINS_DIR_ENV = "GRAPHSD_PLUGINS_DIR"
@@ -93,7 +94,7 @@ def _candidates(plugins_dirs: list[Path], load_entry_points: bool) -> list[tuple
 
     found: list[tuple[str, str, Any]] = [("graphsd", "builtin", lambda: builtin)]
     for name in builtin.node_module_names():
-        found.append((name, "builtin", lambda name=name: builtin.load_node_module(name)))
+        found.append((name, "builtin", lambda name=name: importlib.import_module(name)))
     if load_entry_points:
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = getattr(ep.dist, "name", "?")
@@ -110,18 +111,40 @@ def _candidates(plugins_dirs: list[Path], load_entry_points: bool) -> list[tuple
     return found
 
 
-def _call_one(plugin: Any, hook: str) -> list[Any]:
-    impl = getattr(plugin, hook, None)
-    if impl is None:
-        return []
-    result = impl()
-    return [result] if result is not None else []
+def _call_one(pm: pluggy.PluginManager, plugin: Any, hook: str) -> list[Any]:
+    """The results of ``plugin``'s implementation of the registration ``hook`` (pluggy's
+    parsed implementation, called with keyword arguments like any hook call)."""
+    impls = [impl for impl in getattr(pm.hook, hook).get_hookimpls() if impl.plugin is plugin]
+    results = [impl.function() for impl in impls]
+    return [r for r in results if r is not None]
+
+
+HOOK_NAMES = sorted(name for name in dir(hookspecs) if name.startswith(f"{PROJECT}_"))
+
+
+def _hook_problems(pm: pluggy.PluginManager, name: str, plugin: Any) -> list[str]:
+    """What pluggy will not call in ``plugin``: a ``graphsd_*`` function without ``@hookimpl``,
+    or one that names no hook (what ``PluginManager.check_pending`` finds for marked ones, here
+    for every such function, each reported instead of the first raised)."""
+    problems = []
+    for attr in sorted(dir(plugin)):
+        if not attr.startswith(f"{PROJECT}_") or not callable(getattr(plugin, attr, None)):
+            continue
+        marked = pm.parse_hookimpl_opts(plugin, attr) is not None
+        close = difflib.get_close_matches(attr, HOOK_NAMES, n=1)
+        if attr not in HOOK_NAMES:
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"plugin '{name}': {attr} is not a graphsd hook{hint}, so it is never called")
+        elif not marked:
+            problems.append(f"plugin '{name}': {attr} is not decorated with @hookimpl (from graphsd import hookimpl), so it is never called")
+    return problems
 
 
 def load_plugins(plugins_dirs: list[str] | tuple[str, ...] = (), load_entry_points: bool = True) -> tuple[pluggy.PluginManager, Registry]:
     """Build a plugin manager and the registry of nodes/types/samplers. Never raises for a
-    broken plugin: problems end up in ``registry.warnings`` and ``registry.plugins``."""
-    pm = pluggy.PluginManager("graphsd")
+    broken plugin: problems end up in ``registry.warnings`` and ``registry.plugins``; so do
+    misspelt and unmarked hooks."""
+    pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     reg = Registry()
     for name, source, loader in _candidates(plugin_dirs(plugins_dirs), load_entry_points):
@@ -132,9 +155,10 @@ def load_plugins(plugins_dirs: list[str] | tuple[str, ...] = (), load_entry_poin
             if pm.is_registered(module):
                 continue
             pm.register(module, name=f"{name}@{source}")
-            types_ = [t for r in _call_one(module, "graphsd_register_types") for t in r]
-            nodes = [n for r in _call_one(module, "graphsd_register_nodes") for n in r]
-            samplers = {k: v for r in _call_one(module, "graphsd_register_samplers") for k, v in r.items()}
+            reg.warnings.extend(_hook_problems(pm, name, module))
+            types_ = [t for r in _call_one(pm, module, "graphsd_register_types") for t in r]
+            nodes = [n for r in _call_one(pm, module, "graphsd_register_nodes") for n in r]
+            samplers = {k: v for r in _call_one(pm, module, "graphsd_register_samplers") for k, v in r.items()}
         except Exception as exc:  # a broken plugin must not take the engine down
             info.error = _short_error(exc)
             reg.warnings.append(f"plugin '{name}' ({source}) failed to load: {info.error}")

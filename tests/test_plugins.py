@@ -40,6 +40,50 @@ def test_broken_plugin_and_duplicate_name_warn_and_engine_keeps_working():
     assert "LoadImage" in engine.nodes
 
 
+MISSPELT = """
+from pydantic import Field
+
+from graphsd import Node, NodeIO, hookimpl
+
+CALLED = []
+
+
+class Hello(Node):
+    type = "Hello"
+
+    class Inputs(NodeIO):
+        name: str = Field("x")
+
+    class Outputs(NodeIO):
+        text: str
+
+    def run(self, inputs, ctx):
+        return self.Outputs(text=inputs.name)
+
+
+@hookimpl
+def graphsd_register_node():  # misspelt: the hook is graphsd_register_nodes
+    return [Hello]
+
+
+def graphsd_event(event):  # not marked with @hookimpl
+    CALLED.append(event)
+"""
+
+
+def test_misspelt_and_unmarked_hooks_are_named_in_warnings(tmp_path):
+    (tmp_path / "typo_plugin.py").write_text(MISSPELT)
+    engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(tmp_path)]))
+    text = "\n".join(engine.warnings)
+    assert "plugin 'typo_plugin': graphsd_register_node is not a graphsd hook (did you mean graphsd_register_nodes?)" in text
+    assert "plugin 'typo_plugin': graphsd_event is not decorated with @hookimpl" in text
+    assert "Hello" not in engine.nodes  # pluggy calls neither of them
+    doc = {"version": 1, "nodes": {"e": {"type": "EmptyLatent", "inputs": {"width": 8, "height": 8}}}}
+    result = engine.run(doc, outputs=["e"])
+    assert result.ok and result.events  # events were emitted, and the unmarked observer saw none
+    assert sys.modules["graphsd_plugin_typo_plugin"].CALLED == []
+
+
 def test_missing_plugins_dir_is_a_warning(tmp_path):
     engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(tmp_path / "nope")]))
     assert any("does not exist" in w for w in engine.warnings)

@@ -16,6 +16,7 @@ from graphsd.models.single_file import (
     pad_tokens,
     write_single_file,
 )
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
 from graphsd.types import Clip, UNet, Vae
@@ -109,4 +110,6 @@ def _family(inputs: Any) -> str:
     return family
 
 
-NODES = [CheckpointSave]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [CheckpointSave]

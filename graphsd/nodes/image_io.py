@@ -13,6 +13,7 @@ from PIL import PngImagePlugin, UnidentifiedImageError
 from pydantic import Field
 
 from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint, safe_output_path, write_numbered
 from graphsd.types import Image, Mask
@@ -112,4 +113,6 @@ class SaveImage(Node):
         return self.Outputs(paths=paths)
 
 
-NODES = [LoadImage, SaveImage]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [LoadImage, SaveImage]

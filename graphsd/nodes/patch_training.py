@@ -22,6 +22,7 @@ from pydantic import Field
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkPatch, save_hypernetwork
 from graphsd.models.lora import LoraPatch, match_lora, parse_lora
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
@@ -210,4 +211,6 @@ def _tail_mean(losses: list[float]) -> float:
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
-NODES = [TrainLoRA, TrainHypernetwork, NightShapesDataset]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [TrainLoRA, TrainHypernetwork, NightShapesDataset]

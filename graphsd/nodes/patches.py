@@ -24,6 +24,7 @@ from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
 from graphsd.models.loading import builtin_models_dir
 from graphsd.models.lora import PICKLE_SUFFIXES, LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet
@@ -190,4 +191,6 @@ class HypernetworkLoader(Node):
         return self.Outputs(unet=inputs.unet.with_patches(HypernetworkPatch(hn, fingerprint, inputs.strength)))
 
 
-NODES = [LoraLoader, HypernetworkLoader]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [LoraLoader, HypernetworkLoader]

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.models.loading import load_checkpoint, resolve_model_path
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
@@ -373,4 +374,6 @@ def _cross_fade(before: torch.Tensor, piece: torch.Tensor, width: int, dim: int)
     head.copy_(mixed.to(piece.dtype))
 
 
-NODES = [CheckpointLoader, LatentNoise, EmptyLatent, UNetDenoiseLoop, VAEEncode, VAEDecode]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [CheckpointLoader, LatentNoise, EmptyLatent, UNetDenoiseLoop, VAEEncode, VAEDecode]

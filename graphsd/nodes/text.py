@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.text.encode import encode_prompt
 from graphsd.types import Clip, Conditioning
@@ -76,4 +77,6 @@ class TextEncode(Node):
         return self.Outputs(cond=Conditioning(embeddings=embeddings, pooled=pooled))
 
 
-NODES = [TextEncode]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [TextEncode]

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
 from graphsd.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
@@ -299,4 +300,6 @@ class EvaluateShapes(Node):
         )
 
 
-NODES = [ShapesDataset, ImageFolderDataset, TrainVAE, TrainUNet, SaveModel, EvaluateShapes]
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [ShapesDataset, ImageFolderDataset, TrainVAE, TrainUNet, SaveModel, EvaluateShapes]
