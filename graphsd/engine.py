@@ -10,6 +10,7 @@ worker) can construct an identical one.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 from pathlib import Path
@@ -31,11 +32,11 @@ MB = 1024 * 1024
 
 class Engine:
     def __init__(self, settings: Settings | None = None, **overrides: Any):
-        self.settings = settings or Settings()
-        for name, value in overrides.items():
-            if not hasattr(self.settings, name):
-                raise TypeError(f"unknown engine setting '{name}'")
-            setattr(self.settings, name, value)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Settings)})
+        if unknown:
+            raise TypeError(f"unknown engine setting(s): {', '.join(unknown)}")
+        # a copy: the caller's Settings object is never changed
+        self.settings = dataclasses.replace(settings or Settings(), **overrides)
         s = self.settings
         self.device = s.resolved_device()
         self.warnings: list[str] = []

@@ -222,3 +222,11 @@ def test_event_sequence(engine):
     kinds = [e.kind for e in seen if e.kind != "cache"]
     assert kinds == ["run_start", "node_start", "node_done", "node_start", "node_done", "run_done"]
     assert all("run_id" in e.to_dict() for e in seen)
+
+
+def test_engine_overrides_leave_the_callers_settings_alone(tmp_path):
+    settings = Settings(device="cpu", load_entry_points=False, output_dir=str(tmp_path / "a"))
+    engine = Engine(settings, output_dir=str(tmp_path / "b"))
+    assert engine.settings.output_dir == str(tmp_path / "b") and settings.output_dir == str(tmp_path / "a")
+    with pytest.raises(TypeError, match="nope"):
+        Engine(settings, nope=1)
