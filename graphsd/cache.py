@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from graphsd.types import Socket
 
@@ -33,7 +34,9 @@ def _canonical(value: Any) -> Any:
     return f"<{type(value).__name__}:{value!r}>"
 
 
-def key_document(node_type: str, version: int, literals: dict[str, Any], fingerprint: str, upstream: dict[str, tuple[str, str]]) -> dict[str, Any]:
+def key_document(
+    node_type: str, version: int, literals: dict[str, Any], fingerprint: str, upstream: dict[str, tuple[str, str]]
+) -> dict[str, Any]:
     return {
         "type": node_type,
         "version": version,
@@ -46,8 +49,6 @@ def key_document(node_type: str, version: int, literals: dict[str, Any], fingerp
 def make_key(doc: dict[str, Any]) -> str:
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 
 
 def value_nbytes(value: Any) -> int:

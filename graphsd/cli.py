@@ -88,7 +88,7 @@ class _Display:
         self.bars = bars
         self.total = total_nodes
         self.done = 0
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar while a long node runs
 
     def __call__(self, event) -> None:
         if not self.enabled:
@@ -281,7 +281,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphsd", description="Run Stable-Diffusion-style workflows as graphs of typed nodes.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--plugins-dir", action="append", metavar="DIR", help="extra plugins directory (repeatable; also GRAPHSD_PLUGINS_DIR)")
+    common.add_argument(
+        "--plugins-dir", action="append", metavar="DIR", help="extra plugins directory (repeatable; also GRAPHSD_PLUGINS_DIR)"
+    )
     common.add_argument("--models-dir", default="models", metavar="DIR", help="where model names resolve (default ./models)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -292,17 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="output", metavar="DIR", help="where files are written (default ./output)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU (model offload)")
-    run.add_argument("--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM (least recently used models are dropped)")
     run.add_argument(
-        "--allow-pickle", action="store_true",
+        "--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM (least recently used models are dropped)"
+    )
+    run.add_argument(
+        "--allow-pickle",
+        action="store_true",
         help="allow pickle-based model files (.ckpt/.pt/.pth/.bin) you trust; they are read with torch.load(weights_only=True), "
         "which loads tensors only. This is the only switch: a workflow cannot turn it on",
     )
     run.add_argument(
-        "--trust-workflow", action="store_true",
+        "--trust-workflow",
+        action="store_true",
         help="let a workflow taken from a PNG read files anywhere (by default it reads only the models, output and PNG folders)",
     )
-    run.add_argument("--max-image-megapixels", type=float, default=0, metavar="MP", help="largest image LoadImage reads (default 67, i.e. 8192x8192)")
+    run.add_argument(
+        "--max-image-megapixels", type=float, default=0, metavar="MP", help="largest image LoadImage reads (default 67, i.e. 8192x8192)"
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     run.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of unexpected node errors")

@@ -18,9 +18,9 @@ from typing import Any
 
 from graphsd.cache import OutputCache
 from graphsd.context import Settings
+from graphsd.errors import GraphsdError
 from graphsd.events import EventCallback
 from graphsd.executor import Execution, RunResult, plan
-from graphsd.errors import GraphsdError
 from graphsd.graph import Graph, build_graph
 from graphsd.models.manager import KeepOnDevice, ModelManager, ModelOffload
 from graphsd.paths import check_output_dir

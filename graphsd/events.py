@@ -7,8 +7,9 @@ callback, and (later) websocket messages of an HTTP server. ``to_dict()`` gives 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)

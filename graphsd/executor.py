@@ -31,6 +31,7 @@ from graphsd.cache import key_document, make_key
 from graphsd.context import Context
 from graphsd.errors import Issue, NodeError, RunInterrupted, WorkflowError
 from graphsd.graph import Graph
+from graphsd.node import Node
 from graphsd.types import Socket
 
 if TYPE_CHECKING:
@@ -88,14 +89,28 @@ def plan(graph: Graph, outputs: list[str] | None) -> tuple[list[str], list[str]]
     """(ancestors of the targets in execution order, the targets)."""
     targets = list(outputs) if outputs else graph.output_nodes()
     if not targets:
-        raise WorkflowError([Issue(
-            "the workflow has no output node, so running it would produce nothing",
-            code="no_outputs",
-            hint="add an output node (SaveImage, SaveModel, ...) or name the nodes to run (--output NODE)",
-        )])
+        raise WorkflowError(
+            [
+                Issue(
+                    "the workflow has no output node, so running it would produce nothing",
+                    code="no_outputs",
+                    hint="add an output node (SaveImage, SaveModel, ...) or name the nodes to run (--output NODE)",
+                )
+            ]
+        )
     missing = [t for t in targets if t not in graph.nodes]
     if missing:
-        raise WorkflowError([Issue(f"requested output node '{m}' does not exist", node=m, code="missing_node", hint=f"nodes: {', '.join(sorted(graph.nodes))}") for m in missing])
+        raise WorkflowError(
+            [
+                Issue(
+                    f"requested output node '{m}' does not exist",
+                    node=m,
+                    code="missing_node",
+                    hint=f"nodes: {', '.join(sorted(graph.nodes))}",
+                )
+                for m in missing
+            ]
+        )
     needed: set[str] = set()
     for t in targets:
         needed |= nx.ancestors(graph.dag, t) | {t}
@@ -105,7 +120,7 @@ def plan(graph: Graph, outputs: list[str] | None) -> tuple[list[str], list[str]]
 class Execution:
     """One run of a graph on an engine."""
 
-    def __init__(self, engine: "Engine", graph: Graph, on_event: ev.EventCallback | None, interrupt_flag: threading.Event):
+    def __init__(self, engine: Engine, graph: Graph, on_event: ev.EventCallback | None, interrupt_flag: threading.Event):
         self.engine = engine
         self.graph = graph
         self.on_event = on_event
@@ -252,13 +267,15 @@ class Execution:
         self.result.files.extend(ctx.files)
         if gn.cls.cacheable:
             self.engine.cache.put(key, outputs)
-        self.emit(ev.NodeDone(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, duration_s=duration, files=tuple(ctx.files)))
+        self.emit(
+            ev.NodeDone(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, duration_s=duration, files=tuple(ctx.files))
+        )
         try:
             self.engine.pm.hook.graphsd_after_node(node_id=node_id, node_type=gn.cls.type, outputs=outputs, duration_s=duration)
         except Exception as exc:
             self.engine.warn(f"a graphsd_after_node hook raised {type(exc).__name__}: {exc}")
 
-    def _run_node(self, cls: type, inputs: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    def _run_node(self, cls: type[Node], inputs: dict[str, Any], ctx: Context) -> dict[str, Any]:
         try:
             model = cls.Inputs.model_validate(inputs)
         except ValidationError as exc:
@@ -294,4 +311,8 @@ class Execution:
             message = f"input '{field}': {message}"
         failure = NodeFailure(node_id, gn.cls.type, message, error_type, tb, skipped)
         self.result.errors.append(failure)
-        self.emit(ev.NodeError(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, message=message, error_type=error_type, skipped=skipped))
+        self.emit(
+            ev.NodeError(
+                run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, message=message, error_type=error_type, skipped=skipped
+            )
+        )

@@ -63,11 +63,19 @@ def _check_literal(node_id: str, cls: type[Node], name: str, value: Any, issues:
     sock = socket_class(f.annotation)
     if sock is not None:
         issues.append(
-            Issue(f"expects a link to a {sock.type_name()} output, got the literal {value!r}", node=node_id, field=name, code="literal_for_link", hint="write '@<node id>.<output>'")
+            Issue(
+                f"expects a link to a {sock.type_name()} output, got the literal {value!r}",
+                node=node_id,
+                field=name,
+                code="literal_for_link",
+                hint="write '@<node id>.<output>'",
+            )
         )
         return value
     if _contains_link(value):
-        issues.append(Issue("links are only allowed as a whole input value, not inside lists or mappings", node=node_id, field=name, code="bad_link"))
+        issues.append(
+            Issue("links are only allowed as a whole input value, not inside lists or mappings", node=node_id, field=name, code="bad_link")
+        )
         return value
     try:
         return literal_adapter(f).validate_python(value)
@@ -109,14 +117,24 @@ def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None)
             continue
         cls = registry_nodes.get(spec.type)
         if cls is None:
-            issues.append(Issue(f"unknown node type '{spec.type}'", node=node_id, field=None, code="unknown_type", hint=_suggest(spec.type, known_types) or "run 'graphsd nodes' to list the node types"))
+            issues.append(
+                Issue(
+                    f"unknown node type '{spec.type}'",
+                    node=node_id,
+                    field=None,
+                    code="unknown_type",
+                    hint=_suggest(spec.type, known_types) or "run 'graphsd nodes' to list the node types",
+                )
+            )
             continue
         gn = GraphNode(node_id, cls)
         fields = cls.Inputs.model_fields
         for name, raw in spec.inputs.items():
             if name not in fields:
-                hint = _suggest(name, list(fields)) or f"inputs of {cls.type}: {', '.join(fields) or 'none'}"
-                issues.append(Issue(f"unknown input '{name}' for node type {cls.type}", node=node_id, field=name, code="unknown_input", hint=hint))
+                hint: str | None = _suggest(name, list(fields)) or f"inputs of {cls.type}: {', '.join(fields) or 'none'}"
+                issues.append(
+                    Issue(f"unknown input '{name}' for node type {cls.type}", node=node_id, field=name, code="unknown_input", hint=hint)
+                )
                 continue
             before = len(issues)
             value = resolve_value(raw, merged, node_id, name, issues)
@@ -126,11 +144,19 @@ def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None)
                 gn.links[name] = value
             else:
                 gn.literals[name] = _check_literal(node_id, cls, name, value, issues)
-        for name, problem, hint in cls.check_literals(gn.literals, registry):
-            issues.append(Issue(problem, node=node_id, field=name, code="bad_value", hint=hint))
+        for checked, problem, advice in cls.check_literals(gn.literals, registry):
+            issues.append(Issue(problem, node=node_id, field=checked, code="bad_value", hint=advice))
         for name, f in fields.items():
             if f.is_required() and name not in spec.inputs:
-                issues.append(Issue(f"missing required input '{name}' ({type_label(f.annotation)})", node=node_id, field=name, code="missing_input", hint=f.description or None))
+                issues.append(
+                    Issue(
+                        f"missing required input '{name}' ({type_label(f.annotation)})",
+                        node=node_id,
+                        field=name,
+                        code="missing_input",
+                        hint=f.description or None,
+                    )
+                )
         nodes[node_id] = gn
         dag.add_node(node_id)
 
@@ -140,12 +166,20 @@ def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None)
             if source is None:
                 reason = "unknown node type" if link.node in doc.nodes else "no such node"
                 hint = _suggest(link.node, list(doc.nodes)) if link.node not in doc.nodes else None
-                issues.append(Issue(f"link {link} points to node '{link.node}' ({reason})", node=node_id, field=name, code="missing_node", hint=hint))
+                issues.append(
+                    Issue(f"link {link} points to node '{link.node}' ({reason})", node=node_id, field=name, code="missing_node", hint=hint)
+                )
                 continue
             outputs = source.cls.Outputs.model_fields
             if link.output not in outputs:
                 issues.append(
-                    Issue(f"link {link}: node '{link.node}' ({source.cls.type}) has no output '{link.output}'", node=node_id, field=name, code="missing_output", hint=f"its outputs: {', '.join(outputs) or 'none'}")
+                    Issue(
+                        f"link {link}: node '{link.node}' ({source.cls.type}) has no output '{link.output}'",
+                        node=node_id,
+                        field=name,
+                        code="missing_output",
+                        hint=f"its outputs: {', '.join(outputs) or 'none'}",
+                    )
                 )
                 continue
             out_ann = outputs[link.output].annotation

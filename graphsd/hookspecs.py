@@ -36,7 +36,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # ---- registration (called once, when an Engine starts) -------------------------------------
 @hookspec
-def graphsd_register_nodes() -> "list[type[Node]]":
+def graphsd_register_nodes() -> list[type[Node]]:
     """Return the node classes this plugin provides.
 
     Each class needs a ``type`` name unique across all plugins; a clash is reported as a
@@ -44,13 +44,13 @@ def graphsd_register_nodes() -> "list[type[Node]]":
 
 
 @hookspec
-def graphsd_register_types() -> "list[type[Socket]]":
+def graphsd_register_types() -> list[type[Socket]]:
     """Return the socket types (subclasses of :class:`graphsd.types.Socket`) this plugin adds,
     so that ``graphsd nodes`` can list them and workflows can name them."""
 
 
 @hookspec
-def graphsd_register_samplers() -> "dict[str, Any]":
+def graphsd_register_samplers() -> dict[str, Any]:
     """Return ``{name: factory}`` for samplers usable by ``UNetDenoiseLoop``. A factory is
     called as ``factory(scheduler_config=dict, schedule=str)`` and returns a diffusers-style
     scheduler (``set_timesteps``, ``scale_model_input``, ``step``, ``add_noise``)."""
@@ -58,18 +58,18 @@ def graphsd_register_samplers() -> "dict[str, Any]":
 
 # ---- execution (called during each run) ----------------------------------------------------
 @hookspec
-def graphsd_before_node(node_id: str, node_type: str, inputs: "dict[str, Any]") -> None:
+def graphsd_before_node(node_id: str, node_type: str, inputs: dict[str, Any]) -> None:
     """Called just before a node runs (not when its outputs come from the cache), with its
     resolved input values. Must not modify them."""
 
 
 @hookspec
-def graphsd_after_node(node_id: str, node_type: str, outputs: "dict[str, Any]", duration_s: float) -> None:
+def graphsd_after_node(node_id: str, node_type: str, outputs: dict[str, Any], duration_s: float) -> None:
     """Called after a node ran successfully, with its outputs and wall time in seconds."""
 
 
 @hookspec
-def graphsd_event(event: "Event") -> None:
+def graphsd_event(event: Event) -> None:
     """Called for every event of every run (see :mod:`graphsd.events`): run start, node
     start/cached/done/error, progress, cache and model decisions, interruption, run done.
     Observers only; an exception raised here is reported and ignored."""

@@ -29,6 +29,7 @@ or a link of the same type. Defaults, ranges (``ge``/``le``/``gt``/``lt``), enum
 
 from __future__ import annotations
 
+import builtins
 import types as _pytypes
 import typing
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
@@ -115,10 +116,11 @@ class Node:
     #: True for sinks (SaveImage, ...): they are what a run executes when no output is chosen.
     output_node: ClassVar[bool] = False
 
-    Inputs: ClassVar[type[NodeIO]] = NodeIO
-    Outputs: ClassVar[type[NodeIO]] = NodeIO
+    # (builtins.type: inside this class body ``type`` is the node's name)
+    Inputs: ClassVar[builtins.type[NodeIO]] = NodeIO
+    Outputs: ClassVar[builtins.type[NodeIO]] = NodeIO
 
-    def run(self, inputs: Any, ctx: "Context") -> NodeIO:  # pragma: no cover - abstract
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:  # pragma: no cover - abstract
         raise NotImplementedError(f"node type {self.type!r} does not implement run()")
 
     @classmethod
@@ -128,7 +130,7 @@ class Node:
         return []
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any], ctx: "Context") -> str:
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         """Extra cache identity beyond the literal inputs, e.g. the size and mtime of a file a
         loader reads, so that replacing the file invalidates the cache. Default: nothing."""
         return ""
@@ -155,8 +157,7 @@ class Node:
             "output_node": cls.output_node,
             "inputs": {name: field_schema(f) for name, f in cls.input_fields().items()},
             "outputs": {
-                name: {"type": type_label(f.annotation), "description": f.description or ""}
-                for name, f in cls.output_fields().items()
+                name: {"type": type_label(f.annotation), "description": f.description or ""} for name, f in cls.output_fields().items()
             },
         }
 
@@ -193,5 +194,6 @@ def literal_adapter(f: FieldInfo) -> TypeAdapter:
     """A pydantic validator for one literal field, constraints included."""
     key = id(f)
     if key not in _ADAPTERS:
-        _ADAPTERS[key] = TypeAdapter(typing.Annotated[f.annotation, f], config=ConfigDict(arbitrary_types_allowed=True, strict=False))
+        annotated: Any = typing.Annotated[f.annotation, f]  # a type built at run time
+        _ADAPTERS[key] = TypeAdapter(annotated, config=ConfigDict(arbitrary_types_allowed=True, strict=False))
     return _ADAPTERS[key]

@@ -146,7 +146,7 @@ def _alive(pid: int) -> bool:
 def sweep_stale_temporaries(directory: Path) -> list[Path]:
     """Delete the temporaries in ``directory`` that a process of this host left behind when it
     was killed (its pid no longer runs). Returns what was deleted."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
@@ -214,8 +214,9 @@ def _claim(tmp: Path, names: Iterator[Path]) -> Path:
     raise NodeError(f"no free file name left beside {tmp.parent}")
 
 
-def write_folder_atomic(path: Path, write: Callable[[Path], None], overwrite: bool = False,
-                        replaceable: Callable[[Path], bool] = lambda p: False) -> Path:
+def write_folder_atomic(
+    path: Path, write: Callable[[Path], None], overwrite: bool = False, replaceable: Callable[[Path], bool] = lambda p: False
+) -> Path:
     """Call ``write(tmp)`` on a new temporary folder beside ``path`` and move it into place.
     Without ``overwrite`` nothing existing is touched: a taken name gives ``<name>_2``, ... With
     ``overwrite`` an existing folder is replaced, atomically, only if ``replaceable(path)``

@@ -62,9 +62,7 @@ def _import_path(path: Path) -> ModuleType:
     """Import a plugin file or package directory under a private module name."""
     target = path / "__init__.py" if path.is_dir() else path
     name = f"graphsd_plugin_{path.stem}"
-    spec = importlib.util.spec_from_file_location(
-        name, target, submodule_search_locations=[str(path)] if path.is_dir() else None
-    )
+    spec = importlib.util.spec_from_file_location(name, target, submodule_search_locations=[str(path)] if path.is_dir() else None)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {target}")
     module = importlib.util.module_from_spec(spec)
@@ -136,7 +134,9 @@ def _hook_problems(pm: pluggy.PluginManager, name: str, plugin: Any) -> list[str
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"plugin '{name}': {attr} is not a graphsd hook{hint}, so it is never called")
         elif not marked:
-            problems.append(f"plugin '{name}': {attr} is not decorated with @hookimpl (from graphsd import hookimpl), so it is never called")
+            problems.append(
+                f"plugin '{name}': {attr} is not decorated with @hookimpl (from graphsd import hookimpl), so it is never called"
+            )
     return problems
 
 

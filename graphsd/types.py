@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 
-
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision latents, guidance and sampler state are kept in around a model of
     ``dtype``: float32 for float32 and half-precision models, float64 for float64 ones (the
     reference precision the parity tests compare in)."""
     return torch.promote_types(dtype, torch.float32)
+
 
 class Socket:
     """Base class of every value that can only travel along a link."""
@@ -155,7 +155,7 @@ class ModelRef(Socket):
     info: dict[str, Any] = field(default_factory=dict)
     patches: tuple[Any, ...] = ()
 
-    def with_patches(self, *patches: Any) -> "ModelRef":
+    def with_patches(self, *patches: Any) -> ModelRef:
         return replace(self, patches=self.patches + tuple(patches))
 
     def fingerprint(self) -> str:

@@ -74,12 +74,12 @@ class _BoundedYamlLoader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_NESTING:
                 raise _TooLarge(f"is nested more than {MAX_NESTING} levels deep")
-            return super().compose_node(parent, index)  # type: ignore[misc]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -146,11 +146,15 @@ def _json_depth_ok(text: str) -> bool:
 def _parse_text(text: str, suffix: str, source: str) -> Any:
     if suffix == ".json":
         if not _json_depth_ok(text):
-            raise WorkflowError([Issue(f"{source}: the JSON is nested more than {MAX_NESTING} levels deep; it is not a workflow", code="syntax")])
+            raise WorkflowError(
+                [Issue(f"{source}: the JSON is nested more than {MAX_NESTING} levels deep; it is not a workflow", code="syntax")]
+            )
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise WorkflowError([Issue(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", code="syntax")]) from None
+            raise WorkflowError(
+                [Issue(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", code="syntax")]
+            ) from None
     try:
         return yaml.load(text, Loader=_BoundedYamlLoader)  # noqa: S506 - a SafeLoader subclass
     except _TooLarge as exc:
@@ -179,7 +183,9 @@ def read_png_workflow(path: Path) -> Any:
     for key in (PNG_WORKFLOW_KEY, "prompt"):
         if key in text:
             return _parse_text(text[key], ".json", f"{path} (PNG text '{key}')")
-    raise WorkflowError([Issue(f"{path}: this PNG carries no workflow (no '{PNG_WORKFLOW_KEY}' or ComfyUI 'prompt' text chunk)", code="syntax")])
+    raise WorkflowError(
+        [Issue(f"{path}: this PNG carries no workflow (no '{PNG_WORKFLOW_KEY}' or ComfyUI 'prompt' text chunk)", code="syntax")]
+    )
 
 
 def read_document(source: str | Path | dict) -> dict:
@@ -206,7 +212,9 @@ def read_document(source: str | Path | dict) -> dict:
 
         data = comfy_to_workflow(data)
     if not isinstance(data, dict):
-        raise WorkflowError([Issue(f"{origin}: a workflow must be a mapping with 'version' and 'nodes', got {type(data).__name__}", code="schema")])
+        raise WorkflowError(
+            [Issue(f"{origin}: a workflow must be a mapping with 'version' and 'nodes', got {type(data).__name__}", code="schema")]
+        )
     return data
 
 
@@ -290,7 +298,9 @@ def merge_params(doc: WorkflowDoc, overrides: dict[str, Any] | None) -> dict[str
     for key, value in (overrides or {}).items():
         if key not in params:
             known = ", ".join(sorted(params)) or "none"
-            issues.append(Issue(f"no param named '{key}' in this workflow (params: {known})", code="unknown_param", hint="declare it under 'params:'"))
+            issues.append(
+                Issue(f"no param named '{key}' in this workflow (params: {known})", code="unknown_param", hint="declare it under 'params:'")
+            )
             continue
         if isinstance(value, SetText):
             try:
@@ -312,21 +322,37 @@ def resolve_value(value: Any, params: dict[str, Any], node: str, field: str, iss
         if value.startswith("@"):
             m = LINK_RE.match(value)
             if not m:
-                issues.append(Issue(f"'{value}' is not a valid link", node=node, field=field, code="bad_link", hint="write links as '@<node id>.<output>'; start a literal string with '@@' for a leading '@'"))
+                issues.append(
+                    Issue(
+                        f"'{value}' is not a valid link",
+                        node=node,
+                        field=field,
+                        code="bad_link",
+                        hint="write links as '@<node id>.<output>'; start a literal string with '@@' for a leading '@'",
+                    )
+                )
                 return None
             return Link(m.group(1), m.group(2))
         whole = WHOLE_PARAM_RE.match(value)
         if whole:
             name = whole.group(1)
             if name not in params:
-                issues.append(Issue(f"param '${{{name}}}' is not defined", node=node, field=field, code="unknown_param", hint="add it under 'params:'"))
+                issues.append(
+                    Issue(
+                        f"param '${{{name}}}' is not defined", node=node, field=field, code="unknown_param", hint="add it under 'params:'"
+                    )
+                )
                 return None
             return params[name]
 
         def sub(m: re.Match) -> str:
             name = m.group(1)
             if name not in params:
-                issues.append(Issue(f"param '${{{name}}}' is not defined", node=node, field=field, code="unknown_param", hint="add it under 'params:'"))
+                issues.append(
+                    Issue(
+                        f"param '${{{name}}}' is not defined", node=node, field=field, code="unknown_param", hint="add it under 'params:'"
+                    )
+                )
                 return m.group(0)
             return str(params[name])
 
