@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_same
+from test_lora import sd1_outputs, tiny_sd1
 
 from graphsd.models.hypernetwork import (
     ACTIVATIONS,
@@ -15,7 +17,6 @@ from graphsd.models.hypernetwork import (
     load_hypernetwork,
     save_hypernetwork,
 )
-from test_lora import sd1_outputs, tiny_sd1
 
 # Two layouts of A1111's ``linear`` Sequential, with the indices its layers get:
 # A: [1, 2, 1], relu, no layer norm, no dropout, no output activation → Linear 0, ReLU 1, Linear 2
@@ -80,8 +81,8 @@ class Transformed(torch.nn.Module):
         return self.proj(self.f(x, self.s))
 
 
-def reference_unet(data: dict, layout, strength: float):
-    unet, te = tiny_sd1()
+def reference_unet(data: dict, layout, strength: float, dtype: torch.dtype = torch.float32):
+    unet, te = tiny_sd1(dtype)
     touched = 0
     for m in list(unet.modules()):
         if hasattr(m, "to_k") and isinstance(m.to_k, torch.nn.Linear) and m.to_k.in_features in data:
@@ -95,19 +96,21 @@ def reference_unet(data: dict, layout, strength: float):
 @pytest.mark.parametrize("layout", [LAYOUT_A, LAYOUT_B], ids=["relu", "tanh-norm-dropout"])
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_patch_matches_reference(tmp_path, layout, strength):
+    """Both U-Nets in float64 (graphsd casts the hypernetwork to the U-Net's dtype; the reference
+    computes in its input's dtype): reference.py's bound."""
     data = make_file(layout)
     torch.save(data, tmp_path / "hn.pt")
     hn = load_hypernetwork(tmp_path / "hn.pt", allow_pickle=True)
     assert hn.widths == [32, 64] and hn.meta["step"] == 12
-    unet, te = tiny_sd1()
+    unet, te = tiny_sd1(torch.float64)
     base = sd1_outputs(unet, te)[0]
     undo = HypernetworkPatch(hn, "fp", strength).apply("unet", unet)
     ours = sd1_outputs(unet, te)[0]
-    ref_unet, ref_te, touched = reference_unet(data, layout, strength)
+    ref_unet, ref_te, touched = reference_unet(data, layout, strength, torch.float64)
     assert touched == 8  # 4 transformer blocks: attn2 (32-wide context) and attn1 (32 or 64 wide)
     ref = sd1_outputs(ref_unet, ref_te)[0]
     assert (ref - base).abs().max() > 1e-3
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert_same(ours, ref, "U-Net output")
     undo()
     assert torch.equal(sd1_outputs(unet, te)[0], base)
     assert all(not m._forward_pre_hooks for m in unet.modules())

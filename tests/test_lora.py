@@ -1,5 +1,10 @@
 """LoRA patches: parity with diffusers' own LoRA loading, the LyCORIS formats against their
-definitions, exact undo, branches, stacking and the model-family error."""
+definitions, exact undo, branches, stacking and the model-family error.
+
+Comparisons with diffusers and with the formats' definitions run in float64 on both sides and
+allow the rounding bound of ``reference.py`` (:func:`reference.assert_same`); the tiny models are
+built in float32 from their seed and then cast, so float32 and float64 models hold the same
+numbers, and LoRA files always hold float32 tensors (the same numbers for both sides)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from reference import assert_same
 from safetensors.torch import save_file
 
 from graphsd.models.lora import LoraPatch, guess_family, load_lora, match_lora
@@ -26,7 +32,8 @@ def tiny_clip(width: int = 32, projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def tiny_sd1():
+def tiny_sd1(dtype: torch.dtype = torch.float32):
+    """The tiny SD1 U-Net and text encoder, drawn in float32 from seed 0, then cast to ``dtype``."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -35,10 +42,11 @@ def tiny_sd1():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=8,
     ).eval()
-    return unet, tiny_clip()
+    return unet.to(dtype), tiny_clip().to(dtype)
 
 
-def tiny_sdxl():
+def tiny_sdxl(dtype: torch.dtype = torch.float32):
+    """The tiny SDXL U-Net and two text encoders, drawn in float32 from seed 0, then cast to ``dtype``."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -48,7 +56,7 @@ def tiny_sdxl():
         attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
     ).eval()
-    return unet, tiny_clip(), tiny_clip(projection=True)
+    return unet.to(dtype), tiny_clip().to(dtype), tiny_clip(projection=True).to(dtype)
 
 
 def weight_layers(model):
@@ -125,9 +133,11 @@ def kohya_sdxl(unet, te1, te2, seed=2) -> dict:
 
 # ---- helpers --------------------------------------------------------------------------------------
 def sd1_outputs(unet, te):
+    """U-Net output and text-encoder context on fixed random inputs, in the U-Net's dtype (the
+    same numbers for every dtype: drawn in float32, then cast)."""
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 1000, (2, 7), generator=gen)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen).to(unet.dtype)
     with torch.no_grad():
         ctx = te(ids).last_hidden_state
         return unet(x, torch.tensor([10, 700]), encoder_hidden_states=ctx).sample, ctx
@@ -136,12 +146,12 @@ def sd1_outputs(unet, te):
 def sdxl_outputs(unet, te1, te2):
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 1000, (1, 7), generator=gen)
-    x = torch.randn(1, 4, 8, 8, generator=gen)
+    x = torch.randn(1, 4, 8, 8, generator=gen).to(unet.dtype)
     with torch.no_grad():
         h1 = te1(ids, output_hidden_states=True).hidden_states[-2]
         out2 = te2(ids, output_hidden_states=True)
         ctx = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
-        cond = {"text_embeds": out2.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        cond = {"text_embeds": out2.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]], dtype=unet.dtype)}
         return unet(x, torch.tensor([400]), encoder_hidden_states=ctx, added_cond_kwargs=cond).sample, ctx
 
 
@@ -156,12 +166,20 @@ def graphsd_patch(path, components, strength):
     return LoraPatch(lora, match.layers, {role: strength for role in components}), match
 
 
-# ---- parity with diffusers -----------------------------------------------------------------------
+def assert_all_float64(*models):
+    """Every parameter is float64: diffusers' LoRA layers (PEFT) included, so the reference
+    computes in float64 as reference.py requires."""
+    for model in models:
+        dtypes = {p.dtype for p in model.parameters()}
+        assert dtypes == {torch.float64}, dtypes
+
+
+# ---- parity with diffusers (both sides in float64, reference.py) ----------------------------------
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_sd1_kohya_equals_diffusers(tmp_path, strength):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    unet, te = tiny_sd1()
+    unet, te = tiny_sd1(torch.float64)
     path = tmp_path / "sd1.safetensors"
     save_file(kohya_sd1(unet, te), path)
     base = sd1_outputs(unet, te)
@@ -171,22 +189,23 @@ def test_sd1_kohya_equals_diffusers(tmp_path, strength):
     ours = sd1_outputs(unet, te)
     undo()
 
-    ref_unet, ref_te = tiny_sd1()
+    ref_unet, ref_te = tiny_sd1(torch.float64)
     pipe = StableDiffusionPipeline(unet=ref_unet, text_encoder=ref_te, vae=None, tokenizer=None, scheduler=DDIMScheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(path), adapter_name="style")
     pipe.set_adapters(["style"], adapter_weights=[strength])
+    assert_all_float64(pipe.unet, pipe.text_encoder)
     ref = sd1_outputs(pipe.unet, pipe.text_encoder)
     assert (ref[1] - base[1]).abs().max() > 1e-2 and (ref[0] - base[0]).abs().max() > 1e-2  # the LoRA does something
-    torch.testing.assert_close(ours[1], ref[1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours[0], ref[0], atol=1e-4, rtol=0)
+    assert_same(ours[1], ref[1], "text-encoder context")
+    assert_same(ours[0], ref[0], "U-Net output")
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_sdxl_kohya_sgm_names_equal_diffusers(tmp_path, strength):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    unet, te1, te2 = tiny_sdxl()
+    unet, te1, te2 = tiny_sdxl(torch.float64)
     path = tmp_path / "sdxl.safetensors"
     save_file(kohya_sdxl(unet, te1, te2), path)
     components = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
@@ -197,18 +216,23 @@ def test_sdxl_kohya_sgm_names_equal_diffusers(tmp_path, strength):
     ours = sdxl_outputs(unet, te1, te2)
     undo()
 
-    r_unet, r_te1, r_te2 = tiny_sdxl()
+    r_unet, r_te1, r_te2 = tiny_sdxl(torch.float64)
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=r_te1, text_encoder_2=r_te2, tokenizer=None, tokenizer_2=None,
                                      unet=r_unet, scheduler=EulerDiscreteScheduler())
     pipe.load_lora_weights(str(path), adapter_name="style")
     pipe.set_adapters(["style"], adapter_weights=[strength])
+    assert_all_float64(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     ref = sdxl_outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     assert (ref[0] - base[0]).abs().max() > 1e-2 and (ref[1] - base[1]).abs().max() > 1e-2
-    torch.testing.assert_close(ours[1], ref[1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours[0], ref[0], atol=1e-4, rtol=0)
+    assert_same(ours[1], ref[1], "text-encoder context")
+    assert_same(ours[0], ref[0], "U-Net output")
 
 
 # ---- other formats against their definitions -----------------------------------------------------
+# The models are float64 and the expected deltas are computed in float64 from the very float32
+# tensors written to the file (cast first, then multiplied), so graphsd (which computes a
+# float64 model's deltas in float64) and the definition evaluate the same exact expression,
+# only with other kernels and in another order: reference.py's bound applies.
 def expected_weights(model, deltas: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach() + strength * deltas[n].reshape(m.weight.shape)
             for n, m in model.named_modules() if n in deltas}
@@ -216,11 +240,11 @@ def expected_weights(model, deltas: dict[str, torch.Tensor], strength: float) ->
 
 def check_weights(model, expected):
     for n, w in expected.items():
-        torch.testing.assert_close(model.get_submodule(n).weight.detach(), w, atol=1e-6, rtol=1e-5)
+        assert_same(model.get_submodule(n).weight.detach(), w, n)
 
 
 def test_peft_keys_apply_b_times_a(tmp_path):
-    unet, te = tiny_sd1()
+    unet, te = tiny_sd1(torch.float64)
     gen = torch.Generator().manual_seed(3)
     sd, deltas = {}, {}
     for n, m in weight_layers(unet)[:12] + [(f"te:{n}", m) for n, m in weight_layers(te)[:4]]:
@@ -234,7 +258,7 @@ def test_peft_keys_apply_b_times_a(tmp_path):
             sd[f"{role}.{path}.lora.down.weight"], sd[f"{role}.{path}.lora.up.weight"] = a, b
         else:
             sd[f"{role}.{path}.lora_A.weight"], sd[f"{role}.{path}.lora_B.weight"] = a, b
-        deltas[(role, path)] = b.flatten(1) @ a.flatten(1)  # PEFT: no alpha in the file → scale 1
+        deltas[(role, path)] = b.flatten(1).double() @ a.flatten(1).double()  # PEFT: no alpha in the file → scale 1
     save_file(sd, tmp_path / "peft.safetensors")
     components = {"unet": unet, "text_encoder": te}
     expected = {role: expected_weights(components[role], {p: d for (r, p), d in deltas.items() if r == role}, 0.8)
@@ -254,7 +278,7 @@ def conv_and_linear(unet):
 
 
 def test_loha_matches_its_definition(tmp_path):
-    unet, _ = tiny_sd1()
+    unet, _ = tiny_sd1(torch.float64)
     gen = torch.Generator().manual_seed(4)
     sd, deltas, rank, alpha = {}, {}, 4, 2.0
     for n, m in conv_and_linear(unet).items():
@@ -265,6 +289,7 @@ def test_loha_matches_its_definition(tmp_path):
         sd.update({f"{stem}.hada_{k}": v for k, v in w.items()})
         sd[f"{stem}.alpha"] = torch.tensor(alpha)
         # Hadamard product of two low-rank products, scaled by alpha / rank (FedPara / LyCORIS LoHa)
+        w = {k: v.double() for k, v in w.items()}
         delta = torch.einsum("or,ri->oi", w["w1_a"], w["w1_b"]) * torch.einsum("or,ri->oi", w["w2_a"], w["w2_b"])
         deltas[n] = delta * (alpha / rank)
     save_file(sd, tmp_path / "loha.safetensors")
@@ -282,27 +307,26 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_lokr_matches_its_definition(tmp_path):
-    unet, _ = tiny_sd1()
+    unet, _ = tiny_sd1(torch.float64)
     gen = torch.Generator().manual_seed(5)
     sd, deltas = {}, {}
     for i, (n, m) in enumerate(conv_and_linear(unet).items()):
         out_dim, in_dim = m.weight.shape[:2]
         k = m.weight[0, 0].numel()
         a, b = 4, 2  # w1: [a, b] full; w2: [out/a, in/b · k] as a rank-r product, or full
-        w1 = torch.randn(a, b, generator=gen)
+        w1 = torch.randn(a, b, generator=gen) * 0.1  # the file's float32 numbers, from which the delta is computed
         stem = "lora_unet_" + n.replace(".", "_")
         sd[f"{stem}.lokr_w1"] = w1
         if i % 2 == 0:
             rank, alpha = 2, 1.0
             w2a, w2b = torch.randn(out_dim // a, rank, generator=gen), torch.randn(rank, in_dim // b * k, generator=gen)
             sd[f"{stem}.lokr_w2_a"], sd[f"{stem}.lokr_w2_b"], sd[f"{stem}.alpha"] = w2a, w2b, torch.tensor(alpha)
-            w2, scale = w2a @ w2b, alpha / rank
+            w2, scale = w2a.double() @ w2b.double(), alpha / rank
         else:
             w2 = torch.randn(out_dim // a, in_dim // b * k, generator=gen)
             sd[f"{stem}.lokr_w2"], sd[f"{stem}.alpha"] = w2, torch.tensor(5.0)
-            scale = 1.0  # no decomposed factor: alpha is not used
-        deltas[n] = kron(w1, w2).reshape(m.weight.shape) * scale * 0.1
-        sd[f"{stem}.lokr_w1"] = w1 * 0.1
+            w2, scale = w2.double(), 1.0  # no decomposed factor: alpha is not used
+        deltas[n] = kron(w1.double(), w2).reshape(m.weight.shape) * scale
     save_file(sd, tmp_path / "lokr.safetensors")
     expected = expected_weights(unet, deltas, -0.5)
     patch, match = graphsd_patch(tmp_path / "lokr.safetensors", {"unet": unet}, -0.5)
@@ -347,6 +371,14 @@ def test_two_branches_through_the_manager(tmp_path):
 
 
 def test_stacking_is_order_independent(tmp_path):
+    """W + d1 + d2 and W + d2 + d1 (float32 U-Net) are the same sum rounded in two orders. Each
+    delta is computed alone, identically in both stacks; each fp32 addition rounds its result r
+    to within u·|r|, u = 2**-24 (round to nearest: r = exact / (1 + δ), |δ| ≤ u). Hence each
+    order's result lies within u·(|its intermediate sum| + |itself|) of the exact W + d1 + d2, and
+    the two orders differ per element by at most u·(|W + d1| + |W + d2| + |both results|). The
+    single-patch handles give the intermediate sums W + d1 and W + d2 exactly as the stacks
+    compute them. (The U-Net's outputs would amplify this rounding by an amount no argument
+    bounds, so the weights are compared.)"""
     unet, te = tiny_sd1()
     save_file(kohya_sd1(unet, te, seed=1), tmp_path / "a.safetensors")
     save_file(kohya_sd1(unet, te, seed=9), tmp_path / "b.safetensors")
@@ -355,11 +387,21 @@ def test_stacking_is_order_independent(tmp_path):
     pb, _ = graphsd_patch(tmp_path / "b.safetensors", {"unet": unet}, -0.4)
     manager = ModelManager("cpu")
     key = manager.add("unet", unet)
-    outs = []
-    for order in ((pa, pb), (pb, pa)):
-        with manager.use(handle(manager, key, *order), "unet") as module:
-            outs.append(sd1_outputs(module, te)[0])
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+    def weights(*patches):
+        with manager.use(handle(manager, key, *patches), "unet") as module:
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    one, two, only_a, only_b = weights(pa, pb), weights(pb, pa), weights(pa), weights(pb)
+    u = 2.0**-24
+    changed = 0
+    for name, w in one.items():
+        bound = u * (only_a[name].abs() + only_b[name].abs() + w.abs() + two[name].abs())
+        assert ((w - two[name]).abs() <= bound).all(), name
+        changed += not torch.equal(w, original[name])
+    assert changed == len(weight_layers(unet))  # both LoRAs patch every Linear / Conv2d weight
+    assert not torch.equal(one["conv_in.weight"], only_a["conv_in.weight"])  # the stack holds both LoRAs
+    assert not torch.equal(one["conv_in.weight"], only_b["conv_in.weight"])
     assert all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())
 
 
@@ -419,7 +461,7 @@ def test_pickle_lora_needs_permission(tmp_path):
 
 
 def test_loha_tucker_cores_rebuild_the_conv_kernel(tmp_path):
-    unet, _ = tiny_sd1()
+    unet, _ = tiny_sd1(torch.float64)
     name = "down_blocks.0.resnets.0.conv1"
     conv = unet.get_submodule(name)
     out_dim, in_dim, kh, kw = conv.weight.shape
@@ -432,7 +474,8 @@ def test_loha_tucker_cores_rebuild_the_conv_kernel(tmp_path):
     def factor(t, a, b):  # per kernel position: aᵀ · t[:, :, y, x] · b (Tucker-2 reconstruction)
         return torch.stack([torch.stack([a.T @ t[:, :, y, x] @ b for x in range(kw)], -1) for y in range(kh)], -2)
 
-    delta = factor(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]) * factor(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+    w64 = {k: v.double() for k, v in w.items()}  # the file's float32 numbers, multiplied in float64
+    delta = factor(w64["hada_t1"], w64["hada_w1_a"], w64["hada_w1_b"]) * factor(w64["hada_t2"], w64["hada_w2_a"], w64["hada_w2_b"])
     stem = "lora_unet_" + name.replace(".", "_")
     save_file({**{f"{stem}.{k}": v for k, v in w.items()}, f"{stem}.alpha": torch.tensor(1.5)}, tmp_path / "t.safetensors")
     expected = expected_weights(unet, {name: delta * 1.5 / r}, 1.0)

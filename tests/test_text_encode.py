@@ -1,13 +1,20 @@
 """Prompt encoding (chunks, weights, clip skip) and the TextEncode node, against diffusers'
-``encode_prompt`` of StableDiffusionPipeline / StableDiffusionXLPipeline on tiny text encoders."""
+``encode_prompt`` of StableDiffusionPipeline / StableDiffusionXLPipeline on tiny text encoders.
+
+Where both sides run the same computation on the same input (one chunk of the same tokens),
+results are compared bit for bit in float32. Where they batch or split it differently (several
+chunks at once against one at a time) or where an identity is checked, both sides run in float64
+(copies of the same encoders) and differ by rounding only: reference.py's bound."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from reference import U64, assert_same, tolerance
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from graphsd import Engine, Settings
@@ -59,6 +66,28 @@ def sdxl():
     return (te1, tok1), (te2, tok2), pipe
 
 
+@pytest.fixture(scope="module")
+def sd1_64(sd1):
+    """The ``sd1`` encoder in float64 (the same numbers), with its diffusers pipeline."""
+    te = copy.deepcopy(sd1[0]).to(torch.float64)
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=reference_encoder(te), tokenizer=sd1[1], unet=None, scheduler=None,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return te, sd1[1], pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_64(sdxl):
+    """The ``sdxl`` encoders in float64 (the same numbers), with their diffusers pipeline."""
+    (te1, tok1), (te2, tok2), _ = sdxl
+    te1, te2 = copy.deepcopy(te1).to(torch.float64), copy.deepcopy(te2).to(torch.float64)
+    pipe = StableDiffusionXLPipeline(
+        vae=None, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=None, scheduler=None
+    )
+    return (te1, tok1), (te2, tok2), pipe
+
+
 def sd1_reference(pipe, prompt, clip_skip=1):
     """diffusers' embeddings; its ``clip_skip`` counts skipped layers (ours - 1)."""
     embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=None if clip_skip == 1 else clip_skip - 1)
@@ -86,19 +115,19 @@ def test_chunk_count(sd1, n_tokens, length):
     assert ours_sd1(sd1, "cat " * n_tokens).shape == (1, length, 32)
 
 
-def test_chunks_are_encoded_separately_and_concatenated(sd1):
-    _, _, pipe = sd1
-    long = ours_sd1(sd1, "a photo of a cat " * 16)  # 80 tokens: 75 + 5
+def test_chunks_are_encoded_separately_and_concatenated(sd1_64):
+    _, _, pipe = sd1_64
+    long = ours_sd1(sd1_64, "a photo of a cat " * 16)  # 80 tokens: 75 + 5, encoded as a batch of 2
     first = sd1_reference(pipe, "a photo of a cat " * 15)  # the first 75 tokens
     second = sd1_reference(pipe, "a photo of a cat")  # the remaining 5, padded
-    torch.testing.assert_close(long, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-6)
+    assert_same(long, torch.cat([first, second], dim=1), "chunked embeddings")
 
 
-def test_break_starts_a_new_chunk(sd1):
-    _, _, pipe = sd1
-    split = ours_sd1(sd1, "a photo BREAK of a cat")
+def test_break_starts_a_new_chunk(sd1_64):
+    _, _, pipe = sd1_64
+    split = ours_sd1(sd1_64, "a photo BREAK of a cat")
     expected = torch.cat([sd1_reference(pipe, "a photo"), sd1_reference(pipe, "of a cat")], dim=1)
-    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-6)
+    assert_same(split, expected, "embeddings split at BREAK")
 
 
 def test_long_weighted_prompt_keeps_weights_in_both_chunks(sd1):
@@ -118,20 +147,32 @@ def test_weights_of_one_are_exactly_plain(sd1):
 
 
 @pytest.mark.parametrize("weight", [1.5, 0.5])
-def test_weight_scales_the_token_away_from_the_empty_prompt(sd1, weight):
+def test_weight_scales_the_token_away_from_the_empty_prompt(sd1_64, weight):
     """ComfyUI-style: the weighted token's embedding is empty + w·(plain - empty) at its
     position (so w > 1 moves it away from what the empty prompt has there, w < 1 towards it);
-    every other position is the plain embedding bit for bit."""
-    _, _, pipe = sd1
-    weighted = ours_sd1(sd1, f"a photo of a (cat:{weight})")
+    every other position is the plain embedding bit for bit.
+
+    In float64 (graphsd weights a float64 encoder's embeddings in float64): the embeddings come
+    from the same encoder on both sides and the weighting adds a few roundings, so the identity
+    holds within reference.py's bound t."""
+    _, _, pipe = sd1_64
+    weighted = ours_sd1(sd1_64, f"a photo of a (cat:{weight})")
     plain = sd1_reference(pipe, "a photo of a cat")
     empty = sd1_reference(pipe, "")
     cat = 5  # [BOS] a photo of a cat
-    torch.testing.assert_close(weighted[0, cat], empty[0, cat] + weight * (plain[0, cat] - empty[0, cat]))
+    d = plain[0, cat] - empty[0, cat]
+    expected = empty[0, cat] + weight * d
+    assert_same(weighted[0, cat], expected, "weighted token")
     others = [i for i in range(77) if i != cat]
     assert torch.equal(weighted[0, others], plain[0, others])
-    moved = (weighted[0, cat] - empty[0, cat]).norm() / (plain[0, cat] - empty[0, cat]).norm()
-    assert moved.item() == pytest.approx(weight, rel=1e-4)
+    # How far the token moved, relative to plain − empty: weighted − empty = w·d + r per element,
+    # |r| ≤ t (just checked) + the two roundings of `expected` (u·(|w·d| + |expected|), taken 3×
+    # for room), u = 2**-53. So the exact ratio ‖w·d + r‖ / ‖d‖ is w within √n·max|r| / ‖d‖; the
+    # subtraction, the two n-term norms and the division add at most (2n + 4)·u relative to it (≤ 2w).
+    r = tolerance(expected) + 3 * U64 * float((weight * d).abs().max() + expected.abs().max())
+    n = d.numel()
+    moved = (weighted[0, cat] - empty[0, cat]).norm().item() / d.norm().item()
+    assert abs(moved - weight) <= math.sqrt(n) * r / d.norm().item() + (2 * n + 4) * U64 * 2 * weight
 
 
 # ---- the node, through the engine -----------------------------------------------------------
@@ -149,15 +190,17 @@ class HandClip(Node):
 
     class Inputs(NodeIO):
         sdxl: bool = False
+        fp64: bool = False  # the float64 copies of the encoders
 
     class Outputs(NodeIO):
         clip: Clip
 
     def run(self, inputs, ctx):
+        tag = ":fp64" if inputs.fp64 else ""
         if not inputs.sdxl:
-            return self.Outputs(clip=Clip(ctx.models, {"text_encoder": "hand:sd1"}, "sd1", {"tokenizer": clip_tokenizer()}))
+            return self.Outputs(clip=Clip(ctx.models, {"text_encoder": "hand:sd1" + tag}, "sd1", {"tokenizer": clip_tokenizer()}))
         tok2 = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), pad_token="!")
-        keys = {"text_encoder": "hand:sdxl1", "text_encoder_2": "hand:sdxl2"}
+        keys = {"text_encoder": "hand:sdxl1" + tag, "text_encoder_2": "hand:sdxl2" + tag}
         return self.Outputs(clip=Clip(ctx.models, keys, "sdxl", {"tokenizer": clip_tokenizer(), "tokenizer_2": tok2}))
 
 
@@ -168,7 +211,7 @@ def graphsd_register_nodes():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, sd1, sdxl):
+def engine(tmp_path_factory, sd1, sdxl, sd1_64, sdxl_64):
     plugins = tmp_path_factory.mktemp("plugins")
     (plugins / "hand_clip.py").write_text(HAND_CLIP_PLUGIN)
     out = tmp_path_factory.mktemp("out")
@@ -176,14 +219,17 @@ def engine(tmp_path_factory, sd1, sdxl):
     engine.models.add("hand:sd1", sd1[0])
     engine.models.add("hand:sdxl1", sdxl[0][0])
     engine.models.add("hand:sdxl2", sdxl[1][0])
+    engine.models.add("hand:sd1:fp64", sd1_64[0])
+    engine.models.add("hand:sdxl1:fp64", sdxl_64[0][0])
+    engine.models.add("hand:sdxl2:fp64", sdxl_64[1][0])
     return engine
 
 
-def text_encode(engine, text, clip_skip=1, sdxl=False):
+def text_encode(engine, text, clip_skip=1, sdxl=False, fp64=False):
     doc = {
         "version": 1,
         "nodes": {
-            "clip": {"type": "HandClip", "inputs": {"sdxl": sdxl}},
+            "clip": {"type": "HandClip", "inputs": {"sdxl": sdxl, "fp64": fp64}},
             "enc": {"type": "TextEncode", "inputs": {"clip": "@clip.clip", "text": text, "clip_skip": clip_skip}},
         },
     }
@@ -218,14 +264,15 @@ def test_clip_skip_picks_different_layers(engine):
     assert not torch.allclose(last, penultimate)
 
 
-def test_node_sdxl_long_prompt_pools_the_first_chunk(engine, sdxl):
-    result = text_encode(engine, "a photo of a cat " * 16, sdxl=True)
+def test_node_sdxl_long_prompt_pools_the_first_chunk(engine, sdxl_64):
+    """Two chunks encoded as a batch against the first alone: float64 encoders on both sides."""
+    result = text_encode(engine, "a photo of a cat " * 16, sdxl=True, fp64=True)
     assert result.ok, result.errors
     cond = result.outputs["enc"]["cond"]
     assert cond.embeddings.shape == (1, 154, 96)
-    embeds, pooled = sdxl_reference(sdxl[2], "a photo of a cat " * 15)
-    torch.testing.assert_close(cond.embeddings[:, :77], embeds, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cond.pooled, pooled, rtol=1e-5, atol=1e-6)
+    embeds, pooled = sdxl_reference(sdxl_64[2], "a photo of a cat " * 15)
+    assert_same(cond.embeddings[:, :77], embeds, "first chunk")
+    assert_same(cond.pooled, pooled, "pooled output")
 
 
 def test_node_rejects_clip_skip_beyond_the_layers(engine):
