@@ -161,6 +161,7 @@ def test_only_requested_outputs_ancestors_run(engine):
     assert set(res.executed) == {"other", "out2"}
 
 
+@pytest.mark.slow
 def test_cache_keys_identical_across_processes(engine, tmp_path):
     res = engine.run(CHAIN)
     code = (

@@ -22,6 +22,8 @@ import pytest
 
 import hostile_cases
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 DATA_LIMIT = 4 * 1024**3
 RSS_GROWTH_MB = 1024
 HERE = Path(__file__).resolve().parent

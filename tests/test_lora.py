@@ -175,6 +175,7 @@ def assert_all_float64(*models):
 
 
 # ---- parity with diffusers (both sides in float64, reference.py) ----------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_sd1_kohya_equals_diffusers(tmp_path, strength):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -201,6 +202,7 @@ def test_sd1_kohya_equals_diffusers(tmp_path, strength):
     assert_same(ours[0], ref[0], "U-Net output")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_sdxl_kohya_sgm_names_equal_diffusers(tmp_path, strength):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline

@@ -202,6 +202,7 @@ def test_diffusers_lora_metadata_scales_by_alpha_over_r(tmp_path):
     check_modules_equal_peft(unet, ref, paths, torch.Generator().manual_seed(32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("open_folder", [False, True])
 def test_peft_adapter_config_scales_by_alpha_over_r(tmp_path, use_rslora, open_folder):

@@ -96,6 +96,7 @@ def pipe_latent(pipe, **kwargs):
                     generator=torch.Generator().manual_seed(SEED), **kwargs).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_lora_loader_matches_diffusers_end_to_end(engine, models, strength):
     ours = latent(run(engine, workflow("@lora.unet", "@lora.clip", lora_node(), dtype="fp64"), {"strength": strength}))
@@ -108,6 +109,7 @@ def test_lora_loader_matches_diffusers_end_to_end(engine, models, strength):
     assert_same(ours, reference)
 
 
+@pytest.mark.slow
 def test_strength_change_does_not_reload_the_checkpoint(engine):
     doc = workflow("@lora.unet", "@lora.clip", lora_node())
     run(engine, doc, {"strength": 0.3})
@@ -118,6 +120,7 @@ def test_strength_change_does_not_reload_the_checkpoint(engine):
     assert "lora" in second.executed and "denoise" in second.executed
 
 
+@pytest.mark.slow
 def test_branches_with_and_without_lora(engine):
     doc = workflow("@lora.unet", "@lora.clip", lora_node())
     doc["nodes"]["plain"] = dict(doc["nodes"]["denoise"], inputs=dict(doc["nodes"]["denoise"]["inputs"], unet="@model.unet"))

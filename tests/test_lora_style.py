@@ -13,6 +13,8 @@ from graphsd.events import ModelEvent
 from graphsd.training.evaluate import score_image
 from graphsd.training.styles import night_score
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 PROMPTS = [("a red circle on a white background", 1), ("a blue square on a gray background", 2),
            ("a yellow triangle on a white background", 3), ("a green square on a gray background", 4)]

@@ -17,6 +17,7 @@ from graphsd import Engine, Settings
 from graphsd.models.hypernetwork import load_hypernetwork
 
 warnings.filterwarnings("ignore", category=FutureWarning)
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
 DATASET_PLUGIN = '''
 from pydantic import Field

@@ -15,6 +15,8 @@ from PIL import Image as PILImage
 from graphsd import Engine, Settings
 from graphsd.training.evaluate import read_shape
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 

@@ -70,6 +70,7 @@ BOMB_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_layer_structure_bomb_is_refused_with_bounded_memory(tmp_path):
     """A file of ~130 kB whose layer_structure [1, 100000, 1] asks for two 64 × 6,400,000 layers
     per net (3.3 GB of float32 if allocated) is refused from its metadata and shapes alone: the

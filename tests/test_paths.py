@@ -38,6 +38,7 @@ def test_a_name_must_name_something_inside_the_output_directory(tmp_path, name):
         safe_output_path(tmp_path, name, field="name")
 
 
+@pytest.mark.slow
 def test_saving_a_model_never_replaces_a_folder_it_did_not_write(tmp_path):
     images = tmp_path / "portraits"
     images.mkdir()
@@ -51,6 +52,7 @@ def test_saving_a_model_never_replaces_a_folder_it_did_not_write(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary may remain"
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_exactly_the_model_folder_named(tmp_path):
     first = save_tiny(tmp_path / "model")
     (first / "marker.txt").write_text("from the first save")
@@ -109,6 +111,7 @@ def test_concurrent_writers_never_share_a_name(tmp_path):
     assert sorted(p.read_bytes() for p in written) == sorted(f"{k}-{i}".encode() for k in range(8) for i in range(5))
 
 
+@pytest.mark.slow
 def test_two_processes_save_into_one_folder(tmp_path):
     """Two runs of the main job at once: two files, neither replacing the other."""
     out = tmp_path / "out"
@@ -124,6 +127,7 @@ def test_two_processes_save_into_one_folder(tmp_path):
     assert sorted(printed) == sorted(str(p) for p in out.iterdir()) and len(set(printed)) == 2
 
 
+@pytest.mark.slow
 def test_outputs_get_the_umasks_permissions(tmp_path):
     from PIL import Image
 

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from graphsd import Engine, Settings
 from graphsd.cli import main
 
@@ -89,6 +91,7 @@ def test_missing_plugins_dir_is_a_warning(tmp_path):
     assert any("does not exist" in w for w in engine.warnings)
 
 
+@pytest.mark.slow
 def test_entry_point_discovery(tmp_path):
     """A distribution on sys.path that declares the `graphsd` entry-point group is loaded."""
     site = tmp_path / "site"

@@ -16,6 +16,8 @@ from graphsd.models.loading import candidate_paths
 from graphsd.nodes.sd import CheckpointLoader
 from graphsd.sampling.schedulers import SAMPLERS
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

@@ -34,6 +34,8 @@ import sd_tiny
 from graphsd import Engine, Settings
 from reference import assert_same, diffusers_noise_in_float32
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 SEED = 1234
 
 #: The scheduler a diffusers user would pick for each graphsd sampler name.

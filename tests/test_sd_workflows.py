@@ -17,6 +17,8 @@ from reference import assert_same, diffusers_noise_in_float32
 from graphsd import Engine, Settings, WorkflowError
 from graphsd.comfy import comfy_to_workflow
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 

@@ -4,12 +4,15 @@ Ctrl-C during start-up (inside ``import torch``) exits quietly."""
 
 from __future__ import annotations
 
+import pytest
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
 HERE = Path(__file__).resolve().parent
 WORKFLOWS = HERE.parent / "workflows"

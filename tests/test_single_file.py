@@ -45,6 +45,8 @@ from graphsd.models.single_file import (
 )
 from graphsd.text.tokenizer import clip_tokenizer
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 ROLES = ("unet", "vae", "text_encoder", "text_encoder_2")
 

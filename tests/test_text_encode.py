@@ -299,6 +299,7 @@ def folders(tmp_path_factory):
     ("model", "pipeline_class"),
     [("sd1", StableDiffusionPipeline), ("xl", StableDiffusionXLPipeline), ("refiner", StableDiffusionXLImg2ImgPipeline)],
 )
+@pytest.mark.slow
 def test_loaded_checkpoint_matches_diffusers(tmp_path, folders, model, pipeline_class):
     """CheckpointLoader → TextEncode on a diffusers folder equals that folder's own pipeline's
     ``encode_prompt`` (the refiner has only ``text_encoder_2``: SDXL-style, with pooled)."""

@@ -36,6 +36,7 @@ def test_shapes_vary_in_size_and_position_and_stay_inside():
     assert all(s.cx - s.size / 2 >= 0 and s.cx + s.size / 2 <= 128 for s in samples)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blur", [0.0, 1.5])
 def test_evaluator_reads_ground_truth_images(blur):
     ds = ShapesDataset(seed=11, count=540, held_out=False)

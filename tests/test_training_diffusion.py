@@ -14,6 +14,8 @@ from graphsd.training.architecture import TextEncoderShape, UNetShape
 from graphsd.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, alphas_cumprod, train_diffusion
 from graphsd.training.tokenizer import tokenize, train_tokenizer, vocab_info
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
+
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "train_tiny.yaml"
 TOY = {
     "count": 32, "resolution": 32, "vae_steps": 12, "vae_batch": 4, "vae_channels": "16,16,16,16",

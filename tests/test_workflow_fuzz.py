@@ -57,6 +57,7 @@ def mutated(draw):
     return doc
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_documents_only_raise_workflow_error(doc):
