@@ -169,7 +169,7 @@ def test_weight_scales_the_token_away_from_the_empty_prompt(sd1_64, weight):
     # |r| ≤ t (just checked) + the two roundings of `expected` (u·(|w·d| + |expected|), taken 3×
     # for room), u = 2**-53. So the exact ratio ‖w·d + r‖ / ‖d‖ is w within √n·max|r| / ‖d‖; the
     # subtraction, the two n-term norms and the division add at most (2n + 4)·u relative to it (≤ 2w).
-    r = tolerance(expected) + 3 * U64 * float((weight * d).abs().max() + expected.abs().max())
+    r = tolerance(expected) + 3 * U64 * float((weight * d).detach().abs().max() + expected.detach().abs().max())
     n = d.numel()
     moved = (weighted[0, cat] - empty[0, cat]).norm().item() / d.norm().item()
     assert abs(moved - weight) <= math.sqrt(n) * r / d.norm().item() + (2 * n + 4) * U64 * 2 * weight
