@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from graphsd.models.lora import PICKLE_SUFFIXES
+from graphsd.models.formats import PICKLE_SUFFIXES
 
 
 class HypernetworkFormatError(ValueError):

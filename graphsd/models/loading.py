@@ -32,12 +32,11 @@ from typing import Any
 import torch
 
 from graphsd.errors import GraphsdError
+from graphsd.models.formats import WEIGHT_SUFFIXES
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet, Vae
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-#: Checkpoint files: safetensors, or pickle-based ones (loaded only when allowed).
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: Component folders of a diffusers model, in the order they are loaded.
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 #: The only packages whose classes a model folder's ``model_index.json`` may name.

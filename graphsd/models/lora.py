@@ -58,8 +58,9 @@ from pathlib import Path
 
 import torch
 
-from graphsd.types import working_dtype
+from graphsd.models.formats import PICKLE_SUFFIXES
 from graphsd.paths import file_fingerprint
+from graphsd.types import working_dtype
 
 #: Key endings → the slot they fill in a layer's recipe, longest first so that matching the
 #: first ending that fits is unambiguous.
@@ -104,8 +105,6 @@ _FOLDER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"
 #: The safetensors metadata entry where diffusers' ``save_lora_weights`` stores the PEFT
 #: ``LoraConfig`` fields as JSON, each prefixed with its component (``unet.lora_alpha``).
 _ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 class LoraFormatError(ValueError):

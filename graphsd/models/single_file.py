@@ -40,11 +40,11 @@ from typing import Any
 import torch
 
 from graphsd.errors import NodeError
+from graphsd.models.formats import PICKLE_SUFFIXES
 from graphsd.paths import write_atomic
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 METADATA_KEY = "graphsd"
 #: Metadata key of the tokenizers that are not the standard CLIP one: a JSON object
 #: role (``tokenizer`` / ``tokenizer_2``) → {file name → text of that file, as the tokenizer's

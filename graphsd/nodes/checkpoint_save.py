@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import Field
 
 from graphsd.errors import NodeError
+from graphsd.models.formats import PICKLE_SUFFIXES
 from graphsd.models.single_file import (
-    PICKLE_SUFFIXES,
     component_roles,
     component_tensors,
     module_config,

@@ -23,7 +23,8 @@ from pydantic import Field
 from graphsd.errors import NodeError
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
 from graphsd.models.loading import builtin_models_dir
-from graphsd.models.lora import PICKLE_SUFFIXES, LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
+from graphsd.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
+from graphsd.models.lora import LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
@@ -31,7 +32,7 @@ from graphsd.types import Clip, UNet
 
 log = logging.getLogger("graphsd.patches")
 
-SUFFIXES = {"loras": (".safetensors", ".pt", ".ckpt", ".bin"), "hypernetworks": (".pt",)}
+SUFFIXES = {"loras": WEIGHT_SUFFIXES, "hypernetworks": (".pt",)}  # A1111 hypernetworks are .pt files
 
 
 def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None:

@@ -22,27 +22,14 @@ from pathlib import Path
 
 import torch
 
+from graphsd.text.tokenizer import byte_symbols
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet (Radford et al. 2019): printable bytes stand for
-    themselves, the other bytes are mapped to code points 256, 257, ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _words(texts: list[str]) -> Counter:
-    byte_char = bytes_to_unicode()
+    byte_char = byte_symbols()  # indexed by byte value
     counts: Counter = Counter()
     for text in texts:
         for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower()):
@@ -85,7 +72,7 @@ def save_tokenizer(folder: str | Path, merges: list[tuple[str, str]]) -> Path:
     """Write vocab.json, merges.txt and the tokenizer configs of a CLIP tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
+    symbols = byte_symbols()
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
