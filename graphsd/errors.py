@@ -29,7 +29,9 @@ class Issue:
 
 
 class GraphsdError(Exception):
-    """Base of graphsd's user-facing errors."""
+    """Base of graphsd's user-facing errors. Raised from a node's ``run()`` (a NodeError, or a
+    library error such as a model file that cannot be read), it fails the node with its message
+    and its ``field`` when it has one; no traceback is shown."""
 
 
 class WorkflowError(GraphsdError):

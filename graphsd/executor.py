@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from graphsd import events as ev
 from graphsd.cache import key_document, make_key
 from graphsd.context import Context
-from graphsd.errors import Issue, NodeError, RunInterrupted, WorkflowError
+from graphsd.errors import GraphsdError, Issue, NodeError, RunInterrupted, WorkflowError
 from graphsd.graph import Graph
 from graphsd.node import Node
 from graphsd.types import Socket
@@ -222,8 +222,8 @@ class Execution:
             self._current = node_id
             try:
                 self.keys[node_id] = self._key(node_id, self._context(node_id))
-            except NodeError as exc:
-                self._fail(node_id, str(exc), "NodeError", field=exc.field)
+            except GraphsdError as exc:  # NodeError, or another user-facing error (a bad model file, ...)
+                self._fail(node_id, str(exc), "NodeError", field=getattr(exc, "field", None))
         to_run: set[str] = set()
         stack = list(targets)
         while stack:
@@ -255,8 +255,8 @@ class Execution:
             outputs = self._run_node(gn.cls, inputs, ctx)
         except RunInterrupted:
             raise
-        except NodeError as exc:
-            self._fail(node_id, str(exc), "NodeError", field=exc.field)
+        except GraphsdError as exc:  # NodeError, or another user-facing error (a bad model file, ...): no traceback
+            self._fail(node_id, str(exc), "NodeError", field=getattr(exc, "field", None))
             return
         except Exception as exc:  # a bug or an unexpected failure inside the node
             self._fail(node_id, f"{type(exc).__name__}: {exc}", type(exc).__name__, tb=traceback.format_exc())

@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from graphsd.context import Settings
 from graphsd.engine import Engine
-from graphsd.errors import NodeError
+from graphsd.models.formats import ModelFileError
 from graphsd.models.hypernetwork import Hypernetwork, build_net, save_hypernetwork
 from graphsd.models.single_file import (
     TEXT_PREFIXES,
@@ -300,10 +300,10 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
     marker = tmp_path / "marker"
     path = malicious_ckpt(tmp_path, marker)
-    with pytest.raises(NodeError, match=r"pickle-based.*convert it to \.safetensors.*allow_pickle"):
+    with pytest.raises(ModelFileError, match=r"pickle-based.*convert it to \.safetensors.*allow_pickle"):
         load_single_file(path)
     assert not marker.exists()
-    with pytest.raises(NodeError, match=r"could not be read safely.*weights_only"):
+    with pytest.raises(ModelFileError, match=r"could not be read safely.*weights_only"):
         load_single_file(path, allow_pickle=True)
     assert not marker.exists()
 
@@ -318,7 +318,7 @@ def test_allowed_pickle_checkpoint_loads_with_weights_only(saved, tmp_path, monk
     loaded = load_single_file(ckpt, allow_pickle=True)
     assert calls and all(c.get("weights_only") is True for c in calls)
     assert_same_weights(components["unet"], loaded["unet"], "unet")
-    with pytest.raises(NodeError, match="pickle-based"):
+    with pytest.raises(ModelFileError, match="pickle-based"):
         load_single_file(ckpt)
 
 
@@ -326,35 +326,35 @@ def test_unknown_layouts_name_what_was_found(tmp_path):
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, lora)
-    with pytest.raises(NodeError, match=r"not a Stable Diffusion.*2 tensors.*lora_unet_down_blocks_0_attn1_to_q"):
+    with pytest.raises(ModelFileError, match=r"not a Stable Diffusion.*2 tensors.*lora_unet_down_blocks_0_attn1_to_q"):
         load_single_file(lora)
 
     refiner = tmp_path / "refiner.safetensors"
     save_file({"conditioner.embedders.0.model.token_embedding.weight": torch.zeros(4, 4)}, refiner)
-    with pytest.raises(NodeError, match="SDXL refiner checkpoint"):
+    with pytest.raises(ModelFileError, match="SDXL refiner checkpoint"):
         load_single_file(refiner)
 
     no_vae = tmp_path / "no_vae.safetensors"
     save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, no_vae)
-    with pytest.raises(NodeError, match=r"sd1 checkpoint but has no first_stage_model\.\*"):
+    with pytest.raises(ModelFileError, match=r"sd1 checkpoint but has no first_stage_model\.\*"):
         load_single_file(no_vae)
 
     partial = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in load_file(save_single_file(tiny_components("sd1"), tmp_path / "sd1.safetensors")).items()
                if not k.startswith("model.diffusion_model.out.")}, partial)
-    with pytest.raises(NodeError, match=r"model\.diffusion_model\.out\.2\.weight is missing"):
+    with pytest.raises(ModelFileError, match=r"model\.diffusion_model\.out\.2\.weight is missing"):
         load_single_file(partial)
 
-    with pytest.raises(NodeError, match="does not exist"):
+    with pytest.raises(ModelFileError, match="does not exist"):
         load_single_file(tmp_path / "missing.safetensors")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(NodeError, match="not a readable .safetensors"):
+    with pytest.raises(ModelFileError, match="not a readable .safetensors"):
         load_single_file(broken)
     odd = tmp_path / "model.gguf"
     odd.write_bytes(b"x")
-    with pytest.raises(NodeError, match="unknown checkpoint format '.gguf'"):
+    with pytest.raises(ModelFileError, match="unknown checkpoint format '.gguf'"):
         load_single_file(odd)
 
 
@@ -366,7 +366,7 @@ def test_mismatched_text_width_is_reported(tmp_path):
     tensors.update({prefix + k: v for k, v in tiny_clip("quick_gelu", width=64).state_dict().items()})
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, bad)
-    with pytest.raises(NodeError, match="attends to 32-wide text embeddings but the text encoder.* give 64"):
+    with pytest.raises(ModelFileError, match="attends to 32-wide text embeddings but the text encoder.* give 64"):
         load_single_file(bad)
 
 
@@ -534,12 +534,12 @@ def test_checkpoint_save_keeps_the_tokenizer_of_the_builtin_model(tmp_path):
     assert json.loads(metadata["graphsd.tokenizer"]).keys() == {"tokenizer"}
     stripped = tmp_path / "no_tokenizer.safetensors"
     save_file(load_file(written), stripped, metadata={k: v for k, v in metadata.items() if k != "graphsd.tokenizer"})
-    with pytest.raises(NodeError, match="568-token vocabulary, not the 49408 tokens of the CLIP tokenizer"):
+    with pytest.raises(ModelFileError, match="568-token vocabulary, not the 49408 tokens of the CLIP tokenizer"):
         load_single_file(stripped)
     hostile = tmp_path / "hostile.safetensors"
     save_file(load_file(written), hostile, metadata={**metadata, "graphsd.tokenizer": json.dumps(
         {"tokenizer": {"../../escaped.json": "{}"}})})
-    with pytest.raises(NodeError, match="'graphsd.tokenizer' metadata is damaged"):
+    with pytest.raises(ModelFileError, match="'graphsd.tokenizer' metadata is damaged"):
         load_single_file(hostile)
     assert not (Path(tempfile.gettempdir()).parent / "escaped.json").exists()
 

@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from graphsd.models.formats import PICKLE_SUFFIXES
+from graphsd.models.formats import PICKLE_SUFFIXES, ModelFileError
 
 
-class HypernetworkFormatError(ValueError):
+class HypernetworkFormatError(ModelFileError, ValueError):
     """The file is not an A1111 hypernetwork graphsd can read (message says why)."""
 
 

@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from graphsd.errors import GraphsdError
-from graphsd.models.formats import WEIGHT_SUFFIXES
+from graphsd.models.formats import WEIGHT_SUFFIXES, ModelFileError
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet, Vae
 
@@ -43,7 +42,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 
 
-class ModelLoadError(GraphsdError):
+class ModelLoadError(ModelFileError):
     """A model could not be found or loaded; the message says where graphsd looked or why."""
 
 

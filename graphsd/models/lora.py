@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from graphsd.models.formats import PICKLE_SUFFIXES
+from graphsd.models.formats import PICKLE_SUFFIXES, ModelFileError
 from graphsd.paths import file_fingerprint
 from graphsd.types import working_dtype
 
@@ -107,7 +107,7 @@ _FOLDER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"
 _ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(ModelFileError, ValueError):
     """The file is not a LoRA graphsd can read, or does not fit the model (message says why)."""
 
 

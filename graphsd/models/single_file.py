@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 
-from graphsd.errors import NodeError
-from graphsd.models.formats import PICKLE_SUFFIXES
+from graphsd.models.formats import PICKLE_SUFFIXES, ModelFileError
 from graphsd.paths import write_atomic
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -249,7 +248,7 @@ def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torc
     """All tensors of a checkpoint file and its safetensors metadata (empty for pickles)."""
     path = Path(path)
     if not path.is_file():
-        raise NodeError(f"checkpoint file {path} does not exist", field="path")
+        raise ModelFileError(f"checkpoint file {path} does not exist", field="path")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import safe_open
@@ -260,15 +259,15 @@ def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torc
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
         except Exception as exc:  # a truncated or non-safetensors file
-            raise NodeError(f"{path.name} is not a readable .safetensors file ({exc})", field="path") from exc
+            raise ModelFileError(f"{path.name} is not a readable .safetensors file ({exc})", field="path") from exc
     if suffix not in PICKLE_SUFFIXES:
-        raise NodeError(
+        raise ModelFileError(
             f"{path.name}: unknown checkpoint format {suffix!r}; use a .safetensors file "
             f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle)",
             field="path",
         )
     if not allow_pickle:
-        raise NodeError(
+        raise ModelFileError(
             f"{path.name} is pickle-based; convert it to .safetensors or, for a file you trust, run with "
             "--allow-pickle (Settings.allow_pickle; pickle files can run code when loaded, allowed ones are "
             "read with torch.load(weights_only=True), which accepts only tensors)",
@@ -282,7 +281,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise NodeError(
+        raise ModelFileError(
             f"{path.name} could not be read safely: it holds more than tensors, so torch.load("
             f"weights_only=True) refused it ({str(exc).splitlines()[0]}). Convert it to .safetensors "
             "with a tool you trust",
@@ -291,7 +290,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
-        raise NodeError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors", field="path")
+        raise ModelFileError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors", field="path")
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
@@ -306,13 +305,13 @@ def detect_family(tensors: dict[str, torch.Tensor]) -> str:
     elif has(TEXT_PREFIXES[("sd1", "text_encoder")]):
         family = "sd1"
     elif has("conditioner.embedders.0.model."):
-        raise NodeError(
+        raise ModelFileError(
             "this is an SDXL refiner checkpoint (one OpenCLIP text encoder under conditioner.embedders.0.model.*); "
             "single-file refiners are not supported, load the refiner's diffusers folder instead",
             field="path",
         )
     else:
-        raise NodeError(
+        raise ModelFileError(
             "not a Stable Diffusion 1.x / 2.x / XL single-file checkpoint: found no text encoder "
             "(cond_stage_model.transformer.text_model.*, cond_stage_model.model.* or "
             f"conditioner.embedders.0/1.*). The file holds {describe_keys(tensors)}",
@@ -320,7 +319,7 @@ def detect_family(tensors: dict[str, torch.Tensor]) -> str:
         )
     missing = [p for p in (UNET_PREFIX, VAE_PREFIX) if not has(p)]
     if missing:
-        raise NodeError(
+        raise ModelFileError(
             f"looks like an {family} checkpoint but has no {' and no '.join(p + '*' for p in missing)} "
             f"tensors; a complete checkpoint is needed. The file holds {describe_keys(tensors)}",
             field="path",
@@ -359,7 +358,7 @@ def _indices(keys: Any, pattern: str) -> list[int]:
 def _layers_per_block(config: dict[str, Any]) -> int:
     per = config["layers_per_block"]
     if not isinstance(per, int):
-        raise NodeError("U-Nets with a different number of layers per block are not supported in single files")
+        raise ModelFileError("U-Nets with a different number of layers per block are not supported in single files")
     return per
 
 
@@ -380,7 +379,7 @@ def derive_unet_config(family: str, unet: dict[str, torch.Tensor], pooled_dim: i
     levels = len(downsamplers) + 1
     per, rest = divmod(len(inputs) - 1 - len(downsamplers), levels)
     if rest or per < 1 or "input_blocks.0.0.weight" not in unet:
-        raise NodeError(f"unrecognised U-Net layout: {len(inputs)} input blocks for {levels} levels", field="path")
+        raise ModelFileError(f"unrecognised U-Net layout: {len(inputs)} input blocks for {levels} levels", field="path")
     first = [1 + b * (per + 1) for b in range(levels)]
     channels = [unet[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first]
     attention = [f"input_blocks.{i}.1.proj_in.weight" in unet for i in first]
@@ -388,7 +387,7 @@ def derive_unet_config(family: str, unet: dict[str, torch.Tensor], pooled_dim: i
     to_k = next((v for k, v in unet.items() if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((v for k, v in unet.items() if k.endswith(".proj_in.weight")), None)
     if to_k is None or proj_in is None:
-        raise NodeError("unrecognised U-Net layout: it has no cross-attention (attn2) layers", field="path")
+        raise ModelFileError("unrecognised U-Net layout: it has no cross-attention (attn2) layers", field="path")
     config.update(
         in_channels=unet["input_blocks.0.0.weight"].shape[1],
         out_channels=unet["out.2.weight"].shape[0],
@@ -417,7 +416,7 @@ def derive_vae_config(family: str, vae: dict[str, torch.Tensor]) -> dict[str, An
     config = bundled_config(family, "vae")
     levels = _indices(vae, r"encoder\.down\.(\d+)\.")
     if not levels or "post_quant_conv.weight" not in vae:
-        raise NodeError("unrecognised VAE layout (no encoder.down.* / post_quant_conv)", field="path")
+        raise ModelFileError("unrecognised VAE layout (no encoder.down.* / post_quant_conv)", field="path")
     per = len(_indices(vae, r"encoder\.down\.0\.block\.(\d+)\."))
     config.update(
         in_channels=vae["encoder.conv_in.weight"].shape[1],
@@ -482,7 +481,7 @@ def _load_into(module: torch.nn.Module, rule: Callable[[str], Rule], tensors: di
     if missing or wrong:
         problems = [f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []
         problems += [f"unexpected shape of {', '.join(wrong[:5])}"] if wrong else []
-        raise NodeError(f"the {what} in this checkpoint does not have the expected layout: {'; '.join(problems)}", field="path")
+        raise ModelFileError(f"the {what} in this checkpoint does not have the expected layout: {'; '.join(problems)}", field="path")
     module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in targets.values()))
 
 
@@ -523,7 +522,7 @@ def _stored_tokenizer(files: Any) -> Any:
     from transformers import CLIPTokenizer
 
     if not (isinstance(files, dict) and files and all(n in TOKENIZER_FILES and isinstance(t, str) for n, t in files.items())):
-        raise NodeError(f"the file's {TOKENIZER_KEY!r} metadata is damaged: it must map {', '.join(TOKENIZER_FILES)} "
+        raise ModelFileError(f"the file's {TOKENIZER_KEY!r} metadata is damaged: it must map {', '.join(TOKENIZER_FILES)} "
                         "to their text; re-save the model", field="path")
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():
@@ -531,7 +530,7 @@ def _stored_tokenizer(files: Any) -> Any:
         try:
             return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable stored tokenizer is the same error
-            raise NodeError(f"the tokenizer stored in the file's {TOKENIZER_KEY!r} metadata cannot be read ({exc}); "
+            raise ModelFileError(f"the tokenizer stored in the file's {TOKENIZER_KEY!r} metadata cannot be read ({exc}); "
                             "re-save the model", field="path") from None
 
 
@@ -543,10 +542,10 @@ def _check_vocabulary(role: str, tokenizer: Any, encoder: torch.nn.Module, store
 
     vocab = encoder.config.vocab_size
     if stored and len(tokenizer) > vocab:
-        raise NodeError(f"the {role} stored in this file has {len(tokenizer)} tokens but the text encoder only "
+        raise ModelFileError(f"the {role} stored in this file has {len(tokenizer)} tokens but the text encoder only "
                         f"{vocab}: the file is inconsistent; re-save the model", field="path")
     if not stored and vocab != VOCAB_SIZE:
-        raise NodeError(
+        raise ModelFileError(
             f"the text encoder of this file has a {vocab}-token vocabulary, not the {VOCAB_SIZE} tokens of the CLIP "
             f"tokenizer, and the file carries no tokenizer of its own (metadata {TOKENIZER_KEY!r}): its prompts "
             "cannot be encoded. Load the model from its diffusers folder (with its tokenizer/), or save it again "
@@ -562,7 +561,7 @@ def _json_metadata(metadata: dict[str, str], key: str) -> dict[str, Any]:
     try:
         stored = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise NodeError(f"the file's {key!r} metadata is not valid JSON ({exc})", field="path") from exc
+        raise ModelFileError(f"the file's {key!r} metadata is not valid JSON ({exc})", field="path") from exc
     return stored if isinstance(stored, dict) else {}
 
 
@@ -575,7 +574,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     read from the tensors. The tokenizers are those stored in the ``graphsd.tokenizer`` metadata,
     else the shipped CLIP tokenizer, padding with ``<|endoftext|>`` (SD1, SDXL's first) or ``!``
     (SD2, SDXL's second: OpenCLIP pads with id 0) unless the metadata names the pad tokens.
-    Raises :class:`~graphsd.errors.NodeError` for pickle files unless ``allow_pickle``, for
+    Raises :class:`~graphsd.models.formats.ModelFileError` for pickle files unless ``allow_pickle``, for
     layouts it does not recognise and for a text encoder no available tokenizer fits."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -611,14 +610,14 @@ def _derive(derive: Callable[..., dict[str, Any]], prefix: str, *args: Any) -> d
     try:
         return derive(*args)
     except KeyError as exc:
-        raise NodeError(f"unrecognised checkpoint layout: {prefix}{exc.args[0]} is missing", field="path") from None
+        raise ModelFileError(f"unrecognised checkpoint layout: {prefix}{exc.args[0]} is missing", field="path") from None
 
 
 def _check_context(family: str, unet_config: dict[str, Any], widths: list[int]) -> None:
     """The U-Net's cross-attention width must be what the text encoders produce (SDXL
     concatenates its two encoders' hidden states)."""
     if unet_config["cross_attention_dim"] != sum(widths):
-        raise NodeError(
+        raise ModelFileError(
             f"inconsistent {family} checkpoint: the U-Net attends to {unet_config['cross_attention_dim']}-wide "
             f"text embeddings but the text encoder(s) give {' + '.join(map(str, widths))}",
             field="path",
@@ -662,7 +661,7 @@ def component_tensors(family: str, role: str, module: torch.nn.Module) -> dict[s
     try:
         return _to_file(module.state_dict(), rule)
     except KeyError as exc:
-        raise NodeError(
+        raise ModelFileError(
             f"the {role} holds tensors that a single-file checkpoint has no place for ({exc.args[0]}); "
             "adapters must be merged into the weights (or removed) before saving"
         ) from None
@@ -678,7 +677,7 @@ def module_config(module: Any) -> dict[str, Any]:
 def component_roles(family: str) -> list[str]:
     """The components a single file of ``family`` holds."""
     if family not in FAMILIES:
-        raise NodeError(f"cannot write a single file for model family {family!r}; supported: {', '.join(FAMILIES)}")
+        raise ModelFileError(f"cannot write a single file for model family {family!r}; supported: {', '.join(FAMILIES)}")
     return ["unet", "vae", "text_encoder", *(["text_encoder_2"] if family == "sdxl" else [])]
 
 
@@ -732,7 +731,7 @@ def save_single_file(components: dict[str, Any], path: Path) -> Path:
     roles = component_roles(family)
     absent = [r for r in roles if components.get(r) is None]
     if absent:
-        raise NodeError(f"cannot write a {family} checkpoint without its {', '.join(absent)}")
+        raise ModelFileError(f"cannot write a {family} checkpoint without its {', '.join(absent)}")
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {"family": family}
     for role in roles:
