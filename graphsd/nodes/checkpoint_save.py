@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import Field
 
+from graphsd.context import Context
 from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
 from graphsd.models.formats import PICKLE_SUFFIXES
 from graphsd.models.single_file import (
     component_roles,
@@ -16,7 +18,6 @@ from graphsd.models.single_file import (
     pad_tokens,
     write_single_file,
 )
-from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
 from graphsd.types import Clip, UNet, Vae
@@ -54,7 +55,7 @@ class CheckpointSave(Node):
     class Outputs(NodeIO):
         path: str = Field(description="Path of the written checkpoint")
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         name = inputs.filename
         if Path(name).suffix.lower() in PICKLE_SUFFIXES:
             raise NodeError(f"'{name}': checkpoints are written as {SUFFIX} only", field="filename")

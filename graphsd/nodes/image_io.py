@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from PIL import Image as PILImage
 from PIL import PngImagePlugin, UnidentifiedImageError
 from pydantic import Field
 
+from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
@@ -49,10 +51,10 @@ class LoadImage(Node):
         mask: Mask = Field(description="1 where the image is transparent, 0 where opaque")
 
     @classmethod
-    def fingerprint(cls, literals, ctx):
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return file_fingerprint(literals.get("path", ""))
 
-    def run(self, inputs, ctx):
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = Path(inputs.path)
         ctx.readable(path, "path")
         if not path.is_file():
@@ -95,7 +97,7 @@ class SaveImage(Node):
     class Outputs(NodeIO):
         paths: list[str] = Field(description="Paths of the written files")
 
-    def run(self, inputs, ctx):
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         target = safe_output_path(ctx.output_dir, inputs.prefix, field="prefix")
         info = PngImagePlugin.PngInfo()
         if inputs.embed_workflow:

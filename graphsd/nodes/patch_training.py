@@ -19,10 +19,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from graphsd.context import Context
 from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
 from graphsd.models.hypernetwork import HypernetworkPatch, save_hypernetwork
 from graphsd.models.lora import LoraPatch, match_lora, parse_lora
-from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
@@ -45,7 +46,7 @@ ACTIVATION_CHOICES = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tan
 
 
 @torch.no_grad()
-def encode_dataset(dataset: Any, unet: UNet, clip: Clip, vae: Vae, ctx: Any) -> TrainingData:
+def encode_dataset(dataset: Any, unet: UNet, clip: Clip, vae: Vae, ctx: Context) -> TrainingData:
     """Latents and text contexts of every sample of ``dataset`` (a sequence of
     ``(uint8 image [H, W, 3], caption)``), resized to the U-Net's native resolution."""
     size = int(ctx.models.get(unet.keys["unet"]).config.sample_size) * int(unet.info.get("latent_downscale", 8))
@@ -76,7 +77,7 @@ def encode_dataset(dataset: Any, unet: UNet, clip: Clip, vae: Vae, ctx: Any) -> 
     return TrainingData(latents, contexts, pooled, time_ids)
 
 
-def _output_file(ctx: Any, folder: str, name: str, suffix: str) -> Path:
+def _output_file(ctx: Context, folder: str, name: str, suffix: str) -> Path:
     return safe_output_path(ctx.output_dir, f"{folder}/{name}{suffix}", field="name")
 
 
@@ -91,7 +92,7 @@ def _training(inputs: Any) -> AdapterTraining:
     return AdapterTraining(steps=inputs.steps, lr=inputs.lr, batch_size=inputs.batch_size, seed=inputs.seed)
 
 
-def _progress(ctx: Any):
+def _progress(ctx: Context):
     return lambda step, total, loss: ctx.progress(step, total, loss=loss)
 
 
@@ -124,7 +125,7 @@ class TrainLoRA(Node):
         path: str = Field(description="The written .safetensors file")
         loss: float = Field(description="Mean loss of the last 10 % of the steps")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _output_file(ctx, "loras", inputs.name, ".safetensors")
         data = encode_dataset(inputs.dataset, inputs.unet, inputs.clip, inputs.vae, ctx)
         with ctx.models.use(inputs.unet, "unet") as unet:
@@ -159,7 +160,7 @@ class TrainHypernetwork(Node):
         path: str = Field(description="The written .pt file")
         loss: float = Field(description="Mean loss of the last 10 % of the steps")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         structure = _layer_structure(inputs.layer_structure)
         path = _output_file(ctx, "hypernetworks", inputs.name, ".pt")
         data = encode_dataset(inputs.dataset, inputs.unet, inputs.clip, inputs.vae, ctx)
@@ -191,7 +192,7 @@ class NightShapesDataset(Node):
     class Outputs(NodeIO):
         dataset: Dataset = Field(description="Night-style shape images with their captions")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         return self.Outputs(dataset=ImageSet(NightShapes(inputs.seed, inputs.count, inputs.resolution)))
 
 

@@ -20,12 +20,13 @@ from typing import Any
 
 from pydantic import Field
 
+from graphsd.context import Context
 from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
+from graphsd.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
 from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
 from graphsd.models.loading import builtin_models_dir
-from graphsd.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
 from graphsd.models.lora import LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
-from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet
@@ -48,7 +49,7 @@ def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None
     return None
 
 
-def _require_file(name: str, kind: str, ctx: Any, field: str) -> Path:
+def _require_file(name: str, kind: str, ctx: Context, field: str) -> Path:
     path = find_patch_file(name, kind, ctx.models_dir)
     if path is None:
         raise NodeError(
@@ -69,12 +70,12 @@ def available(kind: str, models_dir: str | Path) -> list[str]:
     return names
 
 
-def _file_identity(name: str, kind: str, ctx: Any) -> str:
+def _file_identity(name: str, kind: str, ctx: Context) -> str:
     path = find_patch_file(name, kind, ctx.models_dir)
     return file_fingerprint(path) if path is not None else "missing"
 
 
-def _allow_pickle(ctx: Any, path: Path, field: str) -> bool:
+def _allow_pickle(ctx: Context, path: Path, field: str) -> bool:
     """Whether pickle files may be read: only when the user said so (``--allow-pickle``,
     ``Settings.allow_pickle``; a workflow cannot) or for the files graphsd ships. Refuses a
     pickle file up front otherwise (before the ModelManager's cache, which may hold it)."""
@@ -109,10 +110,10 @@ class LoraLoader(Node):
         clip: Clip = Field(description="The text encoder(s) with the LoRA recorded on them")
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return _file_identity(str(literals.get("lora", "")), "loras", ctx)
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _require_file(inputs.lora, "loras", ctx, "lora")
         allow_pickle = _allow_pickle(ctx, path, "lora")
         try:
@@ -166,10 +167,10 @@ class HypernetworkLoader(Node):
         unet: UNet = Field(description="The U-Net with the hypernetwork recorded on it")
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return _file_identity(str(literals.get("hypernetwork", "")), "hypernetworks", ctx)
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _require_file(inputs.hypernetwork, "hypernetworks", ctx, "hypernetwork")
         fingerprint = file_fingerprint(path)
         allow_pickle = _allow_pickle(ctx, path, "hypernetwork")

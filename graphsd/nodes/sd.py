@@ -14,9 +14,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from graphsd.context import Context
 from graphsd.errors import GraphsdError, NodeError
-from graphsd.models.loading import load_checkpoint, resolve_model_path
 from graphsd.hookspecs import hookimpl
+from graphsd.models.loading import load_checkpoint, resolve_model_path
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
@@ -61,7 +62,7 @@ class CheckpointLoader(Node):
         vae: Vae = Field(description="The VAE that maps pixels to latents and back")
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         """The resolved model's path, file sizes and mtimes: a replaced file is a new model."""
         path = literals.get("path")
         if not isinstance(path, str):
@@ -71,7 +72,7 @@ class CheckpointLoader(Node):
         except GraphsdError:
             return "missing"
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         allow_pickle = ctx.settings.allow_pickle  # only the user's setting (--allow-pickle), never the workflow
         try:
             path = ctx.readable(resolve_model_path(inputs.path, ctx.models_dir), "path")
@@ -97,7 +98,7 @@ def _require_latent_memory(shape: tuple[int, ...]) -> None:
     )
 
 
-def _first_channels(ctx: Any, handle: Any, role: str) -> tuple[int, torch.dtype]:
+def _first_channels(ctx: Context, handle: Any, role: str) -> tuple[int, torch.dtype]:
     """Channels of the full-resolution blocks of a U-Net or VAE, and its weight dtype."""
     module = ctx.models.get(handle.keys[role])
     return int(module.config.block_out_channels[0]), module.dtype
@@ -126,7 +127,7 @@ class LatentNoise(Node):
     class Outputs(NodeIO):
         noise: Noise = Field(description="Unit-variance noise [batch, channels, height/8, width/8] and its generators' state")
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         if inputs.latent is not None:
             batch, channels, h, w = inputs.latent.samples.shape
         else:
@@ -153,7 +154,7 @@ class EmptyLatent(Node):
     class Outputs(NodeIO):
         latent: Latent = Field(description="Zeros [batch, channels, height/8, width/8]")
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         h, w = _latent_size(inputs.width, inputs.height)
         _require_latent_memory((inputs.batch_size, inputs.channels, h, w))
         return self.Outputs(latent=Latent(torch.zeros(inputs.batch_size, inputs.channels, h, w)))
@@ -209,7 +210,7 @@ class UNetDenoiseLoop(Node):
             return [("sampler", f"unknown sampler {sampler!r}", f"available: {', '.join(sorted(registry.samplers))}")]
         return []
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         factory = ctx.samplers.get(inputs.sampler)
         if factory is None:
             raise NodeError(f"unknown sampler {inputs.sampler!r}; available: {', '.join(sorted(ctx.samplers))}", field="sampler")
@@ -261,7 +262,7 @@ class VAEEncode(Node):
     class Outputs(NodeIO):
         latent: Latent = Field(description="Latent [batch, 4, height/8, width/8], × the VAE scale factor")
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         pixels = inputs.image.pixels
         down = inputs.vae.info.get("downscale", LATENT_DOWNSCALE)
         height, width = pixels.shape[1:3]
@@ -303,7 +304,7 @@ class VAEDecode(Node):
     class Outputs(NodeIO):
         image: Image = Field(description="Image [batch, height, width, 3] in [0, 1]")
 
-    def run(self, inputs: Inputs, ctx: Any) -> Outputs:
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         info = inputs.vae.info
         down = info.get("downscale", LATENT_DOWNSCALE)
         if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
@@ -75,7 +76,7 @@ def _pixels(dataset: Any) -> tuple[Any, list[str]]:
         raise NodeError(f"cannot read the dataset: {exc}", field="dataset") from None
 
 
-def _progress(ctx: Any, stage: str):
+def _progress(ctx: Context, stage: str):
     return lambda step, total, loss: ctx.progress(step, total, loss=loss, stage=stage)
 
 
@@ -96,7 +97,7 @@ class ShapesDataset(Node):
     class Outputs(NodeIO):
         dataset: Dataset = Field(description="Images with captions")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         return self.Outputs(dataset=ImageSet(Shapes(inputs.seed, inputs.count, inputs.resolution, inputs.held_out)))
 
 
@@ -113,14 +114,14 @@ class ImageFolderDataset(Node):
         dataset: Dataset = Field(description="Images with captions")
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any], ctx: Any) -> str:
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         """Names, sizes and mtimes of the folder's files: editing a caption invalidates the cache."""
         folder = Path(str(literals.get("folder", "")))
         if not folder.is_dir():
             return "missing"
         return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file())
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         try:
             images = FolderImages(ctx.readable(inputs.folder, "folder"), inputs.resolution)
         except FileNotFoundError as exc:
@@ -148,7 +149,7 @@ class TrainVAE(Node):
         model: TrainedModel = Field(description="The trained VAE (feed TrainUNet)")
         loss: float = Field(description="Mean loss of the last 10% of steps")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         widths = _widths(inputs.channels, "channels")
         pixels, _ = _pixels(inputs.dataset)
         if pixels.shape[-1] % 2 ** (len(widths) - 1):
@@ -198,7 +199,7 @@ class TrainUNet(Node):
         model: TrainedModel = Field(description="VAE, U-Net, text encoder and tokenizer (feed SaveModel)")
         loss: float = Field(description="Mean loss of the last 10% of steps")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         vae = inputs.vae
         if not isinstance(vae, TrainedDiffusionModel) or vae.vae is None:
             raise NodeError("needs the model output of TrainVAE", field="vae")
@@ -258,7 +259,7 @@ class SaveModel(Node):
     class Outputs(NodeIO):
         path: str = Field(description="The written folder (feed CheckpointLoader.path)")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         model = inputs.model
         if not isinstance(model, TrainedDiffusionModel) or not model.complete:
             raise NodeError("needs the model output of TrainUNet (VAE, U-Net, text encoder and tokenizer)", field="model")
@@ -288,7 +289,7 @@ class EvaluateShapes(Node):
         correct: bool = Field(description="Every image has all three attributes right")
         report: str = Field(description="One line per image: what was expected and what was seen")
 
-    def run(self, inputs: Any, ctx: Any) -> NodeIO:
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
         try:
             scores = [score_image(px.cpu().numpy(), inputs.caption) for px in inputs.image.pixels]
         except ValueError as exc:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from graphsd.context import Context
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
 
@@ -154,7 +155,7 @@ def prepare_conditioning(
 
 @torch.no_grad()
 def denoise(
-    ctx: Any,
+    ctx: Context,
     unet_ref: UNet,
     scheduler: Any,
     positive: Conditioning,
