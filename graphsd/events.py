@@ -69,8 +69,9 @@ class NodeDone(Event):
 
 
 @dataclass(frozen=True)
-class NodeError(Event):
-    """A node failed (``skipped`` lists the descendants that therefore did not run)."""
+class NodeFailed(Event):
+    """A node failed (``skipped`` lists the descendants that therefore did not run). Named
+    apart from :class:`graphsd.errors.NodeError`, the exception a node raises."""
 
     kind: ClassVar[str] = "node_error"
     node_id: str = ""

@@ -312,7 +312,7 @@ class Execution:
         failure = NodeFailure(node_id, gn.cls.type, message, error_type, tb, skipped)
         self.result.errors.append(failure)
         self.emit(
-            ev.NodeError(
+            ev.NodeFailed(
                 run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, message=message, error_type=error_type, skipped=skipped
             )
         )
