@@ -229,7 +229,11 @@ def write_folder_atomic(
                 raise NodeError(f"{path} exists and is not a folder of the kind being saved; it is left alone (choose another name)")
             with _temporary(path.parent, ".old", folder=True) as old:
                 os.rename(path, old)  # onto the empty temporary folder
-                os.rename(tmp, path)
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    os.rename(old, path)  # put the old one back before the temporary goes
+                    raise
             return path
         names = _alternatives(path)
         while True:

@@ -45,7 +45,7 @@ def _rlimit_available() -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
     if soft == resource.RLIM_INFINITY:
         return None
-    try:  # the data segment already used: resident private memory is a fair lower bound
+    try:  # what the limit already counts: the data and stack segments (statm field "data")
         statm = Path(f"/proc/{os.getpid()}/statm").read_text().split()
         used = int(statm[5]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
