@@ -45,6 +45,21 @@ def assert_same(ours: torch.Tensor, reference: torch.Tensor, what: str = "result
     assert diff <= bound, f"{what}: differs by {diff:.3g}, more than rounding allows ({bound:.3g})"
 
 
+U32 = 2.0**-24
+
+
+def assert_sum_in_either_order(one: dict, two: dict, first: dict, second: dict) -> None:
+    """Weights W + d1 + d2 (``one``) and W + d2 + d1 (``two``), each delta computed alone and
+    identically in both, are the same float32 sum rounded in two orders. Each addition rounds its
+    result r to within U32·|r| (round to nearest), so each order lies within U32·(|its
+    intermediate sum| + |itself|) of the exact sum, and the two differ per element by at most
+    U32·(|W + d1| + |W + d2| + |both results|); ``first`` / ``second`` are the single-patch
+    weights W + d1 and W + d2, the intermediate sums exactly as the stacks compute them."""
+    for name, w in one.items():
+        bound = U32 * (first[name].abs() + second[name].abs() + w.abs() + two[name].abs())
+        assert ((w - two[name]).abs() <= bound).all(), name
+
+
 @contextlib.contextmanager
 def diffusers_noise_in_float32() -> Iterator[None]:
     """While active, diffusers' ``randn_tensor`` draws float32 numbers and casts them to the

@@ -457,6 +457,20 @@ def test_checkpoint_save_confines_the_path(tmp_path, filename, message):
     assert not list(tmp_path.glob("*.safetensors")) and not list(out.rglob("*.safetensors"))
 
 
+def fp64_txt2img(source: str, tag: str, positive: str, negative: str, size: int, steps: int) -> dict:
+    """Text-to-image nodes (ids suffixed with ``tag``) on the model at ``source``, loaded in float64."""
+    return {
+        f"model{tag}": {"type": "CheckpointLoader", "inputs": {"path": source, "dtype": "fp64"}},
+        f"pos{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": positive}},
+        f"neg{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": negative}},
+        f"noise{tag}": {"type": "LatentNoise", "inputs": {"seed": 3, "width": size, "height": size}},
+        f"denoise{tag}": {"type": "UNetDenoiseLoop", "inputs": {
+            "unet": f"@model{tag}.unet", "positive": f"@pos{tag}.cond", "negative": f"@neg{tag}.cond",
+            "noise": f"@noise{tag}.noise", "steps": steps, "cfg": 5.0, "sampler": "euler"}},
+        f"image{tag}": {"type": "VAEDecode", "inputs": {"vae": f"@model{tag}.vae", "latent": f"@denoise{tag}.latent"}},
+    }
+
+
 @pytest.mark.parametrize("save_model", [save_sd1, save_sdxl_base], ids=["sd1", "sdxl"])
 def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
     """CheckpointSave → CheckpointLoader of the file generates the image of the original folder.
@@ -476,19 +490,9 @@ def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
     }})
     assert saved.ok, saved.to_dict()
 
-    def txt2img(source: str, tag: str) -> dict:
-        return {
-            f"model{tag}": {"type": "CheckpointLoader", "inputs": {"path": source, "dtype": "fp64"}},
-            f"pos{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": "a red circle"}},
-            f"neg{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": "blurry"}},
-            f"noise{tag}": {"type": "LatentNoise", "inputs": {"seed": 3, "width": 64, "height": 64}},
-            f"denoise{tag}": {"type": "UNetDenoiseLoop", "inputs": {
-                "unet": f"@model{tag}.unet", "positive": f"@pos{tag}.cond", "negative": f"@neg{tag}.cond",
-                "noise": f"@noise{tag}.noise", "steps": 3, "cfg": 5.0, "sampler": "euler"}},
-            f"image{tag}": {"type": "VAEDecode", "inputs": {"vae": f"@model{tag}.vae", "latent": f"@denoise{tag}.latent"}},
-        }
-
-    result = engine.run({"version": 1, "nodes": {**txt2img(str(model), "a"), **txt2img(str(out / "tiny.safetensors"), "b")}},
+    nodes = {**fp64_txt2img(str(model), "a", "a red circle", "blurry", 64, 3),
+             **fp64_txt2img(str(out / "tiny.safetensors"), "b", "a red circle", "blurry", 64, 3)}
+    result = engine.run({"version": 1, "nodes": nodes},
                         outputs=["imagea", "imageb"])
     assert result.ok, result.to_dict()
     assert_same(result.outputs["imageb"]["image"].pixels, result.outputs["imagea"]["image"].pixels, "image")
@@ -510,19 +514,9 @@ def test_checkpoint_save_keeps_the_tokenizer_of_the_builtin_model(tmp_path):
     assert saved.ok, saved.to_dict()
     written = out / "tiny.safetensors"
 
-    def txt2img(source: str, tag: str) -> dict:
-        return {
-            f"model{tag}": {"type": "CheckpointLoader", "inputs": {"path": source, "dtype": "fp64"}},
-            f"pos{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": "a red circle on a white background"}},
-            f"neg{tag}": {"type": "TextEncode", "inputs": {"clip": f"@model{tag}.clip", "text": ""}},
-            f"noise{tag}": {"type": "LatentNoise", "inputs": {"seed": 3, "width": 128, "height": 128}},
-            f"denoise{tag}": {"type": "UNetDenoiseLoop", "inputs": {
-                "unet": f"@model{tag}.unet", "positive": f"@pos{tag}.cond", "negative": f"@neg{tag}.cond",
-                "noise": f"@noise{tag}.noise", "steps": 4, "cfg": 5.0, "sampler": "euler"}},
-            f"image{tag}": {"type": "VAEDecode", "inputs": {"vae": f"@model{tag}.vae", "latent": f"@denoise{tag}.latent"}},
-        }
-
-    result = engine.run({"version": 1, "nodes": {**txt2img("graphsd-tiny", "a"), **txt2img(str(written), "b")}},
+    prompts = ("a red circle on a white background", "", 128, 4)
+    nodes = {**fp64_txt2img("graphsd-tiny", "a", *prompts), **fp64_txt2img(str(written), "b", *prompts)}
+    result = engine.run({"version": 1, "nodes": nodes},
                         outputs=["posa", "posb", "nega", "negb", "imagea", "imageb"])
     assert result.ok, result.to_dict()
     for node in ("pos", "neg"):
