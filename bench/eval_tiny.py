@@ -1,6 +1,6 @@
 """Quality table of graphsd-tiny, measured with diffusers' own pipelines and graphsd's evaluator.
 
-    python bench/eval_tiny.py --model graphsd/models/builtin/graphsd-tiny --device cuda \
+    python bench/eval_tiny.py --model graphsd/std/models/builtin/graphsd-tiny --device cuda \
         --out bench/tiny_quality.md --samples bench/tiny_samples.png
 
 Text-to-image: all 54 colour × shape × background captions × 2 seeds, 20 steps, 128×128, for
@@ -22,8 +22,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from graphsd.training.evaluate import read_shape, score_image
-from graphsd.training.shapes import ALL_COMBOS, BACKGROUNDS, HELD_OUT, caption
+from graphsd.std.training.evaluate import read_shape, score_image
+from graphsd.std.training.shapes import ALL_COMBOS, BACKGROUNDS, HELD_OUT, caption
 
 SEEDS = (0, 1)
 STEPS = 20
@@ -97,7 +97,7 @@ def quality(model: str, device: str, out: Path, samples: Path | None) -> None:
         "",
         f"Model `{Path(model).name}`; {STEPS} steps, 128x128, seeds {list(SEEDS)}, each of the 54 captions; "
         f"device {torch.cuda.get_device_name() if device.startswith('cuda') else device}, {str(dtype).replace('torch.', '')}. "
-        "Scored by `graphsd.training.evaluate` (pixel analysis). Held-out combinations were never seen in training.",
+        "Scored by `graphsd.std.training.evaluate` (pixel analysis). Held-out combinations were never seen in training.",
         "",
         "Reproduce: `python bench/eval_tiny.py --device cuda --samples bench/tiny_samples.png` "
         "(seed-0 images at guidance 7.5, euler: `bench/tiny_samples.png`).",
@@ -150,7 +150,7 @@ def cpu_timing(model: str, threads: int, repeats: int = 5) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="graphsd-tiny quality table / CPU timing")
-    p.add_argument("--model", default="graphsd/models/builtin/graphsd-tiny")
+    p.add_argument("--model", default="graphsd/std/models/builtin/graphsd-tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("bench/tiny_quality.md"))
     p.add_argument("--samples", type=Path, default=None, help="write a contact sheet of the seed-0 images here")

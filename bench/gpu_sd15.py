@@ -30,7 +30,7 @@ def build_model(folder: Path) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from graphsd.text.tokenizer import clip_tokenizer_dir
+    from graphsd.std.text.tokenizer import clip_tokenizer_dir
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)

@@ -60,7 +60,7 @@ def diffusers_generation_times(runs: int, params: dict) -> list[float]:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from graphsd.models.loading import resolve_model_path
+    from graphsd.std.models.loading import resolve_model_path
 
     folder = resolve_model_path("graphsd-tiny", Path("models"))
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True, safety_checker=None, requires_safety_checker=False)

@@ -62,6 +62,8 @@ class Context:
     emit: EventCallback
     interrupt_flag: threading.Event
     files: list[str] = field(default_factory=list)
+    #: folders of files the plugins ship (always readable, see ``graphsd_shipped_folders``)
+    shipped_folders: list[Path] = field(default_factory=list)
 
     @property
     def output_dir(self) -> Path:
@@ -81,15 +83,14 @@ class Context:
 
     def readable(self, path: str | Path, field: str) -> Path:
         """``path`` resolved, after checking it lies under ``settings.read_roots`` (when set) or
-        graphsd's built-in models; raises NodeError naming the field otherwise."""
+        the folders plugins ship; raises NodeError naming the field otherwise."""
         from graphsd.errors import NodeError
-        from graphsd.models.loading import builtin_models_dir
 
         resolved = Path(path).resolve()
         roots = self.settings.read_roots
         if roots is None:
             return resolved
-        allowed = [Path(r).resolve() for r in roots] + [builtin_models_dir()]
+        allowed = [Path(r).resolve() for r in roots] + list(self.shipped_folders)
         if not any(resolved == root or root in resolved.parents for root in allowed):
             raise NodeError(
                 f"'{path}' lies outside the folders this workflow may read ({', '.join(str(r) for r in allowed)}): "

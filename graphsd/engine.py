@@ -22,7 +22,7 @@ from graphsd.errors import GraphsdError
 from graphsd.events import EventCallback
 from graphsd.executor import Execution, RunResult, plan
 from graphsd.graph import Graph, build_graph
-from graphsd.models.manager import KeepOnDevice, ModelManager, ModelOffload
+from graphsd.memory import KeepOnDevice, ModelManager, ModelOffload
 from graphsd.paths import check_output_dir
 from graphsd.plugins import load_plugins
 from graphsd.workflow import read_document
@@ -60,7 +60,10 @@ class Engine:
 
     def load(self, workflow: str | Path | dict, params: dict[str, Any] | None = None) -> Graph:
         """Read and validate a workflow (raises WorkflowError listing every problem)."""
-        return build_graph(read_document(workflow), self.registry, params)
+        return build_graph(read_document(workflow, self._import_workflow), self.registry, params)
+
+    def _import_workflow(self, data: Any) -> dict | None:
+        return self.pm.hook.graphsd_import_workflow(data=data)
 
     def run(
         self,

@@ -160,6 +160,7 @@ class Execution:
             samplers=self.engine.registry.samplers,
             emit=self.emit,
             interrupt_flag=self.flag,
+            shipped_folders=self.engine.registry.shipped_folders,
         )
 
     def _key(self, node_id: str, ctx: Context) -> str:

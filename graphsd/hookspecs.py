@@ -11,8 +11,8 @@ Implement a hook in a plugin module::
 
 and expose the module through the ``graphsd`` entry-point group, or drop it into a plugins
 directory (``--plugins-dir`` / ``GRAPHSD_PLUGINS_DIR``). The built-in nodes register through
-these same hooks: each module of :mod:`graphsd.nodes` is a plugin with its own
-``graphsd_register_nodes``, and :mod:`graphsd.builtin` registers the socket types and samplers.
+these same hooks: :mod:`graphsd.std` (the Stable Diffusion stack) is graphsd's first plugin, and
+each module of :mod:`graphsd.std.nodes` is a plugin with its own ``graphsd_register_nodes``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from graphsd.events import Event
     from graphsd.node import Node
     from graphsd.types import Socket
@@ -54,6 +56,21 @@ def graphsd_register_samplers() -> dict[str, Any]:
     """Return ``{name: factory}`` for samplers usable by ``UNetDenoiseLoop``. A factory is
     called as ``factory(scheduler_config=dict, schedule=str)`` and returns a diffusers-style
     scheduler (``set_timesteps``, ``scale_model_input``, ``step``, ``add_noise``)."""
+
+
+@hookspec
+def graphsd_shipped_folders() -> list[Path]:
+    """Return folders of files this plugin ships (models, configs). Nodes may always read them,
+    even when a workflow is confined to ``Settings.read_roots``."""
+
+
+# ---- reading workflows ----------------------------------------------------------------------
+@hookspec(firstresult=True)
+def graphsd_import_workflow(data: Any) -> dict[str, Any] | None:
+    """Translate a document in a foreign format (already parsed from JSON/YAML/PNG) into a graphsd
+    workflow dict, or return None when it is not in this plugin's format. The first non-None
+    result is used; raise :class:`graphsd.errors.WorkflowError` for a document in your format
+    that cannot be translated. :mod:`graphsd.std` implements it for ComfyUI API prompts."""
 
 
 # ---- execution (called during each run) ----------------------------------------------------

@@ -1,6 +1,7 @@
 """Plugin discovery and the node registry.
 
-Sources, in order: the built-in plugin, the ``graphsd`` entry-point group of installed
+Sources, in order: graphsd's own plugins (:data:`BUILTIN_PLUGINS`, loaded by name: the engine
+core imports nothing from them), the ``graphsd`` entry-point group of installed
 packages, then every ``*.py`` file or package in the plugins directories (``--plugins-dir`` and
 the ``GRAPHSD_PLUGINS_DIR`` environment variable, ``os.pathsep``-separated). A plugin that fails
 to import or to register, or that registers a node name already taken, produces a warning that
@@ -30,6 +31,9 @@ from graphsd.types import Socket
 
 ENTRY_POINT_GROUP = "graphsd"
 PLUGINS_DIR_ENV = "GRAPHSD_PLUGINS_DIR"
+#: graphsd's own plugin packages, loaded first. A package's ``plugin_modules()`` (if any) names
+#: its submodules that are plugins of their own.
+BUILTIN_PLUGINS = ("graphsd.std",)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Registry:
     node_plugin: dict[str, str] = field(default_factory=dict)
     types: dict[str, type[Socket]] = field(default_factory=dict)
     samplers: dict[str, Any] = field(default_factory=dict)
+    shipped_folders: list[Path] = field(default_factory=list)
     plugins: list[PluginInfo] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -88,11 +93,12 @@ def _missing_dir(d: Path) -> ModuleType:
 
 def _candidates(plugins_dirs: list[Path], load_entry_points: bool) -> list[tuple[str, str, Any]]:
     """(name, source, loader) for every plugin to try, builtin first."""
-    from graphsd import builtin
-
-    found: list[tuple[str, str, Any]] = [("graphsd", "builtin", lambda: builtin)]
-    for name in builtin.node_module_names():
-        found.append((name, "builtin", lambda name=name: importlib.import_module(name)))
+    found: list[tuple[str, str, Any]] = []
+    for package in BUILTIN_PLUGINS:
+        module = importlib.import_module(package)
+        found.append((package, "builtin", lambda m=module: m))
+        for name in getattr(module, "plugin_modules", list)():
+            found.append((name, "builtin", lambda name=name: importlib.import_module(name)))
     if load_entry_points:
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = getattr(ep.dist, "name", "?")
@@ -159,6 +165,7 @@ def load_plugins(plugins_dirs: list[str] | tuple[str, ...] = (), load_entry_poin
             types_ = [t for r in _call_one(pm, module, "graphsd_register_types") for t in r]
             nodes = [n for r in _call_one(pm, module, "graphsd_register_nodes") for n in r]
             samplers = {k: v for r in _call_one(pm, module, "graphsd_register_samplers") for k, v in r.items()}
+            shipped = [Path(p) for r in _call_one(pm, module, "graphsd_shipped_folders") for p in r]
         except Exception as exc:  # a broken plugin must not take the engine down
             info.error = _short_error(exc)
             reg.warnings.append(f"plugin '{name}' ({source}) failed to load: {info.error}")
@@ -184,6 +191,7 @@ def load_plugins(plugins_dirs: list[str] | tuple[str, ...] = (), load_entry_poin
             info.nodes.append(node.type)
         for sname, factory in samplers.items():
             reg.samplers.setdefault(sname, factory)
+        reg.shipped_folders.extend(p.resolve() for p in shipped)
     return pm, reg
 
 

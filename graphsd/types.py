@@ -142,7 +142,7 @@ class Conditioning(Socket):
 @dataclass(eq=False)
 class ModelRef(Socket):
     """Base of the model handles. A handle is light: it names the components that the
-    :class:`~graphsd.models.manager.ModelManager` holds (``keys``: role → manager key, e.g.
+    :class:`~graphsd.memory.ModelManager` holds (``keys``: role → manager key, e.g.
     ``{"unet": "..."}`` or ``{"text_encoder": ..., "text_encoder_2": ...}``), facts about them
     (``info``: family, scheduler config, latent scale factor, tokenizers, ...) and the patches
     (LoRA, hypernetworks) recorded on it. :meth:`with_patches` returns a new handle; weights are
@@ -178,7 +178,7 @@ class Vae(ModelRef):
 
 
 class Dataset(Socket):
-    """A training dataset: a sequence of (image, caption) samples (see graphsd.training)."""
+    """A training dataset: a sequence of (image, caption) samples (see graphsd.std.training)."""
 
 
 class TrainedModel(Socket):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -188,9 +189,10 @@ def read_png_workflow(path: Path) -> Any:
     )
 
 
-def read_document(source: str | Path | dict) -> dict:
-    """Read a workflow from a path (YAML, JSON, PNG) or take a dict; ComfyUI API prompts are
-    converted. Returns a plain document dict (not yet validated against node types)."""
+def read_document(source: str | Path | dict, importer: Callable[[Any], dict | None] | None = None) -> dict:
+    """Read a workflow from a path (YAML, JSON, PNG) or take a dict. A document in another format
+    is translated by ``importer`` (the plugins' ``graphsd_import_workflow`` hook: ComfyUI API
+    prompts). Returns a plain document dict (not yet validated against node types)."""
     if isinstance(source, dict):
         data: Any = copy.deepcopy(source)
         origin = "<workflow>"
@@ -207,28 +209,13 @@ def read_document(source: str | Path | dict) -> dict:
             except (OSError, UnicodeDecodeError) as exc:
                 raise WorkflowError([Issue(f"{path}: cannot read as UTF-8 text ({exc})", code="syntax")]) from None
             data = _parse_text(text, path.suffix.lower(), origin)
-    if is_comfy_prompt(data):
-        from graphsd.comfy import comfy_to_workflow
-
-        data = comfy_to_workflow(data)
+    if importer is not None and (imported := importer(data)) is not None:
+        data = imported
     if not isinstance(data, dict):
         raise WorkflowError(
             [Issue(f"{origin}: a workflow must be a mapping with 'version' and 'nodes', got {type(data).__name__}", code="schema")]
         )
     return data
-
-
-def is_comfy_prompt(data: Any) -> bool:
-    """A ComfyUI API prompt is a mapping of ids to ``{"class_type": ..., "inputs": ...}``
-    (sometimes wrapped as ``{"prompt": {...}}``)."""
-    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
-        data = data["prompt"]
-    return (
-        isinstance(data, dict)
-        and bool(data)
-        and "nodes" not in data
-        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
-    )
 
 
 def _schema_issues(exc: ValidationError) -> list[Issue]:

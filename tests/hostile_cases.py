@@ -298,7 +298,7 @@ def png_workflow_trusted_by_the_user(d):
 def png_workflow_loads_a_model_from_elsewhere(d):
     import shutil
 
-    from graphsd.models.loading import builtin_models_dir
+    from graphsd.std.models.loading import builtin_models_dir
 
     shutil.copytree(builtin_models_dir() / "graphsd-tiny", d / "elsewhere")
     nodes = tiny_chain()
@@ -401,7 +401,7 @@ def lora_pickle_with_code(d):
 def model_index_names_os_module(d):
     import shutil
 
-    from graphsd.models.loading import builtin_models_dir
+    from graphsd.std.models.loading import builtin_models_dir
 
     shutil.copytree(builtin_models_dir() / "graphsd-tiny", d / "models" / "evil")
     index = json.loads((d / "models" / "evil" / "model_index.json").read_text())

@@ -21,7 +21,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from graphsd.text.tokenizer import clip_tokenizer_dir
+from graphsd.std.text.tokenizer import clip_tokenizer_dir
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 

@@ -37,3 +37,26 @@ def test_module_level_imports_form_no_cycle():
     graph = import_graph()
     assert graph.number_of_nodes() > 40 and graph.number_of_edges() > 60  # it really read the package
     assert list(nx.simple_cycles(graph)) == []
+
+
+CORE = ["workflow", "graph", "executor", "cache", "events", "plugins", "engine", "cli", "context", "node", "memory"]
+
+
+def imports_anywhere(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside functions."""
+    found = set()
+    for statement in ast.walk(ast.parse(path.read_text())):
+        if isinstance(statement, ast.Import):
+            found.update(alias.name for alias in statement.names)
+        elif isinstance(statement, ast.ImportFrom) and statement.module and not statement.level:
+            found.add(statement.module)
+    return found
+
+
+def test_the_engine_core_imports_nothing_from_the_sd_stack():
+    """graphsd.std is a plugin: the core loads it by name (plugins.BUILTIN_PLUGINS) and never
+    imports it, even lazily, so the core runs workflows of any plugin's nodes without it."""
+    for name in CORE:
+        imported = imports_anywhere(PACKAGE / f"{name}.py")
+        assert "graphsd" in " ".join(imported) or name == "events"  # it really read the file
+        assert sorted(m for m in imported if m.startswith("graphsd.std")) == [], name

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from reference import assert_same
 from test_lora import sd1_outputs, tiny_sd1
 
-from graphsd.models.hypernetwork import (
+from graphsd.std.models.hypernetwork import (
     ACTIVATIONS,
     Hypernetwork,
     HypernetworkFormatError,

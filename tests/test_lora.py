@@ -16,8 +16,8 @@ import torch
 from reference import assert_same, assert_sum_in_either_order
 from safetensors.torch import save_file
 
-from graphsd.models.lora import LoraPatch, guess_family, load_lora, match_lora
-from graphsd.models.manager import ModelManager
+from graphsd.std.models.lora import LoraPatch, guess_family, load_lora, match_lora
+from graphsd.memory import ModelManager
 from graphsd.types import UNet
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -418,7 +418,7 @@ def test_roles_without_layers_are_untouched(tmp_path):
 
 # ---- what does not fit ------------------------------------------------------------------------------
 def test_sdxl_lora_on_sd1_names_the_family(tmp_path):
-    from graphsd.models.lora import LoraFormatError, check_family
+    from graphsd.std.models.lora import LoraFormatError, check_family
 
     sdxl_unet, te1, te2 = tiny_sdxl()
     save_file(kohya_sdxl(sdxl_unet, te1, te2), tmp_path / "sdxl.safetensors")
@@ -445,7 +445,7 @@ def test_lora_matching_nothing_is_reported(tmp_path):
 
 
 def test_pickle_lora_needs_permission(tmp_path):
-    from graphsd.models.lora import LoraFormatError
+    from graphsd.std.models.lora import LoraFormatError
 
     unet, te = tiny_sd1()
     torch.save(kohya_sd1(unet, te), tmp_path / "old.pt")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from test_lora import graphsd_patch, kohya_sd1, tiny_sd1, weight_layers
 
-from graphsd.models.lora import LoraFormatError, load_lora
+from graphsd.std.models.lora import LoraFormatError, load_lora
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

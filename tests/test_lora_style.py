@@ -10,8 +10,8 @@ import pytest
 
 from graphsd import Engine, Settings
 from graphsd.events import ModelEvent
-from graphsd.training.evaluate import score_image
-from graphsd.training.styles import night_score
+from graphsd.std.training.evaluate import score_image
+from graphsd.std.training.styles import night_score
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

@@ -14,7 +14,7 @@ from reference import assert_same, diffusers_noise_in_float32
 from safetensors.torch import load_file
 
 from graphsd import Engine, Settings
-from graphsd.models.hypernetwork import load_hypernetwork
+from graphsd.std.models.hypernetwork import load_hypernetwork
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this
 DATASET_PLUGIN = '''
 from pydantic import Field
 from graphsd import Node, NodeIO, hookimpl
-from graphsd.training.shapes import ShapesDataset
+from graphsd.std.training.shapes import ShapesDataset
 from graphsd.types import Dataset
 
 

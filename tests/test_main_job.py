@@ -13,7 +13,7 @@ import pytest
 from PIL import Image as PILImage
 
 from graphsd import Engine, Settings
-from graphsd.training.evaluate import read_shape
+from graphsd.std.training.evaluate import read_shape
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

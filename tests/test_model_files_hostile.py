@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from graphsd import Engine, Settings
-from graphsd.models.hypernetwork import HypernetworkFormatError, load_hypernetwork
+from graphsd.std.models.hypernetwork import HypernetworkFormatError, load_hypernetwork
 
 # The A1111 layout [1, 2, 1] with relu: Linear 0, ReLU 1, Linear 2.
 WIDTH = 64
@@ -57,7 +57,7 @@ def test_valid_file_loads(tmp_path):
 
 BOMB_PROBE = textwrap.dedent("""
     import resource, sys, time
-    from graphsd.models.hypernetwork import HypernetworkFormatError, load_hypernetwork
+    from graphsd.std.models.hypernetwork import HypernetworkFormatError, load_hypernetwork
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:

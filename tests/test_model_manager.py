@@ -7,7 +7,7 @@ import torch
 
 from graphsd import Engine, Node, NodeIO, Settings
 from graphsd.events import ModelEvent
-from graphsd.models.manager import ModelManager, ModelOffload
+from graphsd.memory import ModelManager, ModelOffload
 from graphsd.types import UNet
 
 

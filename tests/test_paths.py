@@ -16,7 +16,7 @@ import pytest
 import sd_tiny
 from graphsd.errors import NodeError
 from graphsd.paths import safe_output_path, write_atomic, write_folder_atomic, write_numbered
-from graphsd.training.export import save_pipeline
+from graphsd.std.training.export import save_pipeline
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 

@@ -21,7 +21,7 @@ def test_builtin_nodes_register_through_hooks():
     engine = Engine(Settings(device="cpu", load_entry_points=False))
     assert {"LoadImage", "SaveImage"} <= set(engine.nodes)
     sources = {p.name: p.source for p in engine.registry.plugins}
-    assert sources["graphsd.nodes.image_io"] == "builtin"
+    assert sources["graphsd.std.nodes.image_io"] == "builtin"
     assert engine.warnings == []
 
 
@@ -37,7 +37,7 @@ def test_broken_plugin_and_duplicate_name_warn_and_engine_keeps_working():
     text = "\n".join(engine.warnings)
     assert "plugin 'broken_import'" in text and "broken on purpose" in text
     assert "plugin 'clashing'" in text and "'SaveImage'" in text and "already registered" in text
-    assert engine.nodes["SaveImage"].__module__ == "graphsd.nodes.image_io"  # the first one wins
+    assert engine.nodes["SaveImage"].__module__ == "graphsd.std.nodes.image_io"  # the first one wins
     assert "ExtraFromClashing" in engine.nodes  # the clashing plugin's other node still loads
     assert "LoadImage" in engine.nodes
 

@@ -12,9 +12,9 @@ import torch
 import sd_tiny
 from graphsd import Engine, Settings, WorkflowError
 from graphsd.events import ModelEvent, NodeStart, Progress
-from graphsd.models.loading import candidate_paths
-from graphsd.nodes.sd import CheckpointLoader
-from graphsd.sampling.schedulers import SAMPLERS
+from graphsd.std.models.loading import candidate_paths
+from graphsd.std.nodes.sd import CheckpointLoader
+from graphsd.std.sampling.schedulers import SAMPLERS
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
@@ -256,7 +256,7 @@ def test_vae_encode_refuses_sizes_that_are_not_multiples_of_8(engine, tmp_path):
 def single_file(models):
     from diffusers import StableDiffusionPipeline
 
-    from graphsd.models.single_file import save_single_file
+    from graphsd.std.models.single_file import save_single_file
 
     pipe = StableDiffusionPipeline.from_pretrained(models / "sd1", local_files_only=True, safety_checker=None)
     components = {"family": "sd1", "unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "scheduler_config": dict(pipe.scheduler.config)}

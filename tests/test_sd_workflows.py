@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 import sd_tiny
 from reference import assert_same, diffusers_noise_in_float32
 from graphsd import Engine, Settings, WorkflowError
-from graphsd.comfy import comfy_to_workflow
+from graphsd.std.comfy import comfy_to_workflow
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

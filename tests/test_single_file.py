@@ -27,9 +27,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from graphsd.context import Settings
 from graphsd.engine import Engine
-from graphsd.models.formats import ModelFileError
-from graphsd.models.hypernetwork import Hypernetwork, build_net, save_hypernetwork
-from graphsd.models.single_file import (
+from graphsd.std.models.formats import ModelFileError
+from graphsd.std.models.hypernetwork import Hypernetwork, build_net, save_hypernetwork
+from graphsd.std.models.single_file import (
     TEXT_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -43,7 +43,7 @@ from graphsd.models.single_file import (
     unet_rule,
     vae_rule,
 )
-from graphsd.text.tokenizer import clip_tokenizer
+from graphsd.std.text.tokenizer import clip_tokenizer
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

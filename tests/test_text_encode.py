@@ -18,8 +18,8 @@ from reference import U64, assert_same, tolerance
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from graphsd import Engine, Settings
-from graphsd.text.encode import encode_prompt, tokenize_prompt
-from graphsd.text.tokenizer import clip_tokenizer, clip_tokenizer_dir
+from graphsd.std.text.encode import encode_prompt, tokenize_prompt
+from graphsd.std.text.tokenizer import clip_tokenizer, clip_tokenizer_dir
 
 LAYERS = 3
 
@@ -181,7 +181,7 @@ HAND_CLIP_PLUGIN = '''
 from transformers import CLIPTokenizer
 
 from graphsd import Node, NodeIO, hookimpl
-from graphsd.text.tokenizer import clip_tokenizer, clip_tokenizer_dir
+from graphsd.std.text.tokenizer import clip_tokenizer, clip_tokenizer_dir
 from graphsd.types import Clip
 
 

@@ -16,8 +16,8 @@ import json
 import pytest
 from transformers import CLIPTokenizer
 
-from graphsd.text.encode import tokenize_prompt
-from graphsd.text.tokenizer import (
+from graphsd.std.text.encode import tokenize_prompt
+from graphsd.std.text.tokenizer import (
     build_clip_tokenizer_files,
     byte_symbols,
     clip_tokenizer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from graphsd.text.weighting import BREAK, Segment, parse_prompt
+from graphsd.std.text.weighting import BREAK, Segment, parse_prompt
 
 UP, DOWN = 1.1, 1 / 1.1
 

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image, ImageFilter
 from transformers import CLIPTokenizer
 
-from graphsd.training.evaluate import read_shape, score_image
-from graphsd.training.shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, ShapesDataset, caption, parse_caption
-from graphsd.training.tokenizer import train_tokenizer
+from graphsd.std.training.evaluate import read_shape, score_image
+from graphsd.std.training.shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, ShapesDataset, caption, parse_caption
+from graphsd.std.training.tokenizer import train_tokenizer
 
 
 def test_same_seed_same_samples_other_seed_other_samples():

@@ -10,9 +10,9 @@ from diffusers import StableDiffusionPipeline
 from graphsd import Engine
 from graphsd.errors import RunInterrupted
 from graphsd.events import Progress
-from graphsd.training.architecture import TextEncoderShape, UNetShape
-from graphsd.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, alphas_cumprod, train_diffusion
-from graphsd.training.tokenizer import tokenize, train_tokenizer, vocab_info
+from graphsd.std.training.architecture import TextEncoderShape, UNetShape
+from graphsd.std.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, alphas_cumprod, train_diffusion
+from graphsd.std.training.tokenizer import tokenize, train_tokenizer, vocab_info
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

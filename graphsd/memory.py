@@ -64,7 +64,7 @@ class KeepOnDevice:
 
     name = "keep"
 
-    def make_room(self, manager: "ModelManager", key: str, nbytes: int) -> None:
+    def make_room(self, manager: ModelManager, key: str, nbytes: int) -> None:
         return None
 
 
@@ -78,7 +78,7 @@ class ModelOffload:
     def __init__(self, vram_budget: int):
         self.vram_budget = vram_budget
 
-    def make_room(self, manager: "ModelManager", key: str, nbytes: int) -> None:
+    def make_room(self, manager: ModelManager, key: str, nbytes: int) -> None:
         for other in list(manager.on_device):
             if manager.device_bytes() + nbytes <= self.vram_budget:
                 break

@@ -1,5 +1,5 @@
 """Train style patches from a dataset: TrainLoRA (kohya-format safetensors) and
-TrainHypernetwork (A1111 ``.pt``). See :mod:`graphsd.training.lora` for the method.
+TrainHypernetwork (A1111 ``.pt``). See :mod:`graphsd.std.training.lora` for the method.
 
 Both encode the dataset once (VAE posterior mean × the VAE scale factor; each caption with the
 model's text encoder(s), frozen, as ``TextEncode`` does), train the adapter on the frozen U-Net,
@@ -22,14 +22,14 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.models.hypernetwork import HypernetworkPatch, save_hypernetwork
-from graphsd.models.lora import LoraPatch, match_lora, parse_lora
+from graphsd.std.models.hypernetwork import HypernetworkPatch, save_hypernetwork
+from graphsd.std.models.lora import LoraPatch, match_lora, parse_lora
 from graphsd.node import Node, NodeIO
-from graphsd.nodes.text import TOKENIZER_OF_ROLE
+from graphsd.std.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
-from graphsd.text.encode import encode_prompt
-from graphsd.training.data import ImageSet, load_images, to_model_range
-from graphsd.training.lora import (
+from graphsd.std.text.encode import encode_prompt
+from graphsd.std.training.data import ImageSet, load_images, to_model_range
+from graphsd.std.training.lora import (
     AdapterTraining,
     TrainingData,
     lora_state_dict,
@@ -39,7 +39,7 @@ from graphsd.training.lora import (
     train_hypernetwork,
     train_lora,
 )
-from graphsd.training.styles import NightShapes
+from graphsd.std.training.styles import NightShapes
 from graphsd.types import Clip, Dataset, UNet, Vae
 
 ACTIVATION_CHOICES = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish", "gelu", "silu"]

@@ -1,6 +1,6 @@
 """Prompt → CLIP text-encoder embeddings, with prompt weighting, long prompts and clip skip.
 
-**Chunks.** A prompt is parsed into weighted segments (:mod:`graphsd.text.weighting`); each
+**Chunks.** A prompt is parsed into weighted segments (:mod:`graphsd.std.text.weighting`); each
 segment is tokenized on its own and the tokens are cut into chunks of 75 (``BREAK`` also ends a
 chunk; a chunk is never empty unless the whole prompt is). Each chunk becomes
 ``[BOS] tokens [EOS] [PAD]...`` of the tokenizer's 77-token context, padded with the tokenizer's
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from graphsd.text.weighting import BREAK, Segment, parse_prompt
+from graphsd.std.text.weighting import BREAK, Segment, parse_prompt
 from graphsd.types import working_dtype
 
 

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from diffusers import AutoencoderKL
 
-from graphsd.training.architecture import VAEShape
-from graphsd.training.data import to_model_range
+from graphsd.std.training.architecture import VAEShape
+from graphsd.std.training.data import to_model_range
 
 ProgressFn = Callable[[int, int, float], None]
 

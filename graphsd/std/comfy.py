@@ -284,6 +284,19 @@ def _graphsd_ids(prompt: dict[str, Any]) -> dict[str, str]:
     return ids
 
 
+def is_comfy_prompt(data: Any) -> bool:
+    """A ComfyUI API prompt is a mapping of ids to ``{"class_type": ..., "inputs": ...}``
+    (sometimes wrapped as ``{"prompt": {...}}``)."""
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
+        data = data["prompt"]
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and "nodes" not in data
+        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+    )
+
+
 def comfy_to_workflow(prompt: dict[str, Any]) -> dict[str, Any]:
     """Convert a ComfyUI API prompt (optionally wrapped as ``{"prompt": {...}}``) into a graphsd
     workflow document. Raises :class:`WorkflowError` listing every problem found."""

@@ -3,7 +3,7 @@
 A model is named by ``path`` in a ``CheckpointLoader`` node. :func:`resolve_model_path` looks, in
 order, at:
 
-1. the built-in models shipped in ``graphsd/models/builtin/<name>/``,
+1. the built-in models shipped in ``graphsd/std/models/builtin/<name>/``,
 2. ``<models_dir>/<name>``,
 3. ``<models_dir>/checkpoints/<name>``,
 4. ``<name>`` as a path (absolute, or relative to the working directory).
@@ -11,7 +11,7 @@ order, at:
 What is found is either a diffusers model folder (``model_index.json`` + one folder per
 component: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL adds
 ``text_encoder_2/`` and ``tokenizer_2/``) or a single checkpoint file, which
-:func:`graphsd.models.single_file.load_single_file` converts. Everything loads offline
+:func:`graphsd.std.models.single_file.load_single_file` converts. Everything loads offline
 (``local_files_only=True``). A folder is data, never code: ``model_index.json`` may name
 classes of the ``diffusers`` and ``transformers`` packages only.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from graphsd.models.formats import WEIGHT_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import WEIGHT_SUFFIXES, ModelFileError
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet, Vae
 
@@ -256,7 +256,7 @@ def _single_file_loaders(manager: Any, path: Path, fingerprint: str, dtype: str,
     """Loader functions for the components of a single checkpoint file. The file is converted
     at most once per load (and not at all when every component is already held): the list of
     components it has and its scheduler config are kept in the manager beside the modules."""
-    from graphsd.models.single_file import load_single_file
+    from graphsd.std.models.single_file import load_single_file
 
     converted: dict[str, Any] = {}
 

@@ -1,7 +1,7 @@
 """Image–caption datasets as the training code consumes them.
 
 A dataset is any sequence whose items are ``(image, caption)`` with the image a uint8
-``[H, W, 3]`` array (see :class:`~graphsd.training.shapes.ShapesDataset`). Training loads all
+``[H, W, 3]`` array (see :class:`~graphsd.std.training.shapes.ShapesDataset`). Training loads all
 images once into one uint8 tensor (:func:`load_images`), so the VAE sees each image only when
 it is trained and when the latents are encoded, never again.
 """

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from graphsd.models.formats import PICKLE_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import PICKLE_SUFFIXES, ModelFileError
 
 
 class HypernetworkFormatError(ModelFileError, ValueError):

@@ -1,7 +1,7 @@
 """Train style patches on a frozen model: LoRA adapters (written in kohya's format) and A1111
 hypernetworks.
 
-Both use the noise-prediction objective of :mod:`graphsd.training.diffusion` (Ho et al. 2020,
+Both use the noise-prediction objective of :mod:`graphsd.std.training.diffusion` (Ho et al. 2020,
 Algorithm 1, in latent space) with the base U-Net and text encoder frozen: draw latents
 ``x0`` and their (pre-computed) text contexts, ``t`` uniform in [0, T), ``ε ~ N(0, I)``, form
 ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε`` and minimise ``MSE(ε_θ(x_t, t, c), ε)`` over the
@@ -11,7 +11,7 @@ adapter's parameters only.
   same kernel as ``W``) and ``up`` (1×1, initialised to zero, so training starts from the base
   model) and computes ``W x + up(down(x))·alpha/r``. Saved as
   ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
-- **Hypernetwork** (A1111): a :class:`~graphsd.models.hypernetwork.Hypernetwork` for every
+- **Hypernetwork** (A1111): a :class:`~graphsd.std.models.hypernetwork.Hypernetwork` for every
   context width of the U-Net's attention layers, applied through the same hooks as at
   inference (strength 1), initialised as A1111's "Normal" option (weights N(0, 0.01), biases 0).
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from graphsd.models.hypernetwork import Hypernetwork, HypernetworkPatch, attention_layers, build_net, dropout_structure
-from graphsd.training.diffusion import alphas_cumprod
+from graphsd.std.models.hypernetwork import Hypernetwork, HypernetworkPatch, attention_layers, build_net, dropout_structure
+from graphsd.std.training.diffusion import alphas_cumprod
 
 ProgressFn = Callable[[int, int, float], None]
 

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from graphsd.models.formats import PICKLE_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import PICKLE_SUFFIXES, ModelFileError
 from graphsd.paths import file_fingerprint
 from graphsd.types import working_dtype
 

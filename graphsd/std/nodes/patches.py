@@ -6,7 +6,7 @@ restored bit for bit afterwards, so branches with and without a patch can share 
 and changing a strength never reloads the base model. The patch files themselves are loaded
 once per engine through the ModelManager (keyed by the file's fingerprint).
 
-Files are found, in order, among the built-in ones (``graphsd/models/builtin/loras/`` or
+Files are found, in order, among the built-in ones (``graphsd/std/models/builtin/loras/`` or
 ``.../hypernetworks/``), under ``<models_dir>/loras/`` (or ``hypernetworks/``), then as a path;
 a name without a suffix also tries ``.safetensors`` and the pickle suffixes (LoRA) or ``.pt``
 (hypernetwork).
@@ -23,10 +23,10 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
-from graphsd.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
-from graphsd.models.loading import builtin_models_dir
-from graphsd.models.lora import LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
+from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
+from graphsd.std.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
+from graphsd.std.models.loading import builtin_models_dir
+from graphsd.std.models.lora import LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet

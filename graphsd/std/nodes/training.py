@@ -4,7 +4,7 @@
 encoder trained jointly on latents encoded once) → ``SaveModel`` (a diffusers folder under the
 output directory, loadable by ``CheckpointLoader``); ``EvaluateShapes`` scores generated images
 of the shapes dataset. ``workflows/train_tiny.yaml`` is the recipe of the built-in graphsd-tiny.
-The methods are in :mod:`graphsd.training` (one module per step).
+The methods are in :mod:`graphsd.std.training` (one module per step).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
-from graphsd.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
-from graphsd.training.data import ImageFolderDataset as FolderImages
-from graphsd.training.data import ImageSet, load_images
-from graphsd.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
-from graphsd.training.evaluate import score_image
-from graphsd.training.export import save_pipeline
-from graphsd.training.shapes import ShapesDataset as Shapes
-from graphsd.training.tokenizer import tokenize, train_tokenizer, vocab_info
-from graphsd.training.vae import VAETraining, encode_latents, set_scale_factor, train_vae
+from graphsd.std.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
+from graphsd.std.training.data import ImageFolderDataset as FolderImages
+from graphsd.std.training.data import ImageSet, load_images
+from graphsd.std.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
+from graphsd.std.training.evaluate import score_image
+from graphsd.std.training.export import save_pipeline
+from graphsd.std.training.shapes import ShapesDataset as Shapes
+from graphsd.std.training.tokenizer import tokenize, train_tokenizer, vocab_info
+from graphsd.std.training.vae import VAETraining, encode_latents, set_scale_factor, train_vae
 from graphsd.types import Dataset, Image, TrainedModel
 
 

@@ -10,7 +10,7 @@ A single-file checkpoint holds every component under one prefix per component::
     conditioner.embedders.1.model.*          SDXL: OpenCLIP ViT-bigG (+ text_projection)
 
 :func:`load_single_file` detects the family from those prefixes, builds the diffusers /
-transformers modules from the bundled diffusers-layout configs in ``graphsd/data/configs/<family>/``
+transformers modules from the bundled diffusers-layout configs in ``graphsd/std/data/configs/<family>/``
 (real SD1.5, SD2.1 768-v and SDXL-base configs) with every size that the tensors reveal
 (channels, layers, context width, transformer depth, ...) taken from the file, so small models
 load as well as real ones. Files written by :func:`save_single_file` also carry the exact
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from graphsd.models.formats import PICKLE_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import PICKLE_SUFFIXES, ModelFileError
 from graphsd.paths import write_atomic
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -508,7 +508,7 @@ def _build_text(family: str, role: str, config: dict[str, Any], tensors: dict[st
 def _tokenizer(pad_token: str | None = None) -> Any:
     from transformers import CLIPTokenizer
 
-    from graphsd.text.tokenizer import clip_tokenizer_dir
+    from graphsd.std.text.tokenizer import clip_tokenizer_dir
 
     extra = {"pad_token": pad_token} if pad_token else {}
     return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), local_files_only=True, **extra)
@@ -538,7 +538,7 @@ def _check_vocabulary(role: str, tokenizer: Any, encoder: torch.nn.Module, store
     """The tokenizer must only give ids the text encoder has: a stored tokenizer at most
     ``vocab_size`` tokens; without one, the encoder's vocabulary must be the standard CLIP
     one (the file does not say which other tokenizer it was trained with)."""
-    from graphsd.text.tokenizer import VOCAB_SIZE
+    from graphsd.std.text.tokenizer import VOCAB_SIZE
 
     vocab = encoder.config.vocab_size
     if stored and len(tokenizer) > vocab:
@@ -574,7 +574,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     read from the tensors. The tokenizers are those stored in the ``graphsd.tokenizer`` metadata,
     else the shipped CLIP tokenizer, padding with ``<|endoftext|>`` (SD1, SDXL's first) or ``!``
     (SD2, SDXL's second: OpenCLIP pads with id 0) unless the metadata names the pad tokens.
-    Raises :class:`~graphsd.models.formats.ModelFileError` for pickle files unless ``allow_pickle``, for
+    Raises :class:`~graphsd.std.models.formats.ModelFileError` for pickle files unless ``allow_pickle``, for
     layouts it does not recognise and for a text encoder no available tokenizer fits."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -703,7 +703,7 @@ def tokenizer_files(tokenizers: dict[str, Any]) -> dict[str, dict[str, str]]:
     writes them (only :data:`TOKENIZER_FILES`)."""
     import tempfile
 
-    from graphsd.text.tokenizer import VOCAB_SIZE, clip_tokenizer
+    from graphsd.std.text.tokenizer import VOCAB_SIZE, clip_tokenizer
 
     stored = {}
     for role in ("tokenizer", "tokenizer_2"):

@@ -4,7 +4,7 @@ A :class:`~graphsd.types.Clip` handle names its text encoders in ``keys`` (``"te
 plus ``"text_encoder_2"`` for SDXL) and carries the matching tokenizers in ``info``
 (``"tokenizer"``, ``"tokenizer_2"``). A handle with a second encoder is encoded the SDXL way
 (both encoders' hidden states side by side, pooled embedding from the second); otherwise the
-SD1 way. See :mod:`graphsd.text.encode` for chunking, weighting and clip skip.
+SD1 way. See :mod:`graphsd.std.text.encode` for chunking, weighting and clip skip.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import Field
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
-from graphsd.text.encode import encode_prompt
+from graphsd.std.text.encode import encode_prompt
 from graphsd.types import Clip, Conditioning
 
 #: Text-encoder role in ``Clip.keys`` → tokenizer entry in ``Clip.info``.

@@ -10,8 +10,8 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.models.formats import PICKLE_SUFFIXES
-from graphsd.models.single_file import (
+from graphsd.std.models.formats import PICKLE_SUFFIXES
+from graphsd.std.models.single_file import (
     component_roles,
     component_tensors,
     module_config,

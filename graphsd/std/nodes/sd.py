@@ -17,12 +17,12 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.models.loading import load_checkpoint, resolve_model_path
+from graphsd.std.models.loading import load_checkpoint, resolve_model_path
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
-from graphsd.sampling.loop import DenoiseError, DenoiseSettings, denoise
-from graphsd.sampling.schedulers import UnsupportedSchedule
+from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise
+from graphsd.std.sampling.schedulers import UnsupportedSchedule
 from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, working_dtype
 
 #: Pixels per latent cell of Stable Diffusion VAEs (SD1, SD2, SDXL).

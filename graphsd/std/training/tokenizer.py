@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from graphsd.text.tokenizer import byte_symbols
+from graphsd.std.text.tokenizer import byte_symbols
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from graphsd.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape
+from graphsd.std.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape
 
 ProgressFn = Callable[[int, int, float], None]
 CHECKPOINT_NAME = "diffusion_checkpoint.pt"
