@@ -19,7 +19,7 @@ from typing import Any
 from graphsd.cache import OutputCache
 from graphsd.context import Settings
 from graphsd.errors import GraphsdError
-from graphsd.events import EventCallback
+from graphsd.events import EventCallback, ModelEvent
 from graphsd.executor import Execution, RunResult, plan
 from graphsd.graph import Graph, build_graph
 from graphsd.memory import KeepOnDevice, ModelManager, ModelOffload
@@ -47,8 +47,20 @@ class Engine:
         strategy = ModelOffload(int(s.vram_budget_mb * MB)) if s.vram_budget_mb else KeepOnDevice()
         ram = int(s.ram_budget_mb * MB) if s.ram_budget_mb else None
         self.models = ModelManager(self.device, ram_budget=ram, strategy=strategy)
+        # the cache and the model manager report to the engine, which forwards to the run in progress
+        self._execution: Execution | None = None
+        self.cache.listener = self._cache_event
+        self.models.listener = self._model_event
         self._interrupt = threading.Event()
         self._lock = threading.Lock()
+
+    def _cache_event(self, action: str, key: str, nbytes: int) -> None:
+        if (execution := self._execution) is not None:
+            execution.cache_event(action, key, nbytes)
+
+    def _model_event(self, event: ModelEvent) -> None:
+        if (execution := self._execution) is not None:
+            execution.emit(dataclasses.replace(event, run_id=execution.result.run_id))
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -82,7 +94,11 @@ class Engine:
         order, targets = plan(graph, outputs)
         with self._lock:
             self._interrupt.clear()
-            return Execution(self, graph, on_event, self._interrupt).run(order, targets)
+            self._execution = Execution(self, graph, on_event, self._interrupt)
+            try:
+                return self._execution.run(order, targets)
+            finally:
+                self._execution = None
 
     def interrupt(self) -> None:
         """Stop the current run between nodes or between steps of a long node."""

@@ -143,7 +143,7 @@ class Execution:
         except Exception as exc:  # observers must not break runs
             self.engine.warn(f"a graphsd_event hook raised {type(exc).__name__}: {exc}")
 
-    def _cache_listener(self, action: str, key: str, nbytes: int) -> None:
+    def cache_event(self, action: str, key: str, nbytes: int) -> None:
         self.emit(ev.CacheEvent(run_id=self.result.run_id, action=action, key=key, node_id=self._current, nbytes=nbytes))
 
     # ---- keys ---------------------------------------------------------------------------
@@ -178,9 +178,6 @@ class Execution:
         t0 = time.perf_counter()
         res = self.result
         self.planned = set(order)
-        cache, models = self.engine.cache, self.engine.models
-        cache.listener = self._cache_listener
-        models.listener, models.run_id = self.emit, res.run_id
         self.emit(ev.RunStart(run_id=res.run_id, planned=tuple(order)))
         try:
             to_run = self._resolve_cached(order, targets)
@@ -196,9 +193,6 @@ class Execution:
         except RunInterrupted as exc:
             res.status = "interrupted"
             self.emit(ev.Interrupted(run_id=res.run_id, node_id=exc.node_id or self._current))
-        finally:
-            cache.listener = None
-            models.listener = None
         if res.status != "interrupted" and res.errors:
             res.status = "failed"
         res.outputs = dict(self.values)

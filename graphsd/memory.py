@@ -101,14 +101,14 @@ class ModelManager:
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
         self.on_device: OrderedDict[str, None] = OrderedDict()  # LRU order of placed keys
         self.in_use: dict[str, int] = {}
+        # sees every decision; the engine forwards it to the run in progress, which sets run_id
         self.listener: Callable[[ModelEvent], None] | None = None
-        self.run_id = ""
         self._lock = threading.RLock()
 
     # ---- events ---------------------------------------------------------------------------
     def _emit(self, action: str, key: str, nbytes: int = 0, device: str = "") -> None:
         if self.listener is not None:
-            self.listener(ModelEvent(run_id=self.run_id, action=action, key=key, device=device, nbytes=nbytes))
+            self.listener(ModelEvent(run_id="", action=action, key=key, device=device, nbytes=nbytes))
 
     # ---- loading --------------------------------------------------------------------------
     def load(self, key: str, loader: Callable[[], Any]) -> str:
