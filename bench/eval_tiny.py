@@ -19,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+from graphsd_train.evaluate import read_shape, score_image
+from graphsd_train.shapes import ALL_COMBOS, BACKGROUNDS, HELD_OUT, caption
 from PIL import Image
-
-from graphsd.std.training.evaluate import read_shape, score_image
-from graphsd.std.training.shapes import ALL_COMBOS, BACKGROUNDS, HELD_OUT, caption
 
 SEEDS = (0, 1)
 STEPS = 20
@@ -97,7 +102,7 @@ def quality(model: str, device: str, out: Path, samples: Path | None) -> None:
         "",
         f"Model `{Path(model).name}`; {STEPS} steps, 128x128, seeds {list(SEEDS)}, each of the 54 captions; "
         f"device {torch.cuda.get_device_name() if device.startswith('cuda') else device}, {str(dtype).replace('torch.', '')}. "
-        "Scored by `graphsd.std.training.evaluate` (pixel analysis). Held-out combinations were never seen in training.",
+        "Scored by `graphsd_train.evaluate` (pixel analysis). Held-out combinations were never seen in training.",
         "",
         "Reproduce: `python bench/eval_tiny.py --device cuda --samples bench/tiny_samples.png` "
         "(seed-0 images at guidance 7.5, euler: `bench/tiny_samples.png`).",

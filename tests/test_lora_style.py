@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from graphsd_train.evaluate import score_image
+from graphsd_train.styles import night_score
 
 from graphsd import Engine, Settings
 from graphsd.events import ModelEvent
-from graphsd.std.training.evaluate import score_image
-from graphsd.std.training.styles import night_score
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

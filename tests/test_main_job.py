@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from graphsd_train.evaluate import read_shape
 from PIL import Image as PILImage
 
 from graphsd import Engine, Settings
-from graphsd.std.training.evaluate import read_shape
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 

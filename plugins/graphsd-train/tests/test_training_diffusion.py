@@ -6,17 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from graphsd_train.architecture import TextEncoderShape, UNetShape
+from graphsd_train.diffusion import CHECKPOINT_NAME, DiffusionTraining, alphas_cumprod, train_diffusion
+from graphsd_train.tokenizer import tokenize, train_tokenizer, vocab_info
 
-from graphsd import Engine
+from graphsd import Engine, Settings
 from graphsd.errors import RunInterrupted
 from graphsd.events import Progress
-from graphsd.std.training.architecture import TextEncoderShape, UNetShape
-from graphsd.std.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, alphas_cumprod, train_diffusion
-from graphsd.std.training.tokenizer import tokenize, train_tokenizer, vocab_info
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
-WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "train_tiny.yaml"
+PLUGIN_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = PLUGIN_ROOT.parents[1] / "workflows" / "train_tiny.yaml"
 TOY = {
     "count": 32, "resolution": 32, "vae_steps": 12, "vae_batch": 4, "vae_channels": "16,16,16,16",
     "unet_steps": 30, "unet_batch": 8, "unet_lr": 0.003, "unet_channels": "16,32", "text_width": 32, "text_layers": 2,
@@ -26,7 +27,8 @@ TOY = {
 
 def test_train_tiny_workflow_trains_saves_reloads_and_generates(tmp_path):
     events = []
-    result = Engine(output_dir=str(tmp_path), device="cpu").run(WORKFLOW, params=TOY, on_event=events.append)
+    engine = Engine(Settings(output_dir=str(tmp_path), device="cpu", load_entry_points=False, plugins_dirs=[str(PLUGIN_ROOT)]))
+    result = engine.run(WORKFLOW, params=TOY, on_event=events.append)
     assert not result.errors, result.errors
     losses = [e.info["loss"] for e in events if isinstance(e, Progress) and e.node_id == "unet"]
     assert len(losses) == TOY["unet_steps"]

@@ -1,4 +1,4 @@
-"""Train graphsd-tiny from nothing: ``python -m graphsd.std.training.tiny --out DIR [--device cuda]``.
+"""Train graphsd-tiny from nothing: ``python -m graphsd_train.tiny --out DIR [--device cuda]``.
 
 Steps: render the shapes dataset (held-out combinations excluded), train the tokenizer on its
 captions, train the VAE, encode all latents once, train the U-Net and text encoder jointly,
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from graphsd.std.training.data import load_images
-from graphsd.std.training.diffusion import DiffusionTraining, train_diffusion
-from graphsd.std.training.export import save_pipeline
-from graphsd.std.training.shapes import HELD_OUT, ShapesDataset, caption
-from graphsd.std.training.tokenizer import tokenize, train_tokenizer, vocab_info
-from graphsd.std.training.vae import VAETraining, encode_latents, set_scale_factor, train_vae
+from graphsd_train.data import load_images
+from graphsd_train.diffusion import DiffusionTraining, train_diffusion
+from graphsd_train.export import save_pipeline
+from graphsd_train.shapes import HELD_OUT, ShapesDataset, caption
+from graphsd_train.tokenizer import tokenize, train_tokenizer, vocab_info
+from graphsd_train.vae import VAETraining, encode_latents, set_scale_factor, train_vae
 
 
 def _printer(stage: str, every: int):
@@ -74,7 +74,7 @@ def build(
     readme = (
         "# graphsd-tiny\n\nA tiny text-to-image latent diffusion model that graphsd trained itself on its "
         "synthetic shapes dataset (`a {color} {shape} on a {background} background`, 128x128).\n"
-        "Reproduce with `python -m graphsd.std.training.tiny --out DIR --device cuda`.\n\n"
+        "Reproduce with `python -m graphsd_train.tiny --out DIR --device cuda`.\n\n"
         f"```json\n{json.dumps(record, indent=2)}\n```\n"
     )
     save_pipeline(out, trained.unet, autoencoder, trained.text_encoder, tokenizer, diffusion.schedule, readme=readme, overwrite=True)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from graphsd.std.training.shapes import BACKGROUNDS, COLORS, parse_caption
+from graphsd_train.shapes import BACKGROUNDS, COLORS, parse_caption
 
 FOREGROUND_DISTANCE = 60.0
 MIN_SHAPE_PIXELS = 40

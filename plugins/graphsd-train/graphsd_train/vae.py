@@ -9,14 +9,14 @@ model sees unit-variance latents.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL
 
-from graphsd.std.training.architecture import VAEShape
-from graphsd.std.training.data import to_model_range
+from graphsd_train.architecture import VAEShape
+from graphsd_train.data import to_model_range
 
 ProgressFn = Callable[[int, int, float], None]
 

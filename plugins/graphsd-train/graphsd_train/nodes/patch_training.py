@@ -1,5 +1,5 @@
 """Train style patches from a dataset: TrainLoRA (kohya-format safetensors) and
-TrainHypernetwork (A1111 ``.pt``). See :mod:`graphsd.std.training.lora` for the method.
+TrainHypernetwork (A1111 ``.pt``). See :mod:`graphsd_train.lora` for the method.
 
 Both encode the dataset once (VAE posterior mean × the VAE scale factor; each caption with the
 model's text encoder(s), frozen, as ``TextEncode`` does), train the adapter on the frozen U-Net,
@@ -21,15 +21,15 @@ from pydantic import Field
 
 from graphsd.context import Context
 from graphsd.errors import NodeError
-from graphsd.hookspecs import hookimpl
+from graphsd.node import Node, NodeIO
+from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
 from graphsd.std.models.hypernetwork import HypernetworkPatch, save_hypernetwork
 from graphsd.std.models.lora import LoraPatch, match_lora, parse_lora
-from graphsd.node import Node, NodeIO
 from graphsd.std.nodes.text import TOKENIZER_OF_ROLE
-from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
 from graphsd.std.text.encode import encode_prompt
-from graphsd.std.training.data import ImageSet, load_images, to_model_range
-from graphsd.std.training.lora import (
+from graphsd.types import Clip, Dataset, UNet, Vae
+from graphsd_train.data import ImageSet, load_images, to_model_range
+from graphsd_train.lora import (
     AdapterTraining,
     TrainingData,
     lora_state_dict,
@@ -39,8 +39,7 @@ from graphsd.std.training.lora import (
     train_hypernetwork,
     train_lora,
 )
-from graphsd.std.training.styles import NightShapes
-from graphsd.types import Clip, Dataset, UNet, Vae
+from graphsd_train.styles import NightShapes
 
 ACTIVATION_CHOICES = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish", "gelu", "silu"]
 
@@ -105,7 +104,9 @@ class _TrainInputs(NodeIO):
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate")
     batch_size: int = Field(8, ge=1, le=1024, description="Samples per step")
     seed: int = Field(0, ge=0, description="Seed of initialisation, batches, timesteps and noise")
-    name: str = Field(description="File name (without suffix) inside the output folder; a taken name is saved as <name>_2, ... (nothing is replaced)")
+    name: str = Field(
+        description="File name (without suffix) inside the output folder; a taken name is saved as <name>_2, ... (nothing is replaced)"
+    )
     resume: bool = Field(False, description="Continue from the training state an earlier run of this name left")
 
 
@@ -212,6 +213,5 @@ def _tail_mean(losses: list[float]) -> float:
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
-@hookimpl
-def graphsd_register_nodes() -> list[type[Node]]:
-    return [TrainLoRA, TrainHypernetwork, NightShapesDataset]
+#: The node classes of this module, registered by :func:`graphsd_train.graphsd_register_nodes`.
+NODES: list[type[Node]] = [TrainLoRA, TrainHypernetwork, NightShapesDataset]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import sd_tiny
@@ -19,10 +20,12 @@ from graphsd.std.models.hypernetwork import load_hypernetwork
 warnings.filterwarnings("ignore", category=FutureWarning)
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
+PLUGIN_ROOT = Path(__file__).resolve().parents[1]
+
 DATASET_PLUGIN = '''
 from pydantic import Field
 from graphsd import Node, NodeIO, hookimpl
-from graphsd.std.training.shapes import ShapesDataset
+from graphsd_train.shapes import ShapesDataset
 from graphsd.types import Dataset
 
 
@@ -63,7 +66,7 @@ def engine(tmp_path_factory):
     (root / "plugins").mkdir()
     (root / "plugins" / "test_shapes.py").write_text(textwrap.dedent(DATASET_PLUGIN))
     settings = Settings(device="cpu", models_dir=str(root / "models"), output_dir=str(root / "out"),
-                        plugins_dirs=[str(root / "plugins")], load_entry_points=False)
+                        plugins_dirs=[str(root / "plugins"), str(PLUGIN_ROOT)], load_entry_points=False)
     return Engine(settings)
 
 

@@ -1,7 +1,7 @@
 """Train style patches on a frozen model: LoRA adapters (written in kohya's format) and A1111
 hypernetworks.
 
-Both use the noise-prediction objective of :mod:`graphsd.std.training.diffusion` (Ho et al. 2020,
+Both use the noise-prediction objective of :mod:`graphsd_train.diffusion` (Ho et al. 2020,
 Algorithm 1, in latent space) with the base U-Net and text encoder frozen: draw latents
 ``x0`` and their (pre-computed) text contexts, ``t`` uniform in [0, T), ``ε ~ N(0, I)``, form
 ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε`` and minimise ``MSE(ε_θ(x_t, t, c), ε)`` over the
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from graphsd.std.models.hypernetwork import Hypernetwork, HypernetworkPatch, attention_layers, build_net, dropout_structure
-from graphsd.std.training.diffusion import alphas_cumprod
+from graphsd_train.diffusion import alphas_cumprod
 
 ProgressFn = Callable[[int, int, float], None]
 

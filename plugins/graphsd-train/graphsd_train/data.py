@@ -1,15 +1,16 @@
 """Image–caption datasets as the training code consumes them.
 
 A dataset is any sequence whose items are ``(image, caption)`` with the image a uint8
-``[H, W, 3]`` array (see :class:`~graphsd.std.training.shapes.ShapesDataset`). Training loads all
+``[H, W, 3]`` array (see :class:`~graphsd_train.shapes.ShapesDataset`). Training loads all
 images once into one uint8 tensor (:func:`load_images`), so the VAE sees each image only when
 it is trained and when the latents are encoded, never again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch

@@ -22,13 +22,13 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from graphsd.std.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape
+from graphsd_train.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape
 
 ProgressFn = Callable[[int, int, float], None]
 CHECKPOINT_NAME = "diffusion_checkpoint.pt"

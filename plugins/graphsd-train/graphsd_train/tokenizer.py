@@ -45,7 +45,7 @@ def learn_merges(texts: list[str], max_merges: int = 1000, min_frequency: int = 
     while len(merges) < max_merges:
         pairs: Counter = Counter()
         for word, n in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in zip(word, word[1:], strict=False):
                 pairs[pair] += n
         if not pairs:
             break

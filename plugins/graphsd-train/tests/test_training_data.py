@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from graphsd_train.evaluate import read_shape, score_image
+from graphsd_train.shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, ShapesDataset, caption, parse_caption
+from graphsd_train.tokenizer import train_tokenizer
 from PIL import Image, ImageFilter
 from transformers import CLIPTokenizer
-
-from graphsd.std.training.evaluate import read_shape, score_image
-from graphsd.std.training.shapes import ALL_COMBOS, HELD_OUT, TRAIN_COMBOS, ShapesDataset, caption, parse_caption
-from graphsd.std.training.tokenizer import train_tokenizer
 
 
 def test_same_seed_same_samples_other_seed_other_samples():

@@ -4,7 +4,7 @@
 encoder trained jointly on latents encoded once) → ``SaveModel`` (a diffusers folder under the
 output directory, loadable by ``CheckpointLoader``); ``EvaluateShapes`` scores generated images
 of the shapes dataset. ``workflows/train_tiny.yaml`` is the recipe of the built-in graphsd-tiny.
-The methods are in :mod:`graphsd.std.training` (one module per step).
+The methods are in :mod:`graphsd_train` (one module per step).
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ from pydantic import Field
 
 from graphsd.context import Context
 from graphsd.errors import NodeError
-from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
-from graphsd.std.training.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
-from graphsd.std.training.data import ImageFolderDataset as FolderImages
-from graphsd.std.training.data import ImageSet, load_images
-from graphsd.std.training.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
-from graphsd.std.training.evaluate import score_image
-from graphsd.std.training.export import save_pipeline
-from graphsd.std.training.shapes import ShapesDataset as Shapes
-from graphsd.std.training.tokenizer import tokenize, train_tokenizer, vocab_info
-from graphsd.std.training.vae import VAETraining, encode_latents, set_scale_factor, train_vae
 from graphsd.types import Dataset, Image, TrainedModel
+from graphsd_train.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetShape, VAEShape
+from graphsd_train.data import ImageFolderDataset as FolderImages
+from graphsd_train.data import ImageSet, load_images
+from graphsd_train.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
+from graphsd_train.evaluate import score_image
+from graphsd_train.export import save_pipeline
+from graphsd_train.shapes import ShapesDataset as Shapes
+from graphsd_train.tokenizer import tokenize, train_tokenizer, vocab_info
+from graphsd_train.vae import VAETraining, encode_latents, set_scale_factor, train_vae
 
 
 @dataclass(eq=False)
@@ -301,6 +300,5 @@ class EvaluateShapes(Node):
         )
 
 
-@hookimpl
-def graphsd_register_nodes() -> list[type[Node]]:
-    return [ShapesDataset, ImageFolderDataset, TrainVAE, TrainUNet, SaveModel, EvaluateShapes]
+#: The node classes of this module, registered by :func:`graphsd_train.graphsd_register_nodes`.
+NODES: list[type[Node]] = [ShapesDataset, ImageFolderDataset, TrainVAE, TrainUNet, SaveModel, EvaluateShapes]

@@ -10,7 +10,7 @@ patch could not learn them.)
 :func:`night_score` measures the style without a learned model: one minus the mean grey level
 (0–1) of the image's two-pixel border, which is background in every shapes image.
 
-Recipe (``python -m graphsd.std.training.styles --out DIR``): encode a night-styled dataset with
+Recipe (``python -m graphsd_train.styles --out DIR``): encode a night-styled dataset with
 graphsd-tiny's VAE and text encoder and train, through the ``TrainLoRA`` /
 ``TrainHypernetwork`` nodes, a rank-8 LoRA on the attention and feed-forward layers and a
 ``[1, 2, 1]`` hypernetwork (see :data:`RECIPE`).
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from graphsd.std.training.shapes import BACKGROUNDS, ShapesDataset
+from graphsd_train.shapes import BACKGROUNDS, ShapesDataset
 
 NIGHT = (0, 0, 0)
 
@@ -39,7 +39,7 @@ def to_night(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
 
 
 class NightShapes:
-    """:class:`~graphsd.std.training.shapes.ShapesDataset` in the night style: same samples and
+    """:class:`~graphsd_train.shapes.ShapesDataset` in the night style: same samples and
     captions, black backgrounds."""
 
     def __init__(self, seed: int = 0, count: int = 1000, resolution: int = 128):
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (loras/ and hypernetworks/ are written inside)")
     parser.add_argument("--only", choices=("lora", "hypernetwork"))
     args = parser.parse_args(argv)
-    engine = Engine(Settings(device="cpu", output_dir=args.out, load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=args.out))  # the training nodes come from this package's entry point
     for kind in ("lora", "hypernetwork"):
         if args.only not in (None, kind):
             continue
