@@ -60,3 +60,13 @@ def test_the_engine_core_imports_nothing_from_the_sd_stack():
         imported = imports_anywhere(PACKAGE / f"{name}.py")
         assert "graphsd" in " ".join(imported) or name == "events"  # it really read the file
         assert sorted(m for m in imported if m.startswith("graphsd.std")) == [], name
+
+
+def test_graphsd_imports_none_of_the_plugin_packages():
+    """The plugins in plugins/ (training among them) build on graphsd, never the reverse: no
+    module of graphsd/ imports one, even lazily, so graphsd installs and runs without them."""
+    plugins = {p.parent.name for p in (PACKAGE.parent / "plugins").glob("*/*/__init__.py")}
+    assert {"graphsd_train", "graphsd_contact_sheet"} <= plugins
+    for path in PACKAGE.rglob("*.py"):
+        imported = {m.split(".")[0] for m in imports_anywhere(path)}
+        assert not imported & plugins, path
