@@ -75,7 +75,7 @@ class Engine:
         return build_graph(read_document(workflow, self._import_workflow), self.registry, params)
 
     def _import_workflow(self, data: Any) -> dict | None:
-        return self.pm.hook.graphsd_import_workflow(data=data)
+        return self.pm.hook.graphsd_import_workflow(data=data, nodes=self.registry.nodes)
 
     def run(
         self,

@@ -34,6 +34,10 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 #: functions are hooks: an unmarked ``graphsd_*`` function, or a marked one whose name is no
 #: hook below, is reported as a warning naming the plugin and the function.
 hookimpl = pluggy.HookimplMarker(PROJECT)
+#: How ``graphsd serve`` names a graphsd node type in ComfyUI's ``/object_info`` when a ComfyUI
+#: class of the same name exists (``graphsd.SaveImage`` beside ComfyUI's ``SaveImage``); a
+#: ``graphsd_comfy_prompt`` implementation accepts both spellings of a graphsd type.
+COMFY_NATIVE_PREFIX = "graphsd."
 
 
 # ---- registration (called once, when an Engine starts) -------------------------------------
@@ -66,11 +70,44 @@ def graphsd_shipped_folders() -> list[Path]:
 
 # ---- reading workflows ----------------------------------------------------------------------
 @hookspec(firstresult=True)
-def graphsd_import_workflow(data: Any) -> dict[str, Any] | None:
+def graphsd_import_workflow(data: Any, nodes: dict[str, type[Node]]) -> dict[str, Any] | None:
     """Translate a document in a foreign format (already parsed from JSON/YAML/PNG) into a graphsd
-    workflow dict, or return None when it is not in this plugin's format. The first non-None
-    result is used; raise :class:`graphsd.errors.WorkflowError` for a document in your format
-    that cannot be translated. :mod:`graphsd.std` implements it for ComfyUI API prompts."""
+    workflow dict, or return None when it is not in this plugin's format. ``nodes`` are the
+    registered node classes by type (a foreign document may name graphsd nodes too). The first
+    non-None result is used; raise :class:`graphsd.errors.WorkflowError` for a document in your
+    format that cannot be translated. :mod:`graphsd.std` implements it for ComfyUI API prompts."""
+
+
+# ---- the ComfyUI-compatible server (graphsd serve) --------------------------------------------
+@hookspec
+def graphsd_comfy_nodes(models_dir: str, input_dir: str) -> dict[str, dict[str, Any]]:
+    """Return ``{ComfyUI class name: entry}`` for the ComfyUI node classes this plugin's
+    ``graphsd_comfy_prompt`` translates, each entry in the shape of ComfyUI's ``/object_info``
+    (ComfyUI's input names and types, widget defaults and ranges, choices such as the models in
+    ``models_dir`` or the images in ``input_dir``, ``output``, ``category``, ``python_module``).
+    Called for every ``/object_info`` request, so choices stay current. The server lists these
+    beside every registered graphsd node; on a name clash the ComfyUI class keeps the name and the
+    graphsd node is listed as ``graphsd.<type>`` (:data:`COMFY_NATIVE_PREFIX`)."""
+
+
+@hookspec
+def graphsd_comfy_types() -> dict[str, str]:
+    """Return ``{graphsd socket type name: ComfyUI type name}`` for the socket types that carry the
+    same values as a ComfyUI type (``{"UNet": "MODEL", "Latent": "LATENT"}``): the server names
+    graphsd node inputs and outputs by these in ``/object_info`` so that the frontend links them
+    to ComfyUI classes. Other socket types keep their graphsd names."""
+
+
+@hookspec(firstresult=True)
+def graphsd_comfy_prompt(prompt: dict[str, Any], nodes: dict[str, type[Node]], input_dir: str) -> dict[str, Any] | None:
+    """Translate a ComfyUI API prompt that ``POST /prompt`` received: return
+    ``{"workflow": <graphsd workflow dict>, "origins": {<graphsd node id>: {"id": <prompt node
+    id>, "class_type": ..., "inputs": {<graphsd input>: <prompt input>}}}}``, so the server can
+    report validation errors and run events on the prompt's own nodes and inputs. The prompt may
+    name graphsd node types (``class_type`` = the type or ``graphsd.<type>``, inputs by graphsd
+    names, a link ``[id, i]`` naming the i-th declared output). File names in the prompt lie in
+    ``input_dir`` (images) or the models folder. Raise :class:`graphsd.errors.WorkflowError` with
+    issues on the prompt's node ids and input names; return None if you cannot read it."""
 
 
 # ---- execution (called during each run) ----------------------------------------------------

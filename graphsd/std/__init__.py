@@ -6,7 +6,8 @@ name (:data:`graphsd.plugins.BUILTIN_PLUGINS`).
 Each module of :mod:`graphsd.std.nodes` is a plugin of its own with its own
 ``graphsd_register_nodes`` (so a problem in one of them is reported like a broken plugin and the
 others keep working); this module registers the socket types, the samplers, the folders of shipped
-files and the ComfyUI prompt importer.
+files, the ComfyUI prompt importer and what ``graphsd serve`` needs to speak ComfyUI's API (the
+ComfyUI classes it imports, in ``/object_info`` shape, and the ComfyUI names of the socket types).
 """
 
 from __future__ import annotations
@@ -34,10 +35,34 @@ def graphsd_shipped_folders() -> list[Path]:
 
 
 @hookimpl
-def graphsd_import_workflow(data: Any) -> dict | None:
+def graphsd_import_workflow(data: Any, nodes: dict[str, Any]) -> dict | None:
     from graphsd.std.comfy import comfy_to_workflow, is_comfy_prompt
 
-    return comfy_to_workflow(data) if is_comfy_prompt(data) else None
+    return comfy_to_workflow(data, nodes) if is_comfy_prompt(data) else None
+
+
+@hookimpl
+def graphsd_comfy_prompt(prompt: dict[str, Any], nodes: dict[str, Any], input_dir: str) -> dict[str, Any] | None:
+    from graphsd.std.comfy import is_comfy_prompt, translate
+
+    if not is_comfy_prompt(prompt):
+        return None
+    workflow, origins = translate(prompt, nodes, input_dir)
+    return {"workflow": workflow, "origins": origins}
+
+
+@hookimpl
+def graphsd_comfy_nodes(models_dir: str, input_dir: str) -> dict[str, dict[str, Any]]:
+    from graphsd.std.comfy import object_info
+
+    return object_info(models_dir, input_dir)
+
+
+@hookimpl
+def graphsd_comfy_types() -> dict[str, str]:
+    from graphsd.std.comfy import COMFY_TYPES
+
+    return dict(COMFY_TYPES)
 
 
 @hookimpl

@@ -1,5 +1,6 @@
 """Import of ComfyUI API prompts (the JSON that ComfyUI's "Save (API)" writes and ``POST /prompt``
-takes) as graphsd workflow documents.
+takes) as graphsd workflow documents, and the description of the ComfyUI classes graphsd imports
+in ComfyUI's ``/object_info`` shape (for ``graphsd serve``).
 
 A prompt maps node ids to ``{"class_type": ..., "inputs": {...}}``; an input that is a list
 ``[node_id, output_index]`` is a link. Each supported class becomes one or two graphsd nodes
@@ -18,20 +19,33 @@ classes, unsupported samplers, dangling links) is reported at once in one Workfl
 | SaveImage | SaveImage |
 | LoraLoader | LoraLoader |
 
+A prompt may also name graphsd's own node types, as the ComfyUI frontend does for the nodes
+``graphsd serve`` lists: ``class_type`` is the graphsd type (or ``graphsd.<type>``,
+:data:`graphsd.hookspecs.COMFY_NATIVE_PREFIX`, where a ComfyUI class of the same name exists),
+inputs carry graphsd's input names, and a link ``[id, i]`` names the i-th output of the node in
+the order its ``Outputs`` declares them. Native and ComfyUI nodes link to each other freely.
+
 KSampler's ``denoise`` < 1 follows ComfyUI: a schedule of ``int(steps / denoise)`` steps of
 which the last ``steps`` run (graphsd ``start_step``), so the numbers of steps agree. A
 KSampler fed by EmptyLatentImage at full denoise is text-to-image (the latent only gives the
 noise its shape), as in diffusers' text-to-image pipelines.
+
+With an input folder (the server), LoadImage's ``image`` is a file name in that folder, as in
+ComfyUI, and ``image``, ``ckpt_name`` and ``lora_name`` must be names inside their folders
+(no absolute paths, no ``..``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from graphsd.errors import Issue, WorkflowError
+from graphsd.hookspecs import COMFY_NATIVE_PREFIX
 
 SAMPLER_NAMES = {
     "euler": "euler",
@@ -49,8 +63,9 @@ SCHEDULER_NAMES = {"normal": "normal", "karras": "karras"}
 """ComfyUI ``scheduler`` → graphsd schedule."""
 
 MAX_RESOLUTION = 16384
+MAX_SEED = 2**64 - 1
 RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "KSampler": {"seed": (0, 2**64 - 1), "steps": (1, 10000), "cfg": (0.0, 100.0), "denoise": (0.0, 1.0)},
+    "KSampler": {"seed": (0, MAX_SEED), "steps": (1, 10000), "cfg": (0.0, 100.0), "denoise": (0.0, 1.0)},
     "EmptyLatentImage": {"width": (16, MAX_RESOLUTION), "height": (16, MAX_RESOLUTION), "batch_size": (1, 4096)},
     "LoraLoader": {"strength_model": (-100.0, 100.0), "strength_clip": (-100.0, 100.0)},
     "VAEDecodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
@@ -61,15 +76,67 @@ outside them is refused on import, as ComfyUI refuses it."""
 OUTPUT_CLASSES = {"SaveImage"}
 """ComfyUI classes that are output nodes: a prompt without one has nothing to run."""
 
+COMFY_TYPES = {
+    "UNet": "MODEL",
+    "Clip": "CLIP",
+    "Vae": "VAE",
+    "Conditioning": "CONDITIONING",
+    "Latent": "LATENT",
+    "Image": "IMAGE",
+    "Mask": "MASK",
+}
+"""graphsd socket type → the ComfyUI type of the same values, so that the frontend links a
+ComfyUI node's output to a graphsd node's input of the same kind. Types without a ComfyUI
+counterpart (Noise, ...) keep their graphsd names."""
+
+INPUT_NAMES: dict[str, dict[str, str]] = {
+    "CheckpointLoaderSimple": {"path": "ckpt_name"},
+    "CLIPTextEncode": {"clip": "clip", "text": "text"},
+    "EmptyLatentImage": {"width": "width", "height": "height", "batch_size": "batch_size"},
+    "KSampler": {
+        "seed": "seed",
+        "noise": "seed",
+        "latent": "latent_image",
+        "unet": "model",
+        "positive": "positive",
+        "negative": "negative",
+        "steps": "steps",
+        "start_step": "denoise",
+        "denoise": "denoise",
+        "cfg": "cfg",
+        "sampler": "sampler_name",
+        "schedule": "scheduler",
+    },
+    "VAEDecode": {"vae": "vae", "latent": "samples"},
+    "VAEDecodeTiled": {"vae": "vae", "latent": "samples", "tiled": "tile_size", "tile_size": "tile_size", "tile_overlap": "overlap"},
+    "VAEEncode": {"vae": "vae", "image": "pixels"},
+    "LoadImage": {"path": "image"},
+    "SaveImage": {"image": "images", "prefix": "filename_prefix"},
+    "LoraLoader": {
+        "unet": "model",
+        "clip": "clip",
+        "lora": "lora_name",
+        "strength_model": "strength_model",
+        "strength_clip": "strength_clip",
+    },
+}
+"""ComfyUI class → {graphsd input of the node(s) it becomes: the ComfyUI input it comes from},
+so that a problem graphsd finds in a translated node is reported on the ComfyUI input."""
+
 
 @dataclass
 class _Conversion:
-    """State of one conversion: graphsd nodes made so far, and the problems found."""
+    """State of one conversion: graphsd nodes made so far, where each came from, and the
+    problems found."""
 
     prompt: dict[str, Any]
     ids: dict[str, str]
+    native: dict[str, Any] = field(default_factory=dict)  # graphsd node types usable by name
+    input_dir: Path | None = None
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)  # graphsd node id -> ComfyUI node id
     issues: list[Issue] = field(default_factory=list)
+    current: str = ""
 
     def issue(self, comfy_id: str, message: str, field: str | None = None, hint: str | None = None, code: str = "comfy") -> None:
         self.issues.append(Issue(message, node=comfy_id, field=field, hint=hint, code=code))
@@ -84,20 +151,28 @@ class _Conversion:
         raw = inputs[name]
         if _is_link(raw):
             return self.link(comfy_id, name, raw)
-        if isinstance(raw, str):
-            return _escape(raw)
-        return raw
+        return _literal(raw)
+
+    def outputs_of(self, comfy_id: str) -> tuple[str, ...] | None:
+        """graphsd output names of a prompt node's outputs by index (None: unknown class)."""
+        class_type = self.prompt[comfy_id].get("class_type")
+        if class_type in OUTPUTS:
+            return OUTPUTS[class_type]
+        cls = native_class(class_type, self.native)
+        return tuple(cls.output_fields()) if cls is not None else None
 
     def link(self, comfy_id: str, name: str, raw: list) -> str | None:
         source, index = str(raw[0]), raw[1]
         if source not in self.prompt:
             self.issue(comfy_id, f"links to node '{source}', which is not in the prompt", field=name, code="missing_node")
             return None
-        outputs = OUTPUTS.get(self.prompt[source].get("class_type"), ())
-        if not outputs:
+        outputs = self.outputs_of(source)
+        if outputs is None:
             return None  # the unknown class is reported on its own
-        if not isinstance(index, int) or not 0 <= index < len(outputs):
-            self.issue(comfy_id, f"links to output {index} of '{source}', which has {len(outputs)} output(s)", field=name, code="missing_output")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(outputs):
+            self.issue(
+                comfy_id, f"links to output {index} of '{source}', which has {len(outputs)} output(s)", field=name, code="missing_output"
+            )
             return None
         return f"@{self.ids[source]}.{outputs[index]}"
 
@@ -109,6 +184,7 @@ class _Conversion:
 
     def add(self, node_id: str, node_type: str, inputs: dict[str, Any]) -> None:
         self.nodes[node_id] = {"type": node_type, "inputs": {k: v for k, v in inputs.items() if v is not None}}
+        self.origins[node_id] = self.current
 
     def fresh_id(self, base: str) -> str:
         taken = set(self.ids.values()) | set(self.nodes)
@@ -118,6 +194,30 @@ class _Conversion:
             candidate = f"{base}{n}"
         return candidate
 
+    def file_name(self, comfy_id: str, name: str, what: str) -> str | None:
+        """A file-name input (image, ckpt_name, lora_name) as a graphsd value. Served prompts
+        (with an input folder) may only name files inside their folders."""
+        raw = self.prompt[comfy_id].get("inputs", {}).get(name)
+        if self.input_dir is None or not isinstance(raw, str):
+            return self.value(comfy_id, name)
+        problem = _confinement_problem(raw)
+        if problem:
+            self.issue(
+                comfy_id, f"{what} {raw!r} {problem}", field=name, hint=f"give the name of a file in the {what} folder", code="bad_path"
+            )
+            return None
+        return _escape(str(self.input_dir / raw)) if what == "input" else _escape(raw)
+
+
+def _confinement_problem(name: str) -> str | None:
+    if not name or "\0" in name or "\\" in name:
+        return "is not a file name"
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "leaves its folder ('..')"
+    return None
+
 
 def _escape(text: str) -> str:
     """A ComfyUI string as a graphsd literal: a leading ``@`` and ``${`` are escaped so they are
@@ -126,12 +226,37 @@ def _escape(text: str) -> str:
     return "@" + text if text.startswith("@") else text
 
 
+def _literal(raw: Any) -> Any:
+    """A ComfyUI widget value as a graphsd literal: strings escaped (also inside lists and
+    mappings), and the frontend's ``{"__value__": [...]}`` wrapping of list values removed."""
+    if isinstance(raw, dict) and set(raw) == {"__value__"}:
+        raw = raw["__value__"]
+    if isinstance(raw, str):
+        return _escape(raw)
+    if isinstance(raw, list):
+        return [_literal(v) for v in raw]
+    if isinstance(raw, dict):
+        return {k: _literal(v) for k, v in raw.items()}
+    return raw
+
+
 def _is_link(raw: Any) -> bool:
     return isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], (str, int)) and not isinstance(raw[0], bool)
 
 
+def native_class(class_type: Any, nodes: dict[str, Any]) -> Any:
+    """The graphsd node class a prompt's ``class_type`` names (its type, or ``graphsd.<type>``),
+    or None. A ComfyUI class that graphsd imports takes precedence over a graphsd type of the
+    same name."""
+    if not isinstance(class_type, str) or class_type in CONVERTERS:
+        return None
+    if class_type.startswith(COMFY_NATIVE_PREFIX):
+        class_type = class_type[len(COMFY_NATIVE_PREFIX) :]
+    return nodes.get(class_type)
+
+
 def _checkpoint(c: _Conversion, cid: str, gid: str) -> None:
-    c.add(gid, "CheckpointLoader", {"path": c.value(cid, "ckpt_name")})
+    c.add(gid, "CheckpointLoader", {"path": c.file_name(cid, "ckpt_name", "checkpoint")})
 
 
 def _text(c: _Conversion, cid: str, gid: str) -> None:
@@ -171,8 +296,12 @@ def _ksampler(c: _Conversion, cid: str, gid: str) -> None:
         if denoise <= 0:
             c.issue(cid, "denoise 0 leaves the latent unchanged", field="denoise", hint="use a denoise in (0, 1]")
         elif steps / denoise > RANGES["KSampler"]["steps"][1]:
-            c.issue(cid, f"denoise {denoise:g} with {steps} steps needs a schedule of {steps / denoise:.3g} steps (at most 10000)",
-                    field="denoise", hint="raise denoise or lower steps")
+            c.issue(
+                cid,
+                f"denoise {denoise:g} with {steps} steps needs a schedule of {steps / denoise:.3g} steps (at most 10000)",
+                field="denoise",
+                hint="raise denoise or lower steps",
+            )
         else:
             total = int(steps / denoise)
             loop.update(steps=total, start_step=total - steps)
@@ -206,7 +335,7 @@ def _vae_encode(c: _Conversion, cid: str, gid: str) -> None:
 
 
 def _load_image(c: _Conversion, cid: str, gid: str) -> None:
-    c.add(gid, "LoadImage", {"path": c.value(cid, "image")})
+    c.add(gid, "LoadImage", {"path": c.file_name(cid, "image", "input")})
 
 
 def _save_image(c: _Conversion, cid: str, gid: str) -> None:
@@ -220,11 +349,19 @@ def _lora(c: _Conversion, cid: str, gid: str) -> None:
         {
             "unet": c.value(cid, "model"),
             "clip": c.value(cid, "clip"),
-            "lora": c.value(cid, "lora_name"),
+            "lora": c.file_name(cid, "lora_name", "LoRA"),
             "strength_model": c.value(cid, "strength_model", default=1.0),
             "strength_clip": c.value(cid, "strength_clip", default=1.0),
         },
     )
+
+
+def _native(c: _Conversion, cid: str, gid: str, cls: Any) -> None:
+    """A graphsd node named in the prompt: inputs by graphsd name, links by output index."""
+    inputs = {}
+    for name, raw in c.prompt[cid].get("inputs", {}).items():
+        inputs[str(name)] = c.link(cid, name, raw) if _is_link(raw) else _literal(raw)
+    c.add(gid, cls.type, inputs)
 
 
 CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
@@ -297,38 +434,258 @@ def is_comfy_prompt(data: Any) -> bool:
     )
 
 
-def comfy_to_workflow(prompt: dict[str, Any]) -> dict[str, Any]:
+def translate(
+    prompt: dict[str, Any], nodes: dict[str, Any] | None = None, input_dir: str | Path | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Convert a ComfyUI API prompt (optionally wrapped as ``{"prompt": {...}}``) into a graphsd
-    workflow document. Raises :class:`WorkflowError` listing every problem found."""
+    workflow document. ``nodes`` (the registry's node classes) lets the prompt name graphsd node
+    types; ``input_dir`` makes LoadImage read file names from that folder and confines file-name
+    inputs (see the module docstring). Returns (document, origins): origins maps each graphsd
+    node id to ``{"id": <ComfyUI node id>, "class_type": ..., "inputs": {<graphsd input>:
+    <ComfyUI input>}}``. Raises :class:`WorkflowError` listing every problem found."""
     if isinstance(prompt.get("prompt"), dict):
         prompt = prompt["prompt"]
     prompt = {str(k): v for k, v in prompt.items()}
     malformed = [
-        Issue("a ComfyUI node must be {\"class_type\": <name>, \"inputs\": {...}}", node=cid, code="schema")
+        Issue('a ComfyUI node must be {"class_type": <name>, "inputs": {...}}', node=cid, code="schema")
         for cid, n in prompt.items()
         if not (isinstance(n, dict) and isinstance(n.get("class_type"), str) and isinstance(n.get("inputs", {}), dict))
     ]
     if malformed:
         raise WorkflowError(malformed)
-    unknown = sorted({n["class_type"] for n in prompt.values() if n["class_type"] not in CONVERTERS})
-    conversion = _Conversion(prompt, _graphsd_ids(prompt))
+    native = dict(nodes or {})
+    conversion = _Conversion(prompt, _graphsd_ids(prompt), native, Path(input_dir) if input_dir is not None else None)
+    unknown = sorted(
+        {n["class_type"] for n in prompt.values() if n["class_type"] not in CONVERTERS and native_class(n["class_type"], native) is None}
+    )
     if unknown:
         users = {t: [cid for cid, n in prompt.items() if n.get("class_type") == t] for t in unknown}
         conversion.issues.append(
             Issue(
-                "ComfyUI node classes graphsd cannot import: "
-                + "; ".join(f"{t} (node {', '.join(users[t])})" for t in unknown),
-                hint=f"supported classes: {', '.join(CONVERTERS)}",
+                "ComfyUI node classes graphsd cannot import: " + "; ".join(f"{t} (node {', '.join(users[t])})" for t in unknown),
+                hint=f"supported classes: {', '.join(CONVERTERS)}"
+                + (f"; graphsd node types: {', '.join(sorted(native))}" if native else ""),
                 code="unknown_type",
             )
         )
+    has_output = False
     for cid, node in prompt.items():
+        conversion.current = cid
         _check_ranges(conversion, cid, node)
-        converter = CONVERTERS.get(node.get("class_type"))
+        converter = CONVERTERS.get(node["class_type"])
         if converter is not None:
             converter(conversion, cid, conversion.ids[cid])
-    if not conversion.issues and not any(n["class_type"] in OUTPUT_CLASSES for n in prompt.values()):
-        conversion.issues.append(Issue("Prompt has no outputs", hint=f"add an output node ({', '.join(sorted(OUTPUT_CLASSES))})", code="no_outputs"))
+            has_output = has_output or node["class_type"] in OUTPUT_CLASSES
+        elif (cls := native_class(node["class_type"], native)) is not None:
+            _native(conversion, cid, conversion.ids[cid], cls)
+            has_output = has_output or bool(cls.output_node)
+    if not conversion.issues and not has_output:
+        outputs = sorted(OUTPUT_CLASSES | {t for t, cls in native.items() if cls.output_node})
+        conversion.issues.append(Issue("Prompt has no outputs", hint=f"add an output node ({', '.join(outputs)})", code="no_outputs"))
     if conversion.issues:
         raise WorkflowError(conversion.issues)
-    return {"version": 1, "params": {}, "nodes": conversion.nodes}
+    origins = {
+        gid: {
+            "id": cid,
+            "class_type": prompt[cid]["class_type"],
+            "inputs": INPUT_NAMES.get(prompt[cid]["class_type"])
+            or {name: name for name in native[conversion.nodes[gid]["type"]].input_fields()},
+        }
+        for gid, cid in conversion.origins.items()
+    }
+    return {"version": 1, "params": {}, "nodes": conversion.nodes}, origins
+
+
+def comfy_to_workflow(prompt: dict[str, Any], nodes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert a ComfyUI API prompt into a graphsd workflow document (:func:`translate` without
+    the origins). Raises :class:`WorkflowError` listing every problem found."""
+    return translate(prompt, nodes)[0]
+
+
+# ---- /object_info ---------------------------------------------------------------------------
+def _files(folder: Path, keep: Callable[[Path], bool], recursive: bool = False, limit: int = 10_000) -> list[str]:
+    """Names (relative, with '/') of the entries of ``folder`` that ``keep`` accepts; hidden
+    names (temporaries) are left out."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if keep(path):
+            found.append(rel.as_posix())
+            if len(found) >= limit:
+                break
+    return found
+
+
+def checkpoint_names(models_dir: str | Path) -> list[str]:
+    """What CheckpointLoaderSimple's ``ckpt_name`` offers: graphsd's built-in models, then the
+    model folders and single files under the models folder and its ``checkpoints/``."""
+    from graphsd.std.models.formats import WEIGHT_SUFFIXES
+    from graphsd.std.models.loading import builtin_models_dir
+
+    def model(path: Path) -> bool:
+        return (path.is_dir() and (path / "model_index.json").is_file()) or (path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES)
+
+    names = _files(builtin_models_dir(), lambda p: p.is_dir() and (p / "model_index.json").is_file())
+    names += _files(Path(models_dir), model)
+    names += _files(Path(models_dir) / "checkpoints", model, recursive=True)
+    return list(dict.fromkeys(names))
+
+
+def image_names(input_dir: str | Path) -> list[str]:
+    """What LoadImage's ``image`` offers: the image files in the input folder (not its subfolders,
+    as in ComfyUI; a subfolder's file can still be named ``sub/name.png``)."""
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    return _files(Path(input_dir), lambda p: p.is_file() and p.suffix.lower() in suffixes)
+
+
+def object_info(models_dir: str | Path, input_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The ComfyUI classes graphsd imports, in ComfyUI's ``/object_info`` shape: ComfyUI's input
+    names, types, defaults and ranges, with the models and images that are there to choose."""
+    from graphsd.std.nodes.patches import available
+
+    def entry(
+        name: str,
+        display: str,
+        category: str,
+        description: str,
+        required: dict[str, Any],
+        outputs: list[str],
+        output_names: list[str] | None = None,
+        output_node: bool = False,
+    ) -> dict[str, Any]:
+        return {
+            "input": {
+                "required": required,
+                "optional": {},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"} if output_node else {},
+            },
+            "input_order": {"required": list(required), "optional": []},
+            "output": outputs,
+            "output_is_list": [False] * len(outputs),
+            "output_name": output_names or list(outputs),
+            "name": name,
+            "display_name": display,
+            "description": description,
+            "category": category,
+            "output_node": output_node,
+            "python_module": "nodes",
+            "deprecated": False,
+            "experimental": category.startswith("_for_testing"),
+        }
+
+    size = {"min": 16, "max": MAX_RESOLUTION, "step": 8}
+    tile = {"step": 32}
+    ckpts, loras = checkpoint_names(models_dir), available("loras", models_dir)
+    return {
+        "CheckpointLoaderSimple": entry(
+            "CheckpointLoaderSimple",
+            "Load Checkpoint",
+            "loaders",
+            "Loads a diffusion model checkpoint (graphsd: CheckpointLoader).",
+            {"ckpt_name": [ckpts, {"tooltip": "The checkpoint (model) to load."}]},
+            ["MODEL", "CLIP", "VAE"],
+        ),
+        "CLIPTextEncode": entry(
+            "CLIPTextEncode",
+            "CLIP Text Encode (Prompt)",
+            "conditioning",
+            "Encodes a text prompt (graphsd: TextEncode).",
+            {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}], "clip": ["CLIP"]},
+            ["CONDITIONING"],
+        ),
+        "EmptyLatentImage": entry(
+            "EmptyLatentImage",
+            "Empty Latent Image",
+            "latent",
+            "A batch of empty latents (graphsd: EmptyLatent).",
+            {
+                "width": ["INT", {"default": 512, **size}],
+                "height": ["INT", {"default": 512, **size}],
+                "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
+            },
+            ["LATENT"],
+        ),
+        "KSampler": entry(
+            "KSampler",
+            "KSampler",
+            "sampling",
+            "Denoises a latent (graphsd: LatentNoise + UNetDenoiseLoop).",
+            {
+                "model": ["MODEL"],
+                "seed": ["INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}],
+                "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+                "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+                "sampler_name": [list(SAMPLER_NAMES), {}],
+                "scheduler": [list(SCHEDULER_NAMES), {}],
+                "positive": ["CONDITIONING"],
+                "negative": ["CONDITIONING"],
+                "latent_image": ["LATENT"],
+                "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+            },
+            ["LATENT"],
+        ),
+        "VAEDecode": entry(
+            "VAEDecode",
+            "VAE Decode",
+            "latent",
+            "Decodes latents into images (graphsd: VAEDecode).",
+            {"samples": ["LATENT"], "vae": ["VAE"]},
+            ["IMAGE"],
+        ),
+        "VAEDecodeTiled": entry(
+            "VAEDecodeTiled",
+            "VAE Decode (Tiled)",
+            "_for_testing",
+            "Decodes latents in tiles (graphsd: VAEDecode, tiled).",
+            {
+                "samples": ["LATENT"],
+                "vae": ["VAE"],
+                "tile_size": ["INT", {"default": 512, "min": 64, "max": 4096, **tile}],
+                "overlap": ["INT", {"default": 64, "min": 0, "max": 4096, **tile}],
+            },
+            ["IMAGE"],
+        ),
+        "VAEEncode": entry(
+            "VAEEncode",
+            "VAE Encode",
+            "latent",
+            "Encodes images into latents (graphsd: VAEEncode).",
+            {"pixels": ["IMAGE"], "vae": ["VAE"]},
+            ["LATENT"],
+        ),
+        "LoadImage": entry(
+            "LoadImage",
+            "Load Image",
+            "image",
+            "Loads an image from the input folder (graphsd: LoadImage).",
+            {"image": [image_names(input_dir), {"image_upload": True}]},
+            ["IMAGE", "MASK"],
+        ),
+        "SaveImage": entry(
+            "SaveImage",
+            "Save Image",
+            "image",
+            "Saves images to the output folder (graphsd: SaveImage).",
+            {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
+            [],
+            output_node=True,
+        ),
+        "LoraLoader": entry(
+            "LoraLoader",
+            "Load LoRA",
+            "loaders",
+            "Applies a LoRA to the model and the text encoder (graphsd: LoraLoader).",
+            {
+                "model": ["MODEL"],
+                "clip": ["CLIP"],
+                "lora_name": [loras, {}],
+                "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}],
+                "strength_clip": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}],
+            },
+            ["MODEL", "CLIP"],
+        ),
+    }
