@@ -1,4 +1,4 @@
-"""The ``graphsd`` command: run | validate | nodes | plugins.
+"""The ``graphsd`` command: run | validate | nodes | plugins | serve.
 
 Exit codes: 0 success, 1 a node failed, 2 a user mistake (bad workflow, bad option, unusable
 output directory), 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM. User mistakes
@@ -278,6 +278,33 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from graphsd.server.app import ServerConfig, serve
+    except ImportError as exc:
+        print(f'error: graphsd serve needs the server extra ({exc.name} is missing): pip install "graphsd[server]"', file=sys.stderr)
+        return EXIT_USAGE
+    _quiet_libraries()
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        output_dir=args.output_dir,
+        input_dir=args.input_dir,
+        data_dir=args.data_dir,
+        models_dir=args.models_dir,
+        token=args.token or os.environ.get("GRAPHSD_SERVER_TOKEN") or None,
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+        plugins_dirs=list(args.plugins_dir or []),
+        vram_budget_mb=args.vram_budget,
+        ram_budget_mb=args.ram_budget,
+        max_upload_mb=args.max_upload_mb,
+        max_history=args.max_history,
+        open_browser=args.open,
+    )
+    return serve(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphsd", description="Run Stable-Diffusion-style workflows as graphs of typed nodes.")
     common = argparse.ArgumentParser(add_help=False)
@@ -326,6 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--markdown", action="store_true", help="the node reference as Markdown (docs/nodes.md)")
     nodes.add_argument("--builtin", action="store_true", help="only graphsd's own nodes, not those of plugins")
     nodes.set_defaults(func=cmd_nodes)
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve ComfyUI's HTTP/websocket API and web frontend on one long-lived engine, with a persistent queue",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs --token)")
+    serve.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
+    serve.add_argument("--output-dir", default="output", metavar="DIR", help="where images are written and /view reads (default ./output)")
+    serve.add_argument("--input-dir", default="input", metavar="DIR", help="uploaded images, read by LoadImage (default ./input)")
+    serve.add_argument(
+        "--data-dir",
+        default="graphsd-data",
+        metavar="DIR",
+        help="queue and history database, user settings and workflows (default ./graphsd-data)",
+    )
+    serve.add_argument(
+        "--token", metavar="SECRET", help="require this token on every request (default: the GRAPHSD_SERVER_TOKEN environment variable)"
+    )
+    serve.add_argument("--allow-pickle", action="store_true", help="allow pickle-based model files you trust (see graphsd run --help)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    serve.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU")
+    serve.add_argument("--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM")
+    serve.add_argument("--max-upload-mb", type=float, default=100.0, metavar="MB", help="largest upload (default 100)")
+    serve.add_argument("--max-history", type=int, default=10000, metavar="N", help="finished prompts kept in the history (default 10000)")
+    serve.add_argument("--open", action="store_true", help="open the web frontend in a browser")
+    serve.set_defaults(func=cmd_serve)
 
     plugins = sub.add_parser("plugins", parents=[common], help="list plugins and the nodes they provide")
     plugins.set_defaults(func=cmd_plugins)
