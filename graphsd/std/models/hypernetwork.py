@@ -29,15 +29,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import pickle
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graphsd.std.models.formats import PICKLE_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import ModelFileError, load_pickle
 
 
 class HypernetworkFormatError(ModelFileError, ValueError):
@@ -225,23 +223,7 @@ def load_hypernetwork(path: str | os.PathLike, allow_pickle: bool = False) -> Hy
     """Read an A1111 hypernetwork file (``.pt``: a pickle, so only when allowed, and then with
     ``torch.load(weights_only=True)``, which builds plain containers and tensors only)."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise HypernetworkFormatError(
-            f"'{path.name}' is a pickle file: graphsd reads one only when pickle files are allowed (--allow-pickle, "
-            "Settings.allow_pickle), and then reads tensors only, with torch.load(weights_only=True)")
-    if path.is_file() and path.stat().st_size == 0:
-        raise HypernetworkFormatError(f"'{path.name}' is empty (0 bytes): the file was not written completely")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if refused := re.search(r"GLOBAL ([\w.]+)", str(exc)):
-            raise HypernetworkFormatError(
-                f"'{path.name}' contains Python objects beyond tensors (it names {refused.group(1)}), which graphsd "
-                "does not load: convert it to a plain tensors file with a tool you trust, or do not use it") from None
-        raise HypernetworkFormatError(f"'{path.name}' is not a readable PyTorch file (damaged or another format)") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HypernetworkFormatError(f"'{path.name}' is not a readable PyTorch file ({detail})") from None
+    data = load_pickle(path, allow_pickle, HypernetworkFormatError)
     if not isinstance(data, dict):
         raise HypernetworkFormatError(f"'{path.name}' holds a {type(data).__name__}, not an A1111 hypernetwork dict")
     return Hypernetwork.from_state(data, path.name)

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from graphsd.std.models.formats import PICKLE_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import ModelFileError, read_weights
 from graphsd.paths import file_fingerprint
 from graphsd.types import working_dtype
 
@@ -109,57 +109,6 @@ _ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 class LoraFormatError(ModelFileError, ValueError):
     """The file is not a LoRA graphsd can read, or does not fit the model (message says why)."""
-
-
-def read_tensors(path: str | os.PathLike, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a flat ``name → tensor`` file and its string metadata: safetensors, or a pickle file
-    when allowed (``torch.load(weights_only=True)``, which refuses anything but tensors and plain
-    containers; no metadata). Unreadable files raise :class:`LoraFormatError` naming the file."""
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise LoraFormatError(f"'{path.name}' is empty (0 bytes); download or copy it again")
-    metadata: dict[str, str] = {}
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise LoraFormatError(
-                f"'{path.name}' is a pickle file: convert it to .safetensors, or pass --allow-pickle (the "
-                "allow_pickle setting) for files you trust; graphsd then reads it with torch.load(weights_only=True), "
-                "which loads tensors only"
-            )
-        data = _load_pickle(path)
-        data = data.get("state_dict", data) if isinstance(data, dict) else data
-    else:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                data = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as e:  # the header is checked against the file size before any tensor is read
-            raise LoraFormatError(f"'{path.name}' is truncated or damaged, or not a safetensors file ({e}); "
-                                  "download or copy it again") from e
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise LoraFormatError(f"'{path.name}' does not hold a flat dictionary of tensors")
-    return data, metadata
-
-
-def _load_pickle(path: Path) -> object:
-    """``torch.load(weights_only=True)``, its errors re-raised as :class:`LoraFormatError`
-    (torch's own message for refused objects suggests ``weights_only=False``, which would run
-    code from the file, so it is not passed on)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for damaged files
-        if "Weights only load failed" in str(e):
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f"a pickled object ({found.group(1)})" if found else "pickled objects"
-            raise LoraFormatError(
-                f"'{path.name}' holds {what} besides tensors, which graphsd never loads, also not with "
-                "--allow-pickle (that reads tensors only); convert the file to .safetensors with a tool you trust, "
-                "or use another file"
-            ) from None
-        raise LoraFormatError(f"'{path.name}' is truncated or damaged, or not a PyTorch file ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
@@ -388,7 +337,7 @@ def load_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
         if not found:
             raise LoraFormatError(f"folder '{path.name}' holds none of {', '.join(_FOLDER_FILES)}")
         path = found[0]
-    tensors, metadata = read_tensors(path, allow_pickle)
+    tensors, metadata = read_weights(path, allow_pickle, LoraFormatError)
     _check_finite(tensors, path.name)
     fingerprint = file_fingerprint(path)
     if path.stem == "adapter_model":  # its scale may come from adapter_config.json

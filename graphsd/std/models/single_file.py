@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from graphsd.std.models.formats import PICKLE_SUFFIXES, ModelFileError
+from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelFileError, read_weights
 from graphsd.paths import write_atomic
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -244,54 +244,17 @@ def _from_file(tensor: torch.Tensor, how: str) -> torch.Tensor:
 # ---- reading ---------------------------------------------------------------------------------
 
 
-def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a checkpoint file and its safetensors metadata (empty for pickles)."""
+def read_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint file and its safetensors metadata (empty for pickles), read
+    by :func:`~graphsd.std.models.formats.read_weights`."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"checkpoint file {path} does not exist", field="path")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
-        except Exception as exc:  # a truncated or non-safetensors file
-            raise ModelFileError(f"{path.name} is not a readable .safetensors file ({exc})", field="path") from exc
-    if suffix not in PICKLE_SUFFIXES:
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ModelFileError(
-            f"{path.name}: unknown checkpoint format {suffix!r}; use a .safetensors file "
+            f"{path.name}: unknown checkpoint format {path.suffix.lower()!r}; use a .safetensors file "
             f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle)",
             field="path",
         )
-    if not allow_pickle:
-        raise ModelFileError(
-            f"{path.name} is pickle-based; convert it to .safetensors or, for a file you trust, run with "
-            "--allow-pickle (Settings.allow_pickle; pickle files can run code when loaded, allowed ones are "
-            "read with torch.load(weights_only=True), which accepts only tensors)",
-            field="path",
-        )
-    return _read_pickle(path), {}
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Read a pickle checkpoint with ``weights_only=True`` (plain containers and tensors only)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(
-            f"{path.name} could not be read safely: it holds more than tensors, so torch.load("
-            f"weights_only=True) refused it ({str(exc).splitlines()[0]}). Convert it to .safetensors "
-            "with a tool you trust",
-            field="path",
-        ) from exc
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise ModelFileError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors", field="path")
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return read_weights(path, allow_pickle, field="path")
 
 
 def detect_family(tensors: dict[str, torch.Tensor]) -> str:
@@ -579,7 +542,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = Path(path)
-    tensors, metadata = read_tensors(path, allow_pickle)
+    tensors, metadata = read_checkpoint(path, allow_pickle)
     family = detect_family(tensors)
     stored = _json_metadata(metadata, METADATA_KEY)
     roles = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
