@@ -58,8 +58,9 @@ from pathlib import Path
 
 import torch
 
-from graphsd.std.models.formats import ModelFileError, read_weights
 from graphsd.paths import file_fingerprint
+from graphsd.std.models.formats import ModelFileError, read_weights
+from graphsd.std.models.ldm_layout import ldm_flat_names, rename_flat
 from graphsd.types import working_dtype
 
 #: Key endings → the slot they fill in a layer's recipe, longest first so that matching the
@@ -371,62 +372,6 @@ def weight_modules(model: torch.nn.Module) -> dict[str, str]:
     return index
 
 
-def _per_block(value: int | tuple[int, ...], n: int) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
-
-
-def sgm_block_map(config) -> dict[str, str]:
-    """Map SGM/LDM U-Net block prefixes (``input_blocks_4_1``) to diffusers module paths
-    (``down_blocks.1.attentions.0``) from a ``UNet2DConditionModel`` config. Layout (as in the
-    original LDM ``UNetModel``): ``input_blocks`` = conv_in, then per down block its
-    resnet(+attention) layers and a downsampler unless last; ``middle_block`` = resnet,
-    attention, resnet; ``output_blocks`` = per up block ``layers + 1`` resnet(+attention)
-    layers, the last of which also holds the upsampler unless it is the final block."""
-    down, up = config.down_block_types, config.up_block_types
-    layers = _per_block(config.layers_per_block, len(down))
-    out: dict[str, str] = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding.linear_1",
-                           "time_embed_2": "time_embedding.linear_2", "label_emb_0_0": "add_embedding.linear_1",
-                           "label_emb_0_2": "add_embedding.linear_2",
-                           "middle_block_0": "mid_block.resnets.0", "middle_block_1": "mid_block.attentions.0",
-                           "middle_block_2": "mid_block.resnets.1"}
-    idx = 1
-    for b, kind in enumerate(down):
-        for j in range(layers[b]):
-            out[f"input_blocks_{idx}_0"] = f"down_blocks.{b}.resnets.{j}"
-            out[f"input_blocks_{idx}_1"] = f"down_blocks.{b}.attentions.{j}"
-            idx += 1
-        if b < len(down) - 1:
-            out[f"input_blocks_{idx}_0_op"] = f"down_blocks.{b}.downsamplers.0.conv"
-            idx += 1
-    idx = 0
-    up_layers = list(reversed(layers))
-    for b, kind in enumerate(up):
-        has_attn = "CrossAttn" in kind
-        for j in range(up_layers[b] + 1):
-            out[f"output_blocks_{idx}_0"] = f"up_blocks.{b}.resnets.{j}"
-            if has_attn:
-                out[f"output_blocks_{idx}_1"] = f"up_blocks.{b}.attentions.{j}"
-            if b < len(up) - 1 and j == up_layers[b]:
-                out[f"output_blocks_{idx}_{2 if has_attn else 1}_conv"] = f"up_blocks.{b}.upsamplers.0.conv"
-            idx += 1
-    return out
-
-
-#: SGM resnet sub-module names → diffusers ResnetBlock2D names.
-_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
-               "skip_connection": "conv_shortcut"}
-
-
-def sgm_to_diffusers(flat: str, block_map: dict[str, str]) -> str | None:
-    """Translate a flattened SGM U-Net module name to the flattened diffusers name, or None."""
-    for prefix in sorted(block_map, key=len, reverse=True):
-        if flat == prefix or flat.startswith(prefix + "_"):
-            rest = flat[len(prefix) + 1:]
-            inner = f"_{_SGM_RESNET.get(rest, rest)}" if rest else ""
-            return block_map[prefix].replace(".", "_") + inner
-    return None
-
-
 @dataclass
 class LoraMatch:
     """Result of matching a LoRA file against components: ``layers[role][module path]``."""
@@ -442,7 +387,7 @@ def match_lora(lora: LoraFile, components: dict[str, torch.nn.Module]) -> LoraMa
     Layers whose role is not among ``components`` or whose module does not exist (or has a
     weight of another size) are reported in ``unmatched``."""
     indexes = {role: weight_modules(m) for role, m in components.items()}
-    block_maps = {"unet": sgm_block_map(components["unet"].config)} if hasattr(components.get("unet"), "config") else {}
+    block_maps = {"unet": ldm_flat_names(components["unet"].config)} if hasattr(components.get("unet"), "config") else {}
     layers: dict[str, dict[str, LoraLayer]] = {}
     unmatched = list(lora.unreadable)
     for key, target in lora.targets.items():
@@ -461,7 +406,7 @@ def _resolve(target: LoraTarget, index: dict[str, str] | None, block_map: dict[s
     if target.path in index:
         return index[target.path]
     if target.flat and block_map is not None:
-        flat = sgm_to_diffusers(target.path, block_map)
+        flat = rename_flat(target.path, block_map)
         return index.get(flat) if flat is not None else None
     return None
 

@@ -20,7 +20,8 @@ tokenizer files of a text encoder whose vocabulary is not the standard CLIP one 
 otherwise gets the shipped CLIP tokenizer, which only fits a 49,408-token text encoder).
 
 The key mapping is one table per component, built from the diffusers config; the same table
-serves both directions. Facts of the format follow diffusers'
+serves both directions (the U-Net's, :func:`graphsd.std.models.ldm_layout.unet_module_map`, also
+matches LoRA files that use the LDM names). Facts of the format follow diffusers'
 ``loaders/single_file_utils.py`` (the reference these conversions are tested against) and the
 CompVis ``ldm`` / Stability ``sgm`` module names.
 
@@ -39,8 +40,9 @@ from typing import Any
 
 import torch
 
-from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelFileError, read_weights
 from graphsd.paths import write_atomic
+from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelFileError, read_weights
+from graphsd.std.models.ldm_layout import unet_module_map
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
@@ -76,23 +78,6 @@ Rule = tuple[str, str]
 
 # ---- key tables ------------------------------------------------------------------------------
 
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_TOP = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
 _VAE_TOP = {
     "encoder.conv_in": "encoder.conv_in",
     "encoder.conv_out": "encoder.conv_out",
@@ -119,38 +104,6 @@ _OPEN_CLIP_LAYER = {
     "mlp.fc2": "mlp.c_proj",
 }
 _OPEN_CLIP_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
-
-
-def unet_module_map(config: dict[str, Any]) -> dict[str, str]:
-    """diffusers module path -> LDM module path for a ``UNet2DConditionModel`` config.
-
-    Level ``b`` of ``n`` with ``L`` resnets per level owns ``input_blocks[1 + b(L+1) + j]``
-    (resnet ``.0``, transformer ``.1``) and its downsampler ``input_blocks[(b+1)(L+1)].0.op``;
-    up block ``b`` owns ``output_blocks[b(L+1) + j]`` for ``j <= L``, its upsampler sitting
-    after the transformer (``.2``) or the resnet (``.1``) of the last one."""
-    levels, per = len(config["block_out_channels"]), _layers_per_block(config)
-    table = dict(_UNET_TOP)
-
-    def resnet(diffusers: str, ldm: str) -> None:
-        table[diffusers] = ldm
-        table.update({f"{diffusers}.{a}": f"{ldm}.{b}" for a, b in _UNET_RESNET.items()})
-
-    for b in range(levels):
-        for j in range(per):
-            i = 1 + b * (per + 1) + j
-            resnet(f"down_blocks.{b}.resnets.{j}", f"input_blocks.{i}.0")
-            table[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{i}.1"
-        table[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{(b + 1) * (per + 1)}.0.op"
-        for j in range(per + 1):
-            i = b * (per + 1) + j
-            resnet(f"up_blocks.{b}.resnets.{j}", f"output_blocks.{i}.0")
-            table[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{i}.1"
-        after = 2 if "CrossAttn" in config["up_block_types"][b] else 1
-        table[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{b * (per + 1) + per}.{after}.conv"
-    resnet("mid_block.resnets.0", "middle_block.0")
-    table["mid_block.attentions.0"] = "middle_block.1"
-    resnet("mid_block.resnets.1", "middle_block.2")
-    return table
 
 
 def vae_module_map(config: dict[str, Any]) -> dict[str, str]:
@@ -190,6 +143,7 @@ def _rename(key: str, table: dict[str, str]) -> str:
 
 
 def unet_rule(config: dict[str, Any]) -> Callable[[str], Rule]:
+    _layers_per_block(config)
     table = unet_module_map(config)
     return lambda key: (UNET_PREFIX + _rename(key, table), "")
 
