@@ -9,6 +9,8 @@ the six held-out combinations (never seen in training) are reported separately. 
 a generated "a red circle ..." (and other colour pairs) re-prompted with another colour at
 strength 0.6 must keep the shape and its place and take the new colour. ``--cpu-timing`` times
 one 128² 20-step CFG generation on 2 CPU threads instead.
+
+The captions and the evaluator come from the training plugin: ``pip install ./plugins/graphsd-train``.
 """
 
 from __future__ import annotations
