@@ -709,9 +709,9 @@ class Server:
         kind = fields.get("type") or "input"
         if kind not in ("input", "temp"):
             raise Refused("uploads go to type 'input' or 'temp'")
-        name = Path(filename.replace("\\", "/")).name
-        if not name or name.startswith(".") or name != filename.replace("\\", "/").split("/")[-1]:
-            raise Refused(f"file name {filename!r} is not allowed")
+        name = filename
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+            raise Refused(f"file name {filename!r} is not allowed: give a plain name (a folder goes in the 'subfolder' field)")
         subfolder = fields.get("subfolder", "").strip("/")
         target = confined(self.roots[kind], f"{subfolder}/{name}" if subfolder else name)
         problem = await self._in_thread(_image_problem, data, self.engine.settings.max_image_pixels)

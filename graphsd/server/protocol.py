@@ -79,7 +79,8 @@ class RunMessages:
         self.origins = origins
         self.roots = roots
         self.parts: dict[str, set[str]] = {}  # prompt node id -> its planned graphsd nodes
-        self.cached: set[str] = set()  # graphsd ids
+        self.cached: set[str] = set()  # graphsd ids whose outputs came from the cache
+        self.visited: set[str] = set()  # graphsd ids that started, came from the cache or were skipped after a failure
         self.reported_cached: set[str] = set()  # prompt ids
         self.executed: list[str] = []  # prompt ids, in order
         self.states: dict[str, dict[str, Any]] = {}
@@ -144,7 +145,9 @@ class RunMessages:
             out.append(("execution_start", data))
         elif kind == "node_cached":
             self.cached.add(e["node_id"])
+            self.visited.add(e["node_id"])
         elif kind == "node_start":
+            self.visited.add(e["node_id"])
             out += self._flush_cached()
             cid = self.cid(e["node_id"])
             if cid != self.current:
@@ -166,8 +169,12 @@ class RunMessages:
                 self.outputs[cid] = output
                 out.append(("executed", {**self._node(cid), "output": output}))
         elif kind == "node_error":
+            self.visited.update([e["node_id"], *e.get("skipped", ())])
             out.append(self._state(self.cid(e["node_id"]), "error"))
         elif kind == "run_done":
+            if e.get("status") != "interrupted":
+                # planned nodes never visited were not needed: what depends on them came from the cache
+                self.cached |= {gid for parts in self.parts.values() for gid in parts} - self.visited
             out += self._flush_cached()
         return out
 
