@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_harness import Served, events_until_done, pngs, quote, receive, txt2img
+from test_server_harness import ROOT, Served, events_until_done, pngs, quote, receive, txt2img
 
 from graphsd import Engine, Settings
 
@@ -273,3 +273,55 @@ def test_an_uploaded_image_is_read_by_loadimage_and_listed(server):
     ws.close()
     assert "execution_success" in [e["type"] for e in events], events[-3:]
     assert any(p.name.startswith("img2img_") for p in pngs(server.dirs["output"]))
+
+
+def test_a_client_written_like_comfyuis_websocket_api_example_works(server):
+    """The way ComfyUI's websocket API example talks to ComfyUI, unchanged but for the address and
+    the checkpoint: urllib POST /prompt (form-encoded content type, JSON body) with a client_id,
+    websocket-client on /ws?clientId=, read until ``executing`` with node null for the prompt,
+    then /history/{id} and /view of each image."""
+    import urllib.parse
+    import urllib.request
+
+    import websocket
+
+    address = server.url.removeprefix("http://")
+    client_id = str(uuid.uuid4())
+
+    def queue_prompt(prompt):
+        data = json.dumps({"prompt": prompt, "client_id": client_id}).encode("utf-8")
+        return json.loads(urllib.request.urlopen(urllib.request.Request(f"http://{address}/prompt", data=data)).read())
+
+    def get_image(filename, subfolder, folder_type):
+        query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": folder_type})
+        with urllib.request.urlopen(f"http://{address}/view?{query}") as response:
+            return response.read()
+
+    def get_history(prompt_id):
+        with urllib.request.urlopen(f"http://{address}/history/{prompt_id}") as response:
+            return json.loads(response.read())
+
+    def get_images(ws, prompt):
+        prompt_id = queue_prompt(prompt)["prompt_id"]
+        while True:
+            out = ws.recv()
+            if isinstance(out, str):
+                message = json.loads(out)
+                if message["type"] == "executing" and message["data"]["node"] is None and message["data"]["prompt_id"] == prompt_id:
+                    break
+        history = get_history(prompt_id)[prompt_id]
+        return {
+            node_id: [get_image(image["filename"], image["subfolder"], image["type"]) for image in output.get("images", [])]
+            for node_id, output in history["outputs"].items()
+        }
+
+    prompt = json.loads((ROOT / "workflows" / "comfy_txt2img.json").read_text())
+    prompt["6"]["inputs"]["text"] = "a green triangle on a gray background"
+    prompt["3"]["inputs"].update(seed=5, steps=3)
+    prompt["5"]["inputs"].update(width=64, height=64)
+    ws = websocket.WebSocket()
+    ws.connect(f"ws://{address}/ws?clientId={client_id}")
+    images = get_images(ws, prompt)
+    ws.close()
+    [png] = images["9"]
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
