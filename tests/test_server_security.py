@@ -173,6 +173,9 @@ MALFORMED = [
     b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     b'{"prompt": {"1": {"class_type": "KSampler", "inputs": {"cfg": NaN}}}}',
     b'{"prompt": {"1": {"class_type": "\\u0000"}}}',
+    b'{"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}}, "number": NaN}',
+    b'{"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}}, "number": 1e400}',
+    b'{"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}}, "partial_execution_targets": [1]}',
 ]
 
 

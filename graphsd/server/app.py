@@ -37,6 +37,7 @@ from aiohttp.multipart import BodyPartReader
 from graphsd.context import Settings
 from graphsd.engine import Engine
 from graphsd.errors import GraphsdError, Issue, WorkflowError
+from graphsd.hookspecs import COMFY_NATIVE_PREFIX
 from graphsd.paths import remove_temporaries, sweep_stale_temporaries, write_atomic
 from graphsd.server import objectinfo, protocol
 from graphsd.server.runner import LocalRunner, RunJob, Runner, RunOutcome, check_runnable
@@ -314,7 +315,7 @@ class Server:
         self.hub: Hub = None  # type: ignore[assignment]  # made on the event loop (start)
         self.log_entries: collections.deque[dict[str, str]] = collections.deque(maxlen=1000)
         self.static_dir = _frontend_dir()
-        self.comfy_names = set(self._comfy_nodes())
+        self._remember_comfy(self._comfy_nodes())
 
     # ---- helpers ------------------------------------------------------------------------------
     def _comfy_nodes(self) -> dict[str, dict[str, Any]]:
@@ -335,7 +336,7 @@ class Server:
             pack = "graphsd" if plugin in builtin else re.sub(r"[^A-Za-z0-9_\-]", "_", plugin)
             modules[node_type] = f"custom_nodes.{pack}"
         comfy = self._comfy_nodes()
-        self.comfy_names = set(comfy)
+        self._remember_comfy(comfy)
         return objectinfo.build(self.engine.nodes, modules, comfy, comfy_types)
 
     def delete_files(self, files: list[str]) -> int:
@@ -433,14 +434,16 @@ class Server:
             output_nodes = sorted({origins[t]["id"] for t in targets})
         return {"workflow": workflow, "origins": origins, "targets": targets, "output_nodes": output_nodes}, 200
 
+    def _remember_comfy(self, comfy: dict[str, dict[str, Any]]) -> None:
+        self.comfy_names = set(comfy)
+        self.comfy_outputs = {name for name, entry in comfy.items() if entry.get("output_node")}
+
     def _is_output(self, class_type: Any) -> bool:
         if not isinstance(class_type, str):
             return False
         if class_type in self.comfy_names:
-            return bool(self._comfy_nodes().get(class_type, {}).get("output_node"))
-        from graphsd.hookspecs import COMFY_NATIVE_PREFIX
-
-        name = class_type[len(COMFY_NATIVE_PREFIX) :] if class_type.startswith(COMFY_NATIVE_PREFIX) else class_type
+            return class_type in self.comfy_outputs
+        name = class_type.removeprefix(COMFY_NATIVE_PREFIX)
         return bool(getattr(self.engine.nodes.get(name), "output_node", False))
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -504,8 +507,8 @@ class Server:
         if partial is not None and not (isinstance(partial, list) and all(isinstance(p, str) for p in partial)):
             return _error("partial_execution_targets must be a list of node ids", 400, "invalid_prompt")
         number = body.get("number")
-        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
-            return _error("number must be a number", 400, "invalid_prompt")
+        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float)) or not abs(number) < 1e15):
+            return _error("number must be a number below 1e15", 400, "invalid_prompt")
         try:
             result, status = await self._in_thread(self.validate, body["prompt"], partial or None)
         except Exception as exc:  # a bug in a plugin's translation: the prompt is refused, the server stays up

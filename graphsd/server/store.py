@@ -142,6 +142,7 @@ class Store:
         with self._lock:
             if number is None:
                 number = -self._next_number if front else self._next_number
+            number = float(number)
             self._next_number = max(self._next_number, int(abs(number))) + 1
             job.number, job.status = number, "pending"
             self._tx(
