@@ -48,7 +48,7 @@ from graphsd.server.userdata import UserData
 log = logging.getLogger("graphsd.server")
 
 MAX_PROMPT_BYTES = 32 * 1024 * 1024
-MAX_CLIENT_BACKLOG = 20_000  # websocket messages waiting for a slow client before it is dropped
+MAX_CLIENT_BACKLOG = 5_000  # websocket messages waiting for a slow client before it is dropped
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 SAFE_INLINE = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "video/", "audio/")
 
@@ -142,9 +142,8 @@ class Hub:
         self._status_scheduled = False
 
     def connect(self, sid: str, ws: web.WebSocketResponse) -> Client:
-        old = self.clients.get(sid)
-        if old is not None:  # the same page reconnecting: the new socket takes over
-            asyncio.ensure_future(old.ws.close())
+        # a page reconnecting (or a duplicated tab, which shares the id): the newest socket gets the
+        # messages; the old one is left open, as closing it would make its page reconnect in turn
         client = self.clients[sid] = Client(sid, ws)
         return client
 
