@@ -122,12 +122,10 @@ class _Display:
 
 
 def _quiet_libraries() -> None:
-    """graphsd shows its own progress; the libraries' loading bars would only add noise."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
+    """graphsd shows its own progress; the model libraries' loading bars would only add noise.
+    They read this switch when imported (the huggingface_hub convention), so nothing is imported
+    here: a workflow that loads no model never pays for importing them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _exit_at_once(signum: int, frame: Any) -> None:

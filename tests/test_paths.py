@@ -74,12 +74,20 @@ def test_concurrent_writers_never_share_a_name(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_save_into_one_folder(tmp_path):
-    """Two runs of the main job at once: two files, neither replacing the other."""
+    """Two graphsd processes saving into one folder at the same moment: two files, neither
+    replacing the other (a copy workflow, so both reach SaveImage right after starting)."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    workflow = tmp_path / "copy.yaml"
+    workflow.write_text(
+        "version: 1\nnodes:\n  load: {type: LoadImage, inputs: {path: in.png}}\n"
+        "  save: {type: SaveImage, inputs: {image: '@load.image', prefix: copy}}\n"
+    )
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "graphsd.cli", "run", str(WORKFLOWS / "txt2img.yaml"), "--set", "steps=2", "--output-dir", str(out), "-q"]
-    procs = [subprocess.Popen([*cmd, "--set", f"seed={s}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for s in (1, 2)]
+    cmd = [sys.executable, "-m", "graphsd.cli", "run", str(workflow), "--output-dir", str(out), "-q"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     printed = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)

@@ -24,18 +24,9 @@ Diffusion pipelines also switch off for latents).
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 from typing import Any, Callable
-
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 SCHEDULES = ("normal", "karras")
 
@@ -44,9 +35,11 @@ class UnsupportedSchedule(ValueError):
     """The sampler cannot use the requested noise schedule."""
 
 
-def build_scheduler(cls: type, scheduler_config: dict[str, Any], schedule: str, karras: bool, **overrides: Any):
-    """``cls`` configured from the model's scheduler config, with ``overrides`` and the
-    schedule applied."""
+def build_scheduler(cls_name: str, scheduler_config: dict[str, Any], schedule: str, karras: bool, **overrides: Any):
+    """diffusers' scheduler class ``cls_name`` configured from the model's scheduler config, with
+    ``overrides`` and the schedule applied. diffusers is imported here, on first use, so that
+    starting an engine (``graphsd nodes``, a server, a workflow without samplers) does not pay
+    for importing it."""
     if schedule not in SCHEDULES:
         raise UnsupportedSchedule(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if karras:
@@ -54,24 +47,25 @@ def build_scheduler(cls: type, scheduler_config: dict[str, Any], schedule: str, 
     elif schedule == "karras":
         supported = ", ".join(n for n, f in SAMPLERS.items() if f.keywords["karras"])
         raise UnsupportedSchedule(
-            f"the {cls.__name__} sampler has no karras schedule; use schedule 'normal' or one of: {supported}"
+            f"the {cls_name} sampler has no karras schedule; use schedule 'normal' or one of: {supported}"
         )
+    cls = getattr(importlib.import_module("diffusers"), cls_name)
     return cls.from_config(dict(scheduler_config), **overrides)
 
 
 SAMPLERS: dict[str, Callable[..., Any]] = {
-    "euler": partial(build_scheduler, EulerDiscreteScheduler, karras=True),
-    "euler_ancestral": partial(build_scheduler, EulerAncestralDiscreteScheduler, karras=False),
-    "heun": partial(build_scheduler, HeunDiscreteScheduler, karras=True),
-    "ddim": partial(build_scheduler, DDIMScheduler, karras=False, clip_sample=False),
-    "lms": partial(build_scheduler, LMSDiscreteScheduler, karras=True),
+    "euler": partial(build_scheduler, "EulerDiscreteScheduler", karras=True),
+    "euler_ancestral": partial(build_scheduler, "EulerAncestralDiscreteScheduler", karras=False),
+    "heun": partial(build_scheduler, "HeunDiscreteScheduler", karras=True),
+    "ddim": partial(build_scheduler, "DDIMScheduler", karras=False, clip_sample=False),
+    "lms": partial(build_scheduler, "LMSDiscreteScheduler", karras=True),
     "dpmpp_2m": partial(
-        build_scheduler, DPMSolverMultistepScheduler, karras=True, algorithm_type="dpmsolver++", solver_order=2
+        build_scheduler, "DPMSolverMultistepScheduler", karras=True, algorithm_type="dpmsolver++", solver_order=2
     ),
     "dpmpp_2m_sde": partial(
-        build_scheduler, DPMSolverMultistepScheduler, karras=True, algorithm_type="sde-dpmsolver++", solver_order=2
+        build_scheduler, "DPMSolverMultistepScheduler", karras=True, algorithm_type="sde-dpmsolver++", solver_order=2
     ),
-    "unipc": partial(build_scheduler, UniPCMultistepScheduler, karras=True),
+    "unipc": partial(build_scheduler, "UniPCMultistepScheduler", karras=True),
 }
 """Sampler name → ``factory(scheduler_config=..., schedule=...)`` (registered by the built-in
 plugin through ``graphsd_register_samplers``)."""

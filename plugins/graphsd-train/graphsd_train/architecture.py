@@ -8,9 +8,11 @@ depths and the vocabulary differ. Defaults are those of graphsd-tiny (128² imag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+if TYPE_CHECKING:  # imported when a model is built, so loading the plugin stays light
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 #: Stable Diffusion's noise schedule (Rombach et al. 2022): "scaled_linear" betas in 1000 steps.
 #: Also the saved scheduler config: ``clip_sample`` / ``set_alpha_to_one`` are set as in SD 1.x so
@@ -38,6 +40,8 @@ class VAEShape:
     norm_groups: int = 32
 
     def build(self, resolution: int) -> AutoencoderKL:
+        from diffusers import AutoencoderKL
+
         n = len(self.channels)
         return AutoencoderKL(
             in_channels=3,
@@ -62,6 +66,8 @@ class TextEncoderShape:
     max_length: int = 77
 
     def build(self, vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> CLIPTextModel:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         config = CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=self.width,
@@ -88,6 +94,8 @@ class UNetShape:
     norm_groups: int = 32
 
     def build(self, latent_size: int, latent_channels: int, context_width: int) -> UNet2DConditionModel:
+        from diffusers import UNet2DConditionModel
+
         n = len(self.channels)
         return UNet2DConditionModel(
             sample_size=latent_size,

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 
 from graphsd_train.architecture import VAEShape
 from graphsd_train.data import to_model_range
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 ProgressFn = Callable[[int, int, float], None]
 
