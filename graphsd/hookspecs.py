@@ -51,8 +51,9 @@ def graphsd_register_nodes() -> list[type[Node]]:
 
 @hookspec
 def graphsd_register_types() -> list[type[Socket]]:
-    """Return the socket types (subclasses of :class:`graphsd.types.Socket`) this plugin adds,
-    so that ``graphsd nodes`` can list them and workflows can name them."""
+    """Return the socket types (subclasses of :class:`graphsd.types.Socket`) this plugin adds.
+    A node whose input or output uses a socket type that no plugin registers is named in a
+    warning when the engine starts (``Registry.types`` is the table of known types by name)."""
 
 
 @hookspec

@@ -26,7 +26,7 @@ import pluggy
 
 from graphsd import hookspecs
 from graphsd.hookspecs import PROJECT
-from graphsd.node import Node
+from graphsd.node import Node, socket_class
 from graphsd.types import Socket
 
 ENTRY_POINT_GROUP = "graphsd"
@@ -192,7 +192,24 @@ def load_plugins(plugins_dirs: list[str] | tuple[str, ...] = (), load_entry_poin
         for sname, factory in samplers.items():
             reg.samplers.setdefault(sname, factory)
         reg.shipped_folders.extend(p.resolve() for p in shipped)
+    reg.warnings.extend(_unregistered_sockets(reg))
     return pm, reg
+
+
+def _unregistered_sockets(reg: Registry) -> list[str]:
+    """A node whose input or output is a socket type that no plugin registered (so ``graphsd
+    nodes``, docs and the server cannot list it by name), once per type."""
+    seen: dict[str, str] = {}
+    for name, node in reg.nodes.items():
+        for field_info in [*node.input_fields().values(), *node.output_fields().values()]:
+            sock = socket_class(field_info.annotation)
+            if sock is not None and reg.types.get(sock.type_name()) is not sock:
+                seen.setdefault(sock.type_name(), name)
+    return [
+        f"plugin '{reg.node_plugin[node]}': node '{node}' uses the socket type '{sock}', which no plugin registers "
+        "(return it from graphsd_register_types)"
+        for sock, node in sorted(seen.items())
+    ]
 
 
 def _node_problem(node: Any) -> str | None:

@@ -86,6 +86,53 @@ def test_misspelt_and_unmarked_hooks_are_named_in_warnings(tmp_path):
     assert sys.modules["graphsd_plugin_typo_plugin"].CALLED == []
 
 
+SOCKETS = """
+from dataclasses import dataclass
+
+from graphsd import Node, NodeIO, hookimpl
+from graphsd.types import Socket
+
+
+@dataclass
+class Palette(Socket):
+    colours: tuple = ()
+
+
+class MakePalette(Node):
+    type = "MakePalette"
+
+    class Inputs(NodeIO):
+        pass
+
+    class Outputs(NodeIO):
+        palette: Palette
+
+    def run(self, inputs, ctx):
+        return self.Outputs(palette=Palette(("red",)))
+
+
+@hookimpl
+def graphsd_register_nodes():
+    return [MakePalette]
+"""
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_a_socket_type_no_plugin_registers_is_named(tmp_path, registers):
+    source = SOCKETS + ("\n@hookimpl\ndef graphsd_register_types():\n    return [Palette]\n" if registers else "")
+    (tmp_path / "palettes.py").write_text(source)
+    engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(tmp_path)]))
+    warned = [w for w in engine.warnings if "'Palette'" in w]
+    assert "MakePalette" in engine.nodes
+    if registers:
+        assert warned == [] and engine.registry.types["Palette"].__module__ == "graphsd_plugin_palettes"
+    else:
+        assert warned == [
+            "plugin 'palettes': node 'MakePalette' uses the socket type 'Palette', which no plugin registers "
+            "(return it from graphsd_register_types)"
+        ]
+
+
 def test_missing_plugins_dir_is_a_warning(tmp_path):
     engine = Engine(Settings(device="cpu", load_entry_points=False, plugins_dirs=[str(tmp_path / "nope")]))
     assert any("does not exist" in w for w in engine.warnings)
