@@ -143,16 +143,20 @@ class Conditioning(Socket):
 class ModelRef(Socket):
     """Base of the model handles. A handle is light: it names the components that the
     :class:`~graphsd.memory.ModelManager` holds (``keys``: role → manager key, e.g.
-    ``{"unet": "..."}`` or ``{"text_encoder": ..., "text_encoder_2": ...}``), facts about them
-    (``info``: family, scheduler config, latent scale factor, tokenizers, ...) and the patches
-    (LoRA, hypernetworks) recorded on it. :meth:`with_patches` returns a new handle; weights are
-    never copied and the shared cached weights are never modified outside ``ModelManager.use``.
+    ``{"unet": "..."}`` or ``{"text_encoder": ..., "text_encoder_2": ...}``), the facts about
+    them that the plugin which made it needs (``info``) and the patches (LoRA, hypernetworks)
+    recorded on it. :meth:`with_patches` returns a new handle; weights are never copied and the
+    shared cached weights are never modified outside ``ModelManager.use``.
+
+    ``info`` is the plugin's own typed object, opaque to the engine, which never reads it: what
+    a model is (its family, latent scaling, tokenizers, ...) is knowledge of the plugin that
+    loads it. graphsd.std puts a ``graphsd.std.models.family.ModelInfo`` there, shared by the
+    three handles of a checkpoint.
     """
 
     manager: Any
     keys: dict[str, str]
-    family: str
-    info: dict[str, Any] = field(default_factory=dict)
+    info: Any = None
     patches: tuple[Any, ...] = ()
 
     def with_patches(self, *patches: Any) -> ModelRef:

@@ -352,7 +352,7 @@ def test_undo_restores_bit_for_bit(tmp_path):
 
 
 def handle(manager, key, *patches):
-    return UNet(manager, {"unet": key}, "sd1", {}, patches)
+    return UNet(manager, {"unet": key}, patches=patches)
 
 
 def test_two_branches_through_the_manager(tmp_path):

@@ -33,7 +33,7 @@ def manager(**kw) -> tuple[ModelManager, list[ModelEvent]]:
 
 
 def ref(m, key):
-    return UNet(m, {"unet": key}, "test")
+    return UNet(m, {"unet": key})
 
 
 def test_load_once_then_reuse():

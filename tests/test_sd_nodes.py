@@ -124,13 +124,13 @@ def test_handles_describe_the_model(engine):
     result = engine.run(doc({"m": {"type": "CheckpointLoader", "inputs": {"path": "sd1"}}, "r": {"type": "CheckpointLoader", "inputs": {"path": "refiner"}}}), outputs=["m", "r"])
     assert result.ok, result.errors
     m, r = result.outputs["m"], result.outputs["r"]
-    assert m["unet"].family == m["clip"].family == m["vae"].family == "sd1"
-    assert m["unet"].info["scheduler_config"]["_class_name"] == "PNDMScheduler"
-    assert m["vae"].info["scale_factor"] == 0.18215 and m["vae"].info["downscale"] == 8
-    assert m["clip"].info["text_encoders"] == ["text_encoder"] and m["clip"].info["tokenizer"] is not None
-    assert not m["unet"].info["sdxl"]
-    assert r["unet"].family == "sdxl" and r["unet"].info["sdxl"]
-    assert set(r["clip"].keys) == {"text_encoder_2"} and "tokenizer" not in r["clip"].info
+    info = m["unet"].info
+    assert m["clip"].info is info and m["vae"].info is info  # one set of facts per checkpoint
+    assert info.family == "sd1" and info.scheduler_config["_class_name"] == "PNDMScheduler"
+    assert info.scaling_factor == 0.18215 and info.latent_downscale == 8
+    assert list(info.tokenizers) == ["text_encoder"] and not info.takes_time_ids
+    assert r["unet"].info.family == "sdxl" and r["unet"].info.takes_time_ids
+    assert set(r["clip"].keys) == {"text_encoder_2"} and list(r["clip"].info.tokenizers) == ["text_encoder_2"]
 
 
 def test_dtype_is_part_of_the_component_key(engine):
@@ -268,7 +268,7 @@ def test_single_file_checkpoint_gives_the_same_latents_as_its_folder(engine, sin
     events = []
     single = engine.run(txt2img("tiny.safetensors"), outputs=["denoise", "model"], on_event=events.append)
     assert folder.ok and single.ok, single.errors
-    assert single.outputs["model"]["unet"].family == "sd1"
+    assert single.outputs["model"]["unet"].info.family == "sd1"
     assert (folder.outputs["denoise"]["latent"].samples - single.outputs["denoise"]["latent"].samples).abs().max() <= 1e-5
     assert {e.action for e in events if isinstance(e, ModelEvent)} == {"load"}
 

@@ -37,7 +37,7 @@ from graphsd.std.models.single_file import (
     derive_text_config,
     derive_unet_config,
     derive_vae_config,
-    detect_family,
+    layout_family,
     load_single_file,
     save_single_file,
     unet_rule,
@@ -264,7 +264,7 @@ def test_real_shapes_give_the_real_configs(family):
     else:
         tensors.update(hf_clip_shapes(TEXT_PREFIXES[("sdxl", "text_encoder")]))
         tensors.update(open_clip_shapes(TEXT_PREFIXES[("sdxl", "text_encoder_2")], 1280, 32, 1280))
-    assert detect_family(tensors) == family
+    assert layout_family(tensors) == family
     strip = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     pooled = 1280 if family == "sdxl" else None
     assert derive_unet_config(family, strip(UNET_PREFIX), pooled) == bundled_config(family, "unet")

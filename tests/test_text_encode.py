@@ -181,6 +181,7 @@ HAND_CLIP_PLUGIN = '''
 from transformers import CLIPTokenizer
 
 from graphsd import Node, NodeIO, hookimpl
+from graphsd.std.models.family import ModelInfo
 from graphsd.std.text.tokenizer import clip_tokenizer, clip_tokenizer_dir
 from graphsd.types import Clip
 
@@ -198,10 +199,10 @@ class HandClip(Node):
     def run(self, inputs, ctx):
         tag = ":fp64" if inputs.fp64 else ""
         if not inputs.sdxl:
-            return self.Outputs(clip=Clip(ctx.models, {"text_encoder": "hand:sd1" + tag}, "sd1", {"tokenizer": clip_tokenizer()}))
+            return self.Outputs(clip=Clip(ctx.models, {"text_encoder": "hand:sd1" + tag}, ModelInfo("sd1", {"text_encoder": clip_tokenizer()})))
         tok2 = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), pad_token="!")
         keys = {"text_encoder": "hand:sdxl1" + tag, "text_encoder_2": "hand:sdxl2" + tag}
-        return self.Outputs(clip=Clip(ctx.models, keys, "sdxl", {"tokenizer": clip_tokenizer(), "tokenizer_2": tok2}))
+        return self.Outputs(clip=Clip(ctx.models, keys, ModelInfo("sdxl", {"text_encoder": clip_tokenizer(), "text_encoder_2": tok2})))
 
 
 @hookimpl

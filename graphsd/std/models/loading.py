@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from graphsd.std.models.formats import WEIGHT_SUFFIXES, ModelFileError
 from graphsd.paths import file_fingerprint
+from graphsd.std.models.family import TOKENIZER_OF_ENCODER, Family, detect_model_info
+from graphsd.std.models.formats import WEIGHT_SUFFIXES, ModelFileError
 from graphsd.types import Clip, UNet, Vae
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -96,66 +97,22 @@ def load_checkpoint(manager: Any, path: Path, dtype: str = "fp32", allow_pickle:
     else:
         loaders, scheduler_config, family = _single_file_loaders(manager, path, fingerprint, dtype, allow_pickle)
     keys = {role: manager.load(f"{fingerprint}:{role}:{dtype}", fn) for role, fn in loaders.items()}
-    return build_handles(manager, keys, scheduler_config, source=str(path), family=family)
+    return build_handles(manager, keys, scheduler_config, family=family)
 
 
-def build_handles(
-    manager: Any, keys: dict[str, str], scheduler_config: dict[str, Any], source: str = "", family: str | None = None
-) -> LoadedCheckpoint:
+def build_handles(manager: Any, keys: dict[str, str], scheduler_config: dict[str, Any], family: Family | None = None) -> LoadedCheckpoint:
     """UNet / Clip / Vae handles for components held by ``manager`` under ``keys``
-    (role → key), with the facts the nodes need in ``info``. ``family`` defaults to what the
-    U-Net config says (:func:`detect_family`)."""
-    unet_config = dict(manager.get(keys["unet"]).config)
-    vae_config = dict(manager.get(keys["vae"]).config)
-    family = family or detect_family(unet_config)
-    sdxl = unet_config.get("addition_embed_type") == "text_time"
-    encoders = [r for r in ("text_encoder", "text_encoder_2") if r in keys]
-    tokenizers = {r: manager.get(keys[r]) for r in ("tokenizer", "tokenizer_2") if r in keys}
-    vae_scale = float(vae_config.get("scaling_factor") or 0.18215)
-    vae_shift = float(vae_config.get("shift_factor") or 0.0)
-    downscale = 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
-    common = {"source": source, "sdxl": sdxl}
-    unet = UNet(
-        manager,
-        {"unet": keys["unet"]},
-        family,
-        {
-            **common,
-            "scheduler_config": dict(scheduler_config),
-            "in_channels": unet_config.get("in_channels", 4),
-            "cross_attention_dim": unet_config.get("cross_attention_dim"),
-            "addition_time_embed_dim": unet_config.get("addition_time_embed_dim"),
-            "projection_class_embeddings_input_dim": unet_config.get("projection_class_embeddings_input_dim"),
-            "vae_scale_factor": vae_scale,
-            "latent_downscale": downscale,
-        },
+    (role → key), sharing one :class:`~graphsd.std.models.family.ModelInfo` detected from the
+    components' configs (``family`` defaults to what the U-Net config says)."""
+    encoders = [r for r in TOKENIZER_OF_ENCODER if r in keys]
+    tokenizers = {r: manager.get(keys[TOKENIZER_OF_ENCODER[r]]) for r in encoders if TOKENIZER_OF_ENCODER[r] in keys}
+    info = detect_model_info(
+        manager.get(keys["unet"]).config, manager.get(keys["vae"]).config, scheduler_config, tokenizers, family
     )
-    clip = Clip(manager, {r: keys[r] for r in encoders}, family, {**common, "text_encoders": encoders, **tokenizers})
-    vae = Vae(
-        manager,
-        {"vae": keys["vae"]},
-        family,
-        {
-            **common,
-            "scale_factor": vae_scale,
-            "shift_factor": vae_shift,
-            "latent_channels": vae_config.get("latent_channels", 4),
-            "downscale": downscale,
-        },
-    )
+    unet = UNet(manager, {"unet": keys["unet"]}, info)
+    clip = Clip(manager, {r: keys[r] for r in encoders}, info)
+    vae = Vae(manager, {"vae": keys["vae"]}, info)
     return LoadedCheckpoint(unet, clip, vae)
-
-
-def detect_family(unet_config: dict[str, Any]) -> str:
-    """``sdxl`` (added text/time conditioning), ``sd2`` (1024-wide context), ``sd1`` (any other
-    U-Net with SD1's layout, including small test models) or ``other``."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet_config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        return "other"
-    if unet_config.get("cross_attention_dim") == 1024:
-        return "sd2"
-    return "sd1"
 
 
 def _torch_dtype_kwargs(cls: type, dtype: torch.dtype) -> dict[str, Any]:

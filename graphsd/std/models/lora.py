@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from graphsd.paths import file_fingerprint
+from graphsd.std.models.family import CONTEXT_WIDTHS
 from graphsd.std.models.formats import ModelFileError, read_weights
 from graphsd.std.models.ldm_layout import ldm_flat_names, rename_flat
 from graphsd.types import working_dtype
@@ -434,7 +435,7 @@ def guess_family(lora: LoraFile) -> str:
     keys = " ".join(lora.targets)
     width = context_width(lora)
     if width is not None:
-        name = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width, "a model")
+        name = {w: family for family, w in CONTEXT_WIDTHS.items()}.get(width, "a model")
         return f"{name} (cross-attention context width {width})"
     if "lora_te1_" in keys or "lora_te2_" in keys or "text_encoder_2." in keys or "label_emb" in keys:
         return "sdxl (two text encoders)"

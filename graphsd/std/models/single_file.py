@@ -9,15 +9,16 @@ A single-file checkpoint holds every component under one prefix per component::
     conditioner.embedders.0.transformer.text_model.*  SDXL: CLIP ViT-L
     conditioner.embedders.1.model.*          SDXL: OpenCLIP ViT-bigG (+ text_projection)
 
-:func:`load_single_file` detects the family from those prefixes, builds the diffusers /
-transformers modules from the bundled diffusers-layout configs in ``graphsd/std/data/configs/<family>/``
-(real SD1.5, SD2.1 768-v and SDXL-base configs) with every size that the tensors reveal
-(channels, layers, context width, transformer depth, ...) taken from the file, so small models
-load as well as real ones. Files written by :func:`save_single_file` also carry the exact
-diffusers configs in the safetensors metadata (key ``graphsd``), which restores what shapes
-cannot tell (attention heads, norm groups, scheduler), and, under ``graphsd.tokenizer``, the
-tokenizer files of a text encoder whose vocabulary is not the standard CLIP one (a single file
-otherwise gets the shipped CLIP tokenizer, which only fits a 49,408-token text encoder).
+:func:`load_single_file` detects the family from those prefixes (:func:`layout_family`), builds
+the diffusers / transformers modules from the bundled diffusers-layout configs in
+``graphsd/std/data/configs/<family>/`` (real SD1.5, SD2.1 768-v and SDXL-base configs) with
+every size that the tensors reveal (channels, layers, context width, transformer depth, ...)
+taken from the file, so small models load as well as real ones. Files written by
+:func:`save_single_file` also carry the exact diffusers configs in the safetensors metadata (key
+``graphsd``), which restores what shapes cannot tell (attention heads, norm groups, scheduler),
+and, under ``graphsd.tokenizer``, the tokenizer files of a text encoder whose vocabulary is not
+the standard CLIP one (a single file otherwise gets the shipped CLIP tokenizer, which only fits a
+49,408-token text encoder).
 
 The key mapping is one table per component, built from the diffusers config; the same table
 serves both directions (the U-Net's, :func:`graphsd.std.models.ldm_layout.unet_module_map`, also
@@ -34,17 +35,20 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from graphsd.paths import write_atomic
+from graphsd.std.models.family import Family
 from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelFileError, read_weights
 from graphsd.std.models.ldm_layout import unet_module_map
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+#: The families a single file can hold.
+FAMILIES: tuple[Family, ...] = ("sd1", "sd2", "sdxl")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
 METADATA_KEY = "graphsd"
 #: Metadata key of the tokenizers that are not the standard CLIP one: a JSON object
@@ -211,10 +215,13 @@ def read_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[dict[str, t
     return read_weights(path, allow_pickle, field="path")
 
 
-def detect_family(tensors: dict[str, torch.Tensor]) -> str:
-    """``sd1``, ``sd2`` or ``sdxl`` from the text encoders' prefixes (the U-Net and the VAE must
-    be present too); a clear error naming what the file holds otherwise."""
+def layout_family(tensors: dict[str, torch.Tensor]) -> Family:
+    """The family whose layout a checkpoint uses: ``sd1``, ``sd2`` or ``sdxl`` from the text
+    encoders' prefixes (the U-Net and the VAE must be present too); a clear error naming what
+    the file holds otherwise. It decides how the file is read, and it is the loaded model's
+    family even where the widths are not the released ones (small test models)."""
     has = lambda prefix: any(k.startswith(prefix) for k in tensors)  # noqa: E731
+    family: Family
     if has("conditioner.embedders.1.model.") and has(TEXT_PREFIXES[("sdxl", "text_encoder")]):
         family = "sdxl"
     elif has(TEXT_PREFIXES[("sd2", "text_encoder")]):
@@ -470,7 +477,7 @@ def _check_vocabulary(role: str, tokenizer: Any, encoder: torch.nn.Module, store
 
 
 def _json_metadata(metadata: dict[str, str], key: str) -> dict[str, Any]:
-    """What :func:`write_single_file` stored as JSON under ``key`` of the file's metadata, if any
+    """What :func:`save_single_file` stored as JSON under ``key`` of the file's metadata, if any
     (the diffusers configs under :data:`METADATA_KEY`, tokenizers under :data:`TOKENIZER_KEY`)."""
     text = metadata.get(key)
     if not text:
@@ -497,7 +504,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, allow_pi
 
     path = Path(path)
     tensors, metadata = read_checkpoint(path, allow_pickle)
-    family = detect_family(tensors)
+    family = layout_family(tensors)
     stored = _json_metadata(metadata, METADATA_KEY)
     roles = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
     result: dict[str, Any] = {"family": family}
@@ -598,23 +605,7 @@ def component_roles(family: str) -> list[str]:
     return ["unet", "vae", "text_encoder", *(["text_encoder_2"] if family == "sdxl" else [])]
 
 
-def write_single_file(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, Any],
-                      tokenizers: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write single-file ``tensors`` atomically (:func:`graphsd.paths.write_atomic`: an
-    existing file is replaced only with ``overwrite``, else the next free name is taken; the
-    path written is returned) with the
-    diffusers ``configs`` (role -> config, ``family``, optional ``scheduler`` and
-    ``pad_tokens``) as metadata, and the ``tokenizers`` (role -> tokenizer) that are not the
-    standard CLIP one (:func:`tokenizer_files`)."""
-    from safetensors.torch import save_file
-
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
-    if stored := tokenizer_files(tokenizers or {}):
-        metadata[TOKENIZER_KEY] = json.dumps(stored)
-    return write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
-
-
-def tokenizer_files(tokenizers: dict[str, Any]) -> dict[str, dict[str, str]]:
+def tokenizer_files(tokenizers: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """role -> {file name -> text} of each ``tokenizer`` / ``tokenizer_2`` whose vocabulary is not
     the standard CLIP one (a file without them gets that one on load), as ``save_pretrained``
     writes them (only :data:`TOKENIZER_FILES`)."""
@@ -633,17 +624,36 @@ def tokenizer_files(tokenizers: dict[str, Any]) -> dict[str, dict[str, str]]:
     return stored
 
 
-def pad_tokens(tokenizers: dict[str, Any]) -> dict[str, str]:
+def pad_tokens(tokenizers: Mapping[str, Any]) -> dict[str, str]:
     """role -> pad token of the ``tokenizer`` / ``tokenizer_2`` given (for the metadata)."""
     return {r: t.pad_token for r, t in tokenizers.items() if r in ("tokenizer", "tokenizer_2") and t is not None}
 
 
-def save_single_file(components: dict[str, Any], path: Path) -> Path:
+def _as_given(role: str, module: Any) -> AbstractContextManager[Any]:
+    return nullcontext(module)
+
+
+def save_single_file(
+    components: Mapping[str, Any],
+    path: Path,
+    *,
+    overwrite: bool = False,
+    open_component: Callable[[str, Any], AbstractContextManager[Any]] = _as_given,
+) -> Path:
     """Write ``components`` (``family`` sd1 | sd2 | sdxl, ``unet``, ``vae``, ``text_encoder``,
     SDXL ``text_encoder_2``, optional ``tokenizer``/``tokenizer_2`` and ``scheduler_config``) as
     one ``.safetensors`` file in the original LDM layout. The diffusers configs (and the
     tokenizers' pad tokens, and tokenizers other than the standard CLIP one) go into the
-    metadata, so :func:`load_single_file` restores them."""
+    metadata, so :func:`load_single_file` restores them.
+
+    Each component is turned into its module by ``open_component(role, components[role])``, held
+    open only while its tensors are copied, one after the other (by default the value is the
+    module; ``CheckpointSave`` passes model handles and opens each through the ModelManager, with
+    its patches applied). The file is written atomically (:func:`graphsd.paths.write_atomic`): an
+    existing file is replaced only with ``overwrite``, else the next free name is taken; the
+    path written is returned."""
+    from safetensors.torch import save_file
+
     family = components.get("family")
     roles = component_roles(family)
     absent = [r for r in roles if components.get(r) is None]
@@ -652,10 +662,14 @@ def save_single_file(components: dict[str, Any], path: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {"family": family}
     for role in roles:
-        tensors.update(component_tensors(family, role, components[role]))
-        configs[role] = module_config(components[role])
+        with open_component(role, components[role]) as module:
+            tensors.update(component_tensors(family, role, module))
+            configs[role] = module_config(module)
     if components.get("scheduler_config"):
         configs["scheduler"] = dict(components["scheduler_config"])
     if pads := pad_tokens(components):
         configs["pad_tokens"] = pads
-    return write_single_file(path, tensors, configs, components)
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
+    if stored := tokenizer_files(components):
+        metadata[TOKENIZER_KEY] = json.dumps(stored)
+    return write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)

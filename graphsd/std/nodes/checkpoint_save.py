@@ -1,7 +1,10 @@
-"""CheckpointSave: write a model (with its patches merged) as one single-file checkpoint."""
+"""CheckpointSave: write a model (with its patches merged) as one single-file checkpoint, through
+:func:`graphsd.std.models.single_file.save_single_file`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +13,11 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.std.models.formats import PICKLE_SUFFIXES
-from graphsd.std.models.single_file import (
-    component_roles,
-    component_tensors,
-    module_config,
-    pad_tokens,
-    write_single_file,
-)
 from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
+from graphsd.std.models.family import TOKENIZER_OF_ENCODER, Family, model_info
+from graphsd.std.models.formats import PICKLE_SUFFIXES
+from graphsd.std.models.single_file import FAMILIES, component_roles, save_single_file
 from graphsd.types import Clip, UNet, Vae
 
 SUFFIX = ".safetensors"
@@ -63,22 +61,26 @@ class CheckpointSave(Node):
             name += SUFFIX
         path = safe_output_path(ctx.output_dir, name, field="filename")
         family = _family(inputs)
-        handles = {"unet": inputs.unet, "vae": inputs.vae, "text_encoder": inputs.clip, "text_encoder_2": inputs.clip}
         roles = component_roles(family)
-        tensors: dict[str, Any] = {}
-        configs: dict[str, Any] = {"family": family}
-        for i, role in enumerate(roles):
-            ctx.progress(i, len(roles), component=role)
-            with ctx.models.use(handles[role], role) as module:
+
+        @contextmanager
+        def open_component(role: str, handle: Any) -> Iterator[Any]:
+            ctx.progress(roles.index(role), len(roles), component=role)
+            with ctx.models.use(handle, role) as module:
                 _refuse_hooks(role, module)
-                tensors.update(component_tensors(family, role, module))
-                configs[role] = module_config(module)
-        scheduler_config = inputs.unet.info.get("scheduler_config")
-        if scheduler_config:
-            configs["scheduler"] = dict(scheduler_config)
-        if pads := pad_tokens(inputs.clip.info):
-            configs["pad_tokens"] = pads
-        path = write_single_file(path, tensors, configs, inputs.clip.info, overwrite=inputs.overwrite)
+                yield module
+
+        tokenizers = model_info(inputs.clip, "clip").tokenizers
+        components = {
+            "family": family,
+            "unet": inputs.unet,
+            "vae": inputs.vae,
+            "text_encoder": inputs.clip,
+            "text_encoder_2": inputs.clip,
+            "scheduler_config": model_info(inputs.unet, "unet").scheduler_config,
+            **{TOKENIZER_OF_ENCODER[role]: tokenizer for role, tokenizer in tokenizers.items()},
+        }
+        path = save_single_file(components, path, overwrite=inputs.overwrite, open_component=open_component)
         ctx.wrote_file(path)
         return self.Outputs(path=str(path))
 
@@ -94,20 +96,24 @@ def _refuse_hooks(role: str, module: Any) -> None:
         )
 
 
-def _family(inputs: Any) -> str:
+def _family(inputs: Any) -> Family:
     """The family of the handles (they must agree); SDXL needs both text encoders."""
-    families = {inputs.unet.family, inputs.clip.family, inputs.vae.family}
+    family = model_info(inputs.unet, "unet").family
+    families = {family, model_info(inputs.clip, "clip").family, model_info(inputs.vae, "vae").family}
     if len(families) > 1:
         raise NodeError(
             f"the U-Net, CLIP and VAE come from different model families ({', '.join(sorted(families))}); "
             "a checkpoint holds one family",
             field="clip",
         )
-    family = inputs.unet.family
     encoders = {"text_encoder", "text_encoder_2"} & set(inputs.clip.keys)
     expected = {"text_encoder", "text_encoder_2"} if family == "sdxl" else {"text_encoder"}
-    if family in ("sd1", "sd2", "sdxl") and encoders != expected:
-        raise NodeError(f"a {family} checkpoint needs the text encoder(s) {', '.join(sorted(expected))}; this CLIP has {', '.join(sorted(encoders)) or 'none'}", field="clip")
+    if family in FAMILIES and encoders != expected:
+        raise NodeError(
+            f"a {family} checkpoint needs the text encoder(s) {', '.join(sorted(expected))}; "
+            f"this CLIP has {', '.join(sorted(encoders)) or 'none'}",
+            field="clip",
+        )
     return family
 
 

@@ -23,6 +23,7 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
+from graphsd.std.models.family import model_info
 from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
 from graphsd.std.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
 from graphsd.std.models.loading import builtin_models_dir
@@ -129,10 +130,11 @@ class LoraLoader(Node):
             raise NodeError(str(exc), field="lora") from None
         match = match_lora(lora, components)
         if match.matched == 0:
+            info = model_info(inputs.unet, "unet")
             raise NodeError(
                 f"LoRA {path.name!r} matches none of the model's layers: it seems made for "
-                f"{guess_family(lora)}, the model is {inputs.unet.family} "
-                f"(context width {inputs.unet.info.get('cross_attention_dim')}). Use a LoRA for this model",
+                f"{guess_family(lora)}, the model is {info.family} "
+                f"(context width {info.context_width}). Use a LoRA for this model",
                 field="lora",
             )
         if match.unmatched:
@@ -182,9 +184,10 @@ class HypernetworkLoader(Node):
         widths = sorted({a.to_k.in_features for a in attention_layers(ctx.models.get(inputs.unet.keys["unet"]))})
         used = [w for w in hn.widths if w in widths]
         if not used:
+            family = model_info(inputs.unet, "unet").family
             raise NodeError(
                 f"hypernetwork {path.name!r} has nets for context widths {hn.widths}, but this "
-                f"{inputs.unet.family} U-Net's attention layers take widths {widths}: it was made for another model",
+                f"{family} U-Net's attention layers take widths {widths}: it was made for another model",
                 field="hypernetwork",
             )
         ctx.progress(1, 1, hypernetwork=path.name, widths=used, unused_widths=[w for w in hn.widths if w not in widths])

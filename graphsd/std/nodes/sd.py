@@ -17,6 +17,7 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
+from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
 from graphsd.std.models.loading import load_checkpoint, resolve_model_path
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
@@ -25,8 +26,6 @@ from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise
 from graphsd.std.sampling.schedulers import UnsupportedSchedule
 from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, working_dtype
 
-#: Pixels per latent cell of Stable Diffusion VAEs (SD1, SD2, SDXL).
-LATENT_DOWNSCALE = 8
 MAX_SEED = 2**64 - 1
 BUILTIN_SAMPLERS = "euler, euler_ancestral, heun, ddim, lms, dpmpp_2m, dpmpp_2m_sde, unipc"
 
@@ -85,7 +84,7 @@ class CheckpointLoader(Node):
 
 
 def _latent_size(width: int, height: int) -> tuple[int, int]:
-    return height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE
+    return height // SD_LATENT_DOWNSCALE, width // SD_LATENT_DOWNSCALE
 
 
 def _require_latent_memory(shape: tuple[int, ...]) -> None:
@@ -93,7 +92,7 @@ def _require_latent_memory(shape: tuple[int, ...]) -> None:
     batch, _, h, w = shape
     require_memory(
         torch.device("cpu"), latent_working_set(shape),
-        f"denoising a batch of {batch} latent(s) of {w * LATENT_DOWNSCALE}x{h * LATENT_DOWNSCALE} pixels",
+        f"denoising a batch of {batch} latent(s) of {w * SD_LATENT_DOWNSCALE}x{h * SD_LATENT_DOWNSCALE} pixels",
         "lower width/height or batch_size",
     )
 
@@ -119,7 +118,7 @@ class LatentNoise(Node):
         width: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image width in pixels (multiple of 8)")
         height: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image height in pixels (multiple of 8)")
         batch_size: int = Field(1, ge=1, le=64, description="Number of images")
-        channels: int = Field(4, ge=1, le=64, description="Latent channels (4 for SD1, SD2 and SDXL)")
+        channels: int = Field(SD_LATENT_CHANNELS, ge=1, le=64, description="Latent channels (4 for SD1, SD2 and SDXL)")
         latent: Latent | None = Field(
             None, description="Optional: copy the shape (batch, channels, size) of this latent instead of width/height/batch_size"
         )
@@ -149,7 +148,7 @@ class EmptyLatent(Node):
         width: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image width in pixels (multiple of 8)")
         height: int = Field(512, ge=8, le=16384, multiple_of=8, description="Image height in pixels (multiple of 8)")
         batch_size: int = Field(1, ge=1, le=64, description="Number of images")
-        channels: int = Field(4, ge=1, le=64, description="Latent channels (4 for SD1, SD2 and SDXL)")
+        channels: int = Field(SD_LATENT_CHANNELS, ge=1, le=64, description="Latent channels (4 for SD1, SD2 and SDXL)")
 
     class Outputs(NodeIO):
         latent: Latent = Field(description="Zeros [batch, channels, height/8, width/8]")
@@ -214,14 +213,15 @@ class UNetDenoiseLoop(Node):
         factory = ctx.samplers.get(inputs.sampler)
         if factory is None:
             raise NodeError(f"unknown sampler {inputs.sampler!r}; available: {', '.join(sorted(ctx.samplers))}", field="sampler")
-        channels = inputs.unet.info.get("in_channels", 4)
+        info = model_info(inputs.unet, "unet")
+        channels = info.unet_in_channels
         if inputs.noise.samples.shape[1] != channels:
             raise NodeError(
                 f"the noise has {inputs.noise.samples.shape[1]} channels but this U-Net takes {channels}; set LatentNoise channels to {channels}",
                 field="noise",
             )
         try:
-            scheduler = factory(scheduler_config=inputs.unet.info["scheduler_config"], schedule=inputs.schedule)
+            scheduler = factory(scheduler_config=dict(info.scheduler_config), schedule=inputs.schedule)
         except UnsupportedSchedule as e:
             raise NodeError(str(e), field="schedule") from None
         batch, _, h, w = inputs.noise.samples.shape
@@ -264,7 +264,8 @@ class VAEEncode(Node):
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         pixels = inputs.image.pixels
-        down = inputs.vae.info.get("downscale", LATENT_DOWNSCALE)
+        info = model_info(inputs.vae, "vae")
+        down = info.latent_downscale
         height, width = pixels.shape[1:3]
         if height % down or width % down:
             raise NodeError(
@@ -277,11 +278,10 @@ class VAEEncode(Node):
         channels, dtype = _first_channels(ctx, inputs.vae, "vae")
         require_memory(ctx.device, feature_map_bytes(pixels.shape[0], channels, height, width, dtype),
                        f"encoding {pixels.shape[0]} image(s) of {width}x{height}", "use a smaller image", field="image")
-        info = inputs.vae.info
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
             z = vae.encode(x).latent_dist.mode()
-        samples = (z.to(working_dtype(z.dtype)) - info["shift_factor"]) * info["scale_factor"]
+        samples = (z.to(working_dtype(z.dtype)) - info.shift_factor) * info.scaling_factor
         return self.Outputs(latent=Latent(samples.cpu()))
 
 
@@ -305,8 +305,8 @@ class VAEDecode(Node):
         image: Image = Field(description="Image [batch, height, width, 3] in [0, 1]")
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
-        info = inputs.vae.info
-        down = info.get("downscale", LATENT_DOWNSCALE)
+        info = model_info(inputs.vae, "vae")
+        down = info.latent_downscale
         if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
             raise NodeError(f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap")
         batch, _, h, w = inputs.latent.samples.shape
@@ -316,7 +316,7 @@ class VAEDecode(Node):
                        f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             work = working_dtype(vae.dtype)
-            z = (inputs.latent.samples.to(ctx.device, work) / info["scale_factor"] + info["shift_factor"]).to(vae.dtype)
+            z = (inputs.latent.samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
             if inputs.tiled:
                 x = decode_tiled(vae, z, inputs.tile_size // down, inputs.tile_overlap // down, down)
             else:

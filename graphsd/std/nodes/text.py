@@ -1,10 +1,11 @@
 """Text conditioning node: a prompt (with A1111/ComfyUI weighting syntax) → Conditioning.
 
 A :class:`~graphsd.types.Clip` handle names its text encoders in ``keys`` (``"text_encoder"``,
-plus ``"text_encoder_2"`` for SDXL) and carries the matching tokenizers in ``info``
-(``"tokenizer"``, ``"tokenizer_2"``). A handle with a second encoder is encoded the SDXL way
-(both encoders' hidden states side by side, pooled embedding from the second); otherwise the
-SD1 way. See :mod:`graphsd.std.text.encode` for chunking, weighting and clip skip.
+plus ``"text_encoder_2"`` for SDXL) and carries the tokenizer of each in its
+:class:`~graphsd.std.models.family.ModelInfo` (``info.tokenizers``, by the same role). A handle
+with a second encoder is encoded the SDXL way (both encoders' hidden states side by side,
+pooled embedding from the second); otherwise the SD1 way. See :mod:`graphsd.std.text.encode`
+for chunking, weighting and clip skip.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from pydantic import Field
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
+from graphsd.std.models.family import TOKENIZER_OF_ENCODER, model_info
 from graphsd.std.text.encode import encode_prompt
 from graphsd.types import Clip, Conditioning
-
-#: Text-encoder role in ``Clip.keys`` → tokenizer entry in ``Clip.info``.
-TOKENIZER_OF_ROLE = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 class TextEncode(Node):
@@ -42,12 +41,12 @@ class TextEncode(Node):
 
     def run(self, inputs: Inputs, ctx) -> Outputs:
         clip = inputs.clip
-        roles = [role for role in TOKENIZER_OF_ROLE if role in clip.keys]
+        roles = [role for role in TOKENIZER_OF_ENCODER if role in clip.keys]
         if not roles:
             raise NodeError(
                 "this Clip handle names no text encoder; connect the clip output of a checkpoint loader", field="clip"
             )
-        tokenizers = [clip.info.get(TOKENIZER_OF_ROLE[role]) for role in roles]
+        tokenizers = [model_info(clip, "clip").tokenizers.get(role) for role in roles]
         if any(t is None for t in tokenizers):
             raise NodeError(
                 "this Clip handle has no tokenizer for its text encoder; load it with a checkpoint loader", field="clip"

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from graphsd.context import Context
+from graphsd.std.models.family import ModelInfo, model_info
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
 
@@ -109,15 +110,13 @@ def _batched(cond: Conditioning, batch: int, tokens: int, device: torch.device, 
     return emb.to(device, dtype), pooled
 
 
-def sdxl_time_ids(unet_ref: UNet, cond: Conditioning, height: int, width: int, aesthetic_score: float) -> list[float]:
+def sdxl_time_ids(info: ModelInfo, cond: Conditioning, height: int, width: int, aesthetic_score: float) -> list[float]:
     """SDXL micro-conditioning for one conditioning: ``original_size + crop_top_left +
     target_size`` (base) or ``original_size + crop_top_left + (aesthetic_score,)`` (refiner,
     whose U-Net expects 5 ids instead of 6). Sizes are in pixels, (height, width); a
     conditioning may override them in ``extras`` (``original_size``, ``crop_top_left``,
     ``target_size``, ``aesthetic_score``)."""
-    info = unet_ref.info
-    pooled_dim = cond.pooled.shape[-1]
-    n_ids = (info["projection_class_embeddings_input_dim"] - pooled_dim) // info["addition_time_embed_dim"]
+    n_ids = info.time_id_count(cond.pooled.shape[-1])
     original = list(cond.extras.get("original_size", (height, width)))
     crop = list(cond.extras.get("crop_top_left", (0, 0)))
     if n_ids == 5:
@@ -126,7 +125,7 @@ def sdxl_time_ids(unet_ref: UNet, cond: Conditioning, height: int, width: int, a
 
 
 def prepare_conditioning(
-    unet_ref: UNet,
+    info: ModelInfo,
     positive: Conditioning,
     negative: Conditioning | None,
     batch: int,
@@ -136,18 +135,18 @@ def prepare_conditioning(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """``encoder_hidden_states`` (``[uncond, cond]`` stacked when guidance is on) and SDXL's
-    ``added_cond_kwargs``."""
+    ``added_cond_kwargs`` (for a U-Net that takes them, as ``info`` says)."""
     conds = [positive] if negative is None else [negative, positive]
     tokens = math.lcm(*(c.embeddings.shape[1] for c in conds))
     parts = [_batched(c, batch, tokens, device, dtype) for c in conds]
     context = torch.cat([emb for emb, _ in parts])
-    if not unet_ref.info.get("sdxl"):
+    if not info.takes_time_ids:
         return context, None
     if any(pooled is None for _, pooled in parts):
         raise DenoiseError("this SDXL model needs pooled text embeddings: encode the prompt with the model's own clip", "positive")
     scores = [settings.aesthetic_score] if negative is None else [settings.negative_aesthetic_score, settings.aesthetic_score]
     time_ids = torch.tensor(
-        [sdxl_time_ids(unet_ref, c, size[0], size[1], score) for c, score in zip(conds, scores)], dtype=dtype
+        [sdxl_time_ids(info, c, size[0], size[1], score) for c, score in zip(conds, scores)], dtype=dtype
     )
     time_ids = time_ids.repeat_interleave(batch, dim=0).to(device)
     return context, {"text_embeds": torch.cat([pooled for _, pooled in parts]), "time_ids": time_ids}
@@ -167,6 +166,7 @@ def denoise(
     """Run the loop and return the denoised latent (scaled latent space, on the CPU, in the
     U-Net's working precision: float32, or float64 for a float64 U-Net)."""
     device = ctx.device
+    info = model_info(unet_ref, "unet")
     work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
     samples = noise.samples.to(device, work)
     if latent is not None and latent.samples.shape != noise.samples.shape:
@@ -193,12 +193,11 @@ def denoise(
         step_kwargs["generator"] = generators_from(noise)
 
     batch = x.shape[0]
-    downscale = unet_ref.info.get("latent_downscale", 8)
-    size = (x.shape[2] * downscale, x.shape[3] * downscale)
+    size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
     with ctx.models.use(unet_ref, "unet") as unet:
         dtype = unet.dtype
         context, added = prepare_conditioning(
-            unet_ref, positive, negative if guidance else None, batch, size, settings, device, dtype
+            info, positive, negative if guidance else None, batch, size, settings, device, dtype
         )
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(x, t)
