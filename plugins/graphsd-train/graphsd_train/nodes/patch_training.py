@@ -23,9 +23,9 @@ from graphsd.context import Context
 from graphsd.errors import NodeError
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint, safe_output_path, write_atomic
+from graphsd.std.models.family import TOKENIZER_OF_ENCODER, model_info
 from graphsd.std.models.hypernetwork import HypernetworkPatch, save_hypernetwork
 from graphsd.std.models.lora import LoraPatch, match_lora, parse_lora
-from graphsd.std.nodes.text import TOKENIZER_OF_ROLE
 from graphsd.std.text.encode import encode_prompt
 from graphsd.types import Clip, Dataset, UNet, Vae
 from graphsd_train.data import ImageSet, load_images, to_model_range
@@ -48,23 +48,25 @@ ACTIVATION_CHOICES = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tan
 def encode_dataset(dataset: Any, unet: UNet, clip: Clip, vae: Vae, ctx: Context) -> TrainingData:
     """Latents and text contexts of every sample of ``dataset`` (a sequence of
     ``(uint8 image [H, W, 3], caption)``), resized to the U-Net's native resolution."""
-    size = int(ctx.models.get(unet.keys["unet"]).config.sample_size) * int(unet.info.get("latent_downscale", 8))
+    size = int(ctx.models.get(unet.keys["unet"]).config.sample_size) * model_info(unet, "unet").latent_downscale
     try:
         pixels, captions = load_images(dataset, size)
     except (TypeError, ValueError) as exc:
         raise NodeError(f"cannot read the dataset: {exc}", field="dataset") from None
-    scale, shift = float(vae.info.get("scale_factor", 0.18215)), float(vae.info.get("shift_factor", 0.0))
+    vae_info = model_info(vae, "vae")
+    scale, shift = vae_info.scaling_factor, vae_info.shift_factor
     with ctx.models.use(vae, "vae") as model:
         p = next(model.parameters())
         latents = torch.cat([
             (model.encode(to_model_range(pixels[i:i + 16]).to(p.device, p.dtype)).latent_dist.mean.float().cpu() - shift) * scale
             for i in range(0, len(pixels), 16)
         ])
-    roles = [r for r in TOKENIZER_OF_ROLE if r in clip.keys]
+    tokenizers = model_info(clip, "clip").tokenizers
+    roles = [r for r in TOKENIZER_OF_ENCODER if r in clip.keys]
     sdxl = "text_encoder_2" in roles
     unique: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     with ExitStack() as stack:
-        encoders = [(clip.info[TOKENIZER_OF_ROLE[r]], stack.enter_context(ctx.models.use(clip, r))) for r in roles]
+        encoders = [(tokenizers[r], stack.enter_context(ctx.models.use(clip, r))) for r in roles]
         for text in dict.fromkeys(captions):
             unique[text] = encode_prompt(text, encoders, 1, sdxl=sdxl)
     lengths = {unique[c][0].shape[1] for c in captions}
@@ -132,7 +134,7 @@ class TrainLoRA(Node):
         with ctx.models.use(inputs.unet, "unet") as unet:
             try:
                 adapters = make_lora(unet, inputs.targets, inputs.rank, inputs.alpha, inputs.seed)
-                record = train_lora(unet, data, adapters, _training(inputs), inputs.unet.info["scheduler_config"],
+                record = train_lora(unet, data, adapters, _training(inputs), dict(model_info(inputs.unet, "unet").scheduler_config),
                                     _progress(ctx), _state_file(path, inputs.resume))
             except ValueError as exc:
                 raise NodeError(str(exc)) from None
@@ -168,7 +170,7 @@ class TrainHypernetwork(Node):
         with ctx.models.use(inputs.unet, "unet") as unet:
             hn = make_hypernetwork(unet, structure, inputs.activation, inputs.layer_norm, inputs.dropout, inputs.seed, inputs.name)
             try:
-                record = train_hypernetwork(unet, data, hn, _training(inputs), inputs.unet.info["scheduler_config"],
+                record = train_hypernetwork(unet, data, hn, _training(inputs), dict(model_info(inputs.unet, "unet").scheduler_config),
                                             _progress(ctx), _state_file(path, inputs.resume))
             except ValueError as exc:
                 raise NodeError(str(exc)) from None
