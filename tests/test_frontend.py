@@ -4,9 +4,9 @@ graphsd made; a graph of graphsd-native nodes built through the frontend's graph
 runs too. One real server process and one browser for the module (tests/test_server_harness.py).
 
 Needs Chromium (Debian's ``chromium`` package, or the binary named by ``GRAPHSD_CHROMIUM``) and the
-``playwright`` Python package (in the dev extra; ``playwright install`` is never needed). Every page
-of the run is saved as a screenshot under pytest's temporary folder and its path printed;
-docs/images/frontend.png is the native-graph screenshot of one run.
+``playwright`` Python package (in the dev extra; ``playwright install`` is never needed). A screenshot
+of the page after each test, passed or failed, is kept under pytest's temporary folder and its path
+printed (``pytest -s`` shows it); docs/images/frontend.png is the native-graph screenshot of one run.
 """
 
 from __future__ import annotations
