@@ -59,7 +59,7 @@ def measure(fn, runs: int) -> tuple[float, float]:
 def run_graphsd(folder: Path, runs: int, vram_budget_mb: float | None) -> tuple[float, float]:
     from graphsd import Engine, Settings
 
-    engine = Engine(Settings(device="cuda", output_dir=tempfile.mkdtemp(), vram_budget_mb=vram_budget_mb, load_entry_points=False))
+    engine = Engine(Settings(device="cuda", output_dir=tempfile.mkdtemp(), vram_budget_mb=vram_budget_mb))
     doc = {
         "version": 1,
         "params": {"seed": 0},

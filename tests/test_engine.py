@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture
 def engine(tmp_path):
-    return Engine(Settings(output_dir=str(tmp_path / "out"), plugins_dirs=[str(FIXTURES / "plugins")], device="cpu", load_entry_points=False))
+    return Engine(Settings(output_dir=str(tmp_path / "out"), plugins_dirs=[str(FIXTURES / "plugins")], device="cpu"))
 
 
 def wf(nodes, params=None):
@@ -166,7 +166,7 @@ def test_cache_keys_identical_across_processes(engine, tmp_path):
     res = engine.run(CHAIN)
     code = (
         "import sys, json; from graphsd import Engine, Settings;"
-        f"e = Engine(Settings(plugins_dirs=[{str(FIXTURES / 'plugins')!r}], device='cpu', load_entry_points=False));"
+        f"e = Engine(Settings(plugins_dirs=[{str(FIXTURES / 'plugins')!r}], device='cpu'));"
         f"r = e.run(json.loads(sys.argv[1])); print(sorted(r.keys))"
     )
     import json
@@ -177,7 +177,7 @@ def test_cache_keys_identical_across_processes(engine, tmp_path):
 
 def test_lru_budget_evicts_oldest(tmp_path):
     # budget 300 B: the 256 B latent fits alone, the 192 B image pushes it out
-    eng = Engine(Settings(output_dir=str(tmp_path), plugins_dirs=[str(FIXTURES / "plugins")], device="cpu", load_entry_points=False, cache_budget_mb=300 / 2**20))
+    eng = Engine(Settings(output_dir=str(tmp_path), plugins_dirs=[str(FIXTURES / "plugins")], device="cpu", cache_budget_mb=300 / 2**20))
     doc = wf({"l": {"type": "MakeLatent", "inputs": {"size": 4}}, "i": {"type": "LatentToImage", "inputs": {"latent": "@l.latent"}}})
     res = eng.run(doc, outputs=["i"])
     evicted = [e.key for e in res.events if isinstance(e, CacheEvent) and e.action == "evict"]
@@ -226,7 +226,7 @@ def test_event_sequence(engine):
 
 
 def test_engine_overrides_leave_the_callers_settings_alone(tmp_path):
-    settings = Settings(device="cpu", load_entry_points=False, output_dir=str(tmp_path / "a"))
+    settings = Settings(device="cpu", output_dir=str(tmp_path / "a"))
     engine = Engine(settings, output_dir=str(tmp_path / "b"))
     assert engine.settings.output_dir == str(tmp_path / "b") and settings.output_dir == str(tmp_path / "a")
     with pytest.raises(TypeError, match="nope"):

@@ -40,7 +40,7 @@ def test_save_numbers_files_without_overwriting(tmp_path, picture):
     out = tmp_path / "out"
     out.mkdir()
     (out / "copy_00001.png").write_bytes(b"existing")
-    engine = Engine(Settings(output_dir=str(out), device="cpu", load_entry_points=False))
+    engine = Engine(Settings(output_dir=str(out), device="cpu"))
     res = engine.run(copy_workflow(src))
     assert res.ok and [Path(f).name for f in res.files] == ["copy_00002.png"]
     assert (out / "copy_00001.png").read_bytes() == b"existing"
@@ -66,7 +66,7 @@ def test_png_carries_the_workflow_and_reruns(tmp_path, picture, capsys):
 @pytest.mark.parametrize("prefix", ["../escape", "/tmp/abs", "a/../../b", "..\\win"])
 def test_save_rejects_paths_outside_output_dir(tmp_path, picture, prefix):
     src, _ = picture
-    engine = Engine(Settings(output_dir=str(tmp_path / "out"), device="cpu", load_entry_points=False))
+    engine = Engine(Settings(output_dir=str(tmp_path / "out"), device="cpu"))
     res = engine.run(copy_workflow(src, prefix))
     assert res.status == "failed"
     [failure] = res.errors
@@ -80,7 +80,7 @@ def test_save_rejects_symlink_escape(tmp_path, picture):
     out.mkdir()
     outside.mkdir()
     os.symlink(outside, out / "link")
-    engine = Engine(Settings(output_dir=str(out), device="cpu", load_entry_points=False))
+    engine = Engine(Settings(output_dir=str(out), device="cpu"))
     res = engine.run(copy_workflow(src, "link/x"))
     assert res.status == "failed" and "symbolic link" in res.errors[0].message
     assert list(outside.iterdir()) == []
@@ -88,13 +88,13 @@ def test_save_rejects_symlink_escape(tmp_path, picture):
 
 def test_save_into_subfolder(tmp_path, picture):
     src, _ = picture
-    engine = Engine(Settings(output_dir=str(tmp_path / "out"), device="cpu", load_entry_points=False))
+    engine = Engine(Settings(output_dir=str(tmp_path / "out"), device="cpu"))
     res = engine.run(copy_workflow(src, "sub/pic"))
     assert res.ok and Path(res.files[0]) == (tmp_path / "out" / "sub" / "pic_00001.png").resolve()
 
 
 def test_load_missing_image_is_a_clear_error(tmp_path):
-    engine = Engine(Settings(output_dir=str(tmp_path), device="cpu", load_entry_points=False))
+    engine = Engine(Settings(output_dir=str(tmp_path), device="cpu"))
     res = engine.run(copy_workflow(tmp_path / "missing.png"))
     assert "does not exist" in res.errors[0].message and res.errors[0].node_id == "load"
 

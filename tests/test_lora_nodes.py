@@ -38,7 +38,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models, tmp_path_factory):
-    settings = Settings(device="cpu", models_dir=str(models), output_dir=str(tmp_path_factory.mktemp("out")), load_entry_points=False)
+    settings = Settings(device="cpu", models_dir=str(models), output_dir=str(tmp_path_factory.mktemp("out")))
     return Engine(settings)
 
 

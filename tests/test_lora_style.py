@@ -22,7 +22,7 @@ PROMPTS = [("a red circle on a white background", 1), ("a blue square on a gray 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return Engine(Settings(device="cpu", output_dir=str(tmp_path_factory.mktemp("out")), load_entry_points=False))
+    return Engine(Settings(device="cpu", output_dir=str(tmp_path_factory.mktemp("out"))))
 
 
 def images(engine, workflow, strength):

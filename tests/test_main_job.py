@@ -23,7 +23,7 @@ WORKFLOWS = ROOT / "workflows"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return Engine(Settings(output_dir=str(tmp_path_factory.mktemp("out")), device="cpu", load_entry_points=False))
+    return Engine(Settings(output_dir=str(tmp_path_factory.mktemp("out")), device="cpu"))
 
 
 def pixels(path) -> np.ndarray:

@@ -193,7 +193,7 @@ def model_folder(tmp_path, index_text: str):
 
 
 def load_error(tmp_path, folder) -> str:
-    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path)))
     result = engine.run({"version": 1, "nodes": {"model": {"type": "CheckpointLoader", "inputs": {"path": str(folder)}}}},
                         outputs=["model"])
     [error] = result.errors

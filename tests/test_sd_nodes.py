@@ -29,7 +29,7 @@ def models(tmp_path_factory):
 
 def make_engine(models, tmp_path, **settings):
     settings = {"device": "cpu", **settings}
-    return Engine(Settings(models_dir=str(models), output_dir=str(tmp_path / "out"), load_entry_points=False, **settings))
+    return Engine(Settings(models_dir=str(models), output_dir=str(tmp_path / "out"), **settings))
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    return Engine(Settings(device="cpu", models_dir=str(models), output_dir=str(out), load_entry_points=False))
+    return Engine(Settings(device="cpu", models_dir=str(models), output_dir=str(out)))
 
 
 def run(engine, nodes, *outputs):

@@ -29,7 +29,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def engine(models, tmp_path):
-    return Engine(Settings(device="cpu", models_dir=str(models), output_dir=str(tmp_path / "out"), load_entry_points=False))
+    return Engine(Settings(device="cpu", models_dir=str(models), output_dir=str(tmp_path / "out")))
 
 
 @pytest.fixture

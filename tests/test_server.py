@@ -134,7 +134,7 @@ def test_a_prompt_sends_comfyui_events_in_order_and_its_image_is_in_the_history(
     assert status == 200 and headers["Content-Type"] == "image/png"
     assert png == (server.dirs["output"] / image["filename"]).read_bytes()
     # the same prompt run by the Python API (an independent path through graphsd) gives the same pixels
-    result = Engine(Settings(device="cpu", output_dir=str(tmp_path), load_entry_points=False)).run(prompt)
+    result = Engine(Settings(device="cpu", output_dir=str(tmp_path))).run(prompt)
     [reference] = result.files
     served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert served.shape == (64, 64, 3) and np.array_equal(served, np.asarray(Image.open(reference).convert("RGB")))

@@ -389,7 +389,7 @@ def test_checkpoint_save_exports_the_patched_model(tmp_path):
     model = save_sd1(tmp_path / "tiny")
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
     lora = kohya_lora(pipe.unet, pipe.text_encoder, tmp_path / "style.safetensors")
-    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path)))
     workflow = {"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
         "lora": {"type": "LoraLoader", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "lora": str(lora),
@@ -423,7 +423,7 @@ def test_checkpoint_save_refuses_a_hypernetwork(tmp_path):
             "dropout_structure": [0, 0, 0], "use_dropout": False, "last_layer_dropout": False}
     hn = Hypernetwork({32: (build_net(32, meta), build_net(32, meta))}, meta)
     save_hypernetwork(hn, tmp_path / "hn.pt")
-    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path), load_entry_points=False,
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path),
                              allow_pickle=True))
     result = engine.run({"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
@@ -446,7 +446,7 @@ def test_checkpoint_save_confines_the_path(tmp_path, filename, message):
     out = tmp_path / "out"
     out.mkdir()
     (out / "link").symlink_to(tmp_path, target_is_directory=True)
-    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path)))
     result = engine.run({"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
         "save": {"type": "CheckpointSave", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae",
@@ -482,7 +482,7 @@ def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
     and may differ by rounding only: reference.py's bound."""
     model = save_model(tmp_path / "tiny")
     out = tmp_path / "out"
-    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path)))
     saved = engine.run({"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
         "save": {"type": "CheckpointSave", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae",
@@ -505,7 +505,7 @@ def test_checkpoint_save_keeps_the_tokenizer_of_the_builtin_model(tmp_path):
     reference.py's bound, for the reason given in the test above; another tokenizer would give
     other token ids, and embeddings that differ by far more.)"""
     out = tmp_path / "out"
-    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path)))
     saved = engine.run({"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": "graphsd-tiny"}},
         "save": {"type": "CheckpointSave", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae",

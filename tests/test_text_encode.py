@@ -216,7 +216,7 @@ def engine(tmp_path_factory, sd1, sdxl, sd1_64, sdxl_64):
     plugins = tmp_path_factory.mktemp("plugins")
     (plugins / "hand_clip.py").write_text(HAND_CLIP_PLUGIN)
     out = tmp_path_factory.mktemp("out")
-    engine = Engine(Settings(device="cpu", output_dir=str(out), plugins_dirs=[str(plugins)], load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(out), plugins_dirs=[str(plugins)]))
     engine.models.add("hand:sd1", sd1[0])
     engine.models.add("hand:sdxl1", sdxl[0][0])
     engine.models.add("hand:sdxl2", sdxl[1][0])
@@ -304,7 +304,7 @@ def folders(tmp_path_factory):
 def test_loaded_checkpoint_matches_diffusers(tmp_path, folders, model, pipeline_class):
     """CheckpointLoader → TextEncode on a diffusers folder equals that folder's own pipeline's
     ``encode_prompt`` (the refiner has only ``text_encoder_2``: SDXL-style, with pooled)."""
-    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path), load_entry_points=False))
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path)))
     prompt, plain = r"a photo of a cat, (masterpiece:1.0), \(8k\)", "a photo of a cat, masterpiece, (8k)"
     pipe = pipeline_class.from_pretrained(str(folders[model]), local_files_only=True)
     if model == "sd1":
