@@ -168,7 +168,8 @@ def _parse_text(text: str, suffix: str, source: str) -> Any:
 
 
 def read_png_workflow(path: Path) -> Any:
-    """The workflow a PNG carries: graphsd's own text chunk, else ComfyUI's ``prompt``."""
+    """The workflow a PNG carries: graphsd's own text chunk, else ComfyUI's ``prompt`` (the API
+    prompt), else ComfyUI's ``workflow`` (the editor's graph, for the plugins' importers)."""
     import warnings
 
     from PIL import Image as PILImage
@@ -181,11 +182,16 @@ def read_png_workflow(path: Path) -> Any:
     except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as exc:
         # ValueError: a text chunk larger than PIL's limit (a decompression bomb)
         raise WorkflowError([Issue(f"{path}: not a readable PNG image ({exc})", code="syntax")]) from None
-    for key in (PNG_WORKFLOW_KEY, "prompt"):
+    for key in (PNG_WORKFLOW_KEY, "prompt", "workflow"):
         if key in text:
             return _parse_text(text[key], ".json", f"{path} (PNG text '{key}')")
     raise WorkflowError(
-        [Issue(f"{path}: this PNG carries no workflow (no '{PNG_WORKFLOW_KEY}' or ComfyUI 'prompt' text chunk)", code="syntax")]
+        [
+            Issue(
+                f"{path}: this PNG carries no workflow (no text chunk '{PNG_WORKFLOW_KEY}', or ComfyUI's 'prompt' or 'workflow')",
+                code="syntax",
+            )
+        ]
     )
 
 

@@ -6,7 +6,7 @@ name (:data:`graphsd.plugins.BUILTIN_PLUGINS`).
 Each module of :mod:`graphsd.std.nodes` is a plugin of its own with its own
 ``graphsd_register_nodes`` (so a problem in one of them is reported like a broken plugin and the
 others keep working); this module registers the socket types, the samplers, the folders of shipped
-files, the ComfyUI prompt importer and what ``graphsd serve`` needs to speak ComfyUI's API (the
+files, the ComfyUI importer (API prompts and the editor's UI-format files) and what ``graphsd serve`` needs to speak ComfyUI's API (the
 ComfyUI classes it imports, in ``/object_info`` shape, and the ComfyUI names of the socket types).
 """
 
@@ -37,7 +37,10 @@ def graphsd_shipped_folders() -> list[Path]:
 @hookimpl
 def graphsd_import_workflow(data: Any, nodes: dict[str, Any]) -> dict | None:
     from graphsd.std.comfy import comfy_to_workflow, is_comfy_prompt
+    from graphsd.std.comfy_ui import class_definitions, is_ui_workflow, ui_to_prompt
 
+    if is_ui_workflow(data):  # the ComfyUI editor's file: first the API prompt the frontend would send
+        data = ui_to_prompt(data, class_definitions(nodes))
     return comfy_to_workflow(data, nodes) if is_comfy_prompt(data) else None
 
 
