@@ -197,15 +197,17 @@ class Dispatcher(threading.Thread):
     def __init__(self, server: Server):
         super().__init__(name="graphsd-dispatcher", daemon=True)
         self.server = server
-        self.wake = threading.Condition()
+        # set by every change the dispatcher must look at (a prompt queued, /free, stopping); it is
+        # cleared before the store is read, so a prompt queued while the store says "nothing
+        # pending" still wakes it at once
+        self.wake = threading.Event()
         self.stopping = threading.Event()
         self.current: Job | None = None
         self.current_node: str | None = None
         self.free_request: tuple[bool, bool] | None = None
 
     def notify(self) -> None:
-        with self.wake:
-            self.wake.notify_all()
+        self.wake.set()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -217,14 +219,15 @@ class Dispatcher(threading.Thread):
     def run(self) -> None:
         store = self.server.store
         while not self.stopping.is_set():
+            self.wake.clear()
             if self.free_request is not None:
                 unload, free = self.free_request
                 self.free_request = None
                 self.server.runner.free(unload, free)
             job = store.claim_next()
             if job is None:
-                with self.wake:
-                    self.wake.wait(timeout=1.0)
+                if not self.stopping.is_set():  # (stop() sets stopping before wake)
+                    self.wake.wait()
                 continue
             self.current, self.current_node = job, None
             self.server.hub.queue_changed()
