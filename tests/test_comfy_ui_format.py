@@ -1,0 +1,271 @@
+"""ComfyUI UI-format workflows (the editor's saved files: ``nodes`` + ``links``) read by graphsd.
+
+The reference is the real ComfyUI frontend: tests/fixtures/comfy_ui/ holds, for each graph, the file
+the frontend 1.58.1 saves (``<name>.json``, ``app.graph.serialize()``) and the API prompt it sends
+for it (``<name>.api.json``, ``app.graphToPrompt()``), both written by the frontend in Chromium
+(make_fixtures.py, run by hand). graphsd's conversion of each file must equal the frontend's prompt,
+and the files run on graphsd-tiny."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from PIL.PngImagePlugin import PngInfo
+
+from graphsd import Engine, Settings, WorkflowError
+from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "comfy_ui"
+NAMES = sorted(p.name.removesuffix(".api.json") for p in FIXTURES.glob("*.api.json"))
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def frontend_prompt(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.api.json").read_text())
+
+
+def without_meta(prompt: dict[str, Any]) -> dict[str, Any]:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(Settings(device="cpu", output_dir=str(tmp_path_factory.mktemp("out"))))
+
+
+@pytest.fixture(scope="module")
+def classes(engine):
+    return class_definitions(engine.nodes)
+
+
+def test_the_fixtures_cover_what_the_frontend_resolves():
+    """The fixtures hold the cases the conversion must get right (a guard against a regenerated set
+    that silently lost one)."""
+    assert {"txt2img", "img2img", "lora", "muted", "bypassed", "reroute_primitive", "native", "mixed"} <= set(NAMES)
+    modes = {name: {(n["type"], n.get("mode", 0)) for n in load(name)["nodes"]} for name in NAMES}
+    assert {("SaveImage", 0), ("SaveImage", 2)} <= modes["muted"]
+    assert ("LoraLoader", 4) in modes["bypassed"]
+    assert {("Reroute", 0), ("PrimitiveNode", 0), ("Note", 0), ("MarkdownNote", 0)} <= modes["reroute_primitive"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_ui_file_converts_to_the_prompt_the_frontend_sends(name, classes):
+    assert without_meta(ui_to_prompt(load(name), classes)) == without_meta(frontend_prompt(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_ui_file_reads_as_the_same_graphsd_workflow_as_the_frontends_prompt(name, engine):
+    ui, api = engine.load(load(name)), engine.load(frontend_prompt(name))
+    assert {nid: (n.cls.type, n.literals, n.links) for nid, n in ui.nodes.items()} == {
+        nid: (n.cls.type, n.literals, n.links) for nid, n in api.nodes.items()
+    }
+
+
+def test_widgets_map_by_the_class_widget_order_skipping_control_after_generate(classes):
+    """KSampler's values are [seed, control_after_generate, steps, cfg, sampler, scheduler, denoise]."""
+    ui = load("img2img")
+    [sampler] = [n for n in ui["nodes"] if n["type"] == "KSampler"]
+    assert sampler["widgets_values"][1] == "randomize"
+    inputs = ui_to_prompt(ui, classes)[str(sampler["id"])]["inputs"]
+    assert {k: inputs[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")} == {
+        "seed": 11,
+        "steps": 3,
+        "cfg": 7.5,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "denoise": 0.6,
+    }
+
+
+def test_a_file_of_an_older_frontend_without_widget_input_slots_converts_the_same(classes):
+    """Frontends before 1.16 saved only the link inputs (and converted widgets) in ``inputs``."""
+    for name in ("reroute_primitive", "native", "img2img"):
+        ui = load(name)
+        for node in ui["nodes"]:
+            node["inputs"] = [i for i in node.get("inputs", []) if not i.get("widget") or i.get("link") is not None]
+        assert without_meta(ui_to_prompt(ui, classes)) == without_meta(frontend_prompt(name)), name
+
+
+def test_a_short_widgets_values_list_takes_the_defaults(classes):
+    ui = load("txt2img")
+    [latent] = [n for n in ui["nodes"] if n["type"] == "EmptyLatentImage"]
+    latent["widgets_values"] = [64]
+    assert ui_to_prompt(ui, classes)[str(latent["id"])]["inputs"] == {"width": 64, "height": 512, "batch_size": 1}
+
+
+def error_text(excinfo: pytest.ExceptionInfo[WorkflowError]) -> str:
+    return "\n".join(str(i) for i in excinfo.value.issues)
+
+
+def test_an_unknown_class_is_named_with_its_node_id_and_title(engine):
+    ui = load("txt2img")
+    ui["nodes"].append({"id": 42, "type": "UpscaleModelLoader", "title": "my upscaler", "mode": 0, "widgets_values": ["x.pth"]})
+    with pytest.raises(WorkflowError) as excinfo:
+        engine.load(ui)
+    text = error_text(excinfo)
+    assert "ComfyUI UI-format workflow" in text
+    assert "node 42" in text and "'my upscaler'" in text and "'UpscaleModelLoader', which graphsd lacks" in text
+    assert "KSampler" in text  # the hint lists what graphsd reads
+    # muted and bypassed nodes never reach the prompt: an unknown class there is no problem
+    ui["nodes"][-1]["mode"] = 4
+    engine.load(ui)
+
+
+def test_a_subgraph_is_refused_with_what_to_do(engine):
+    ui = load("txt2img")
+    ui["definitions"] = {"subgraphs": [{"id": "0d3c5a2e-1111-4222-8333-444455556666", "nodes": [], "links": []}]}
+    ui["nodes"].append({"id": 50, "type": "0d3c5a2e-1111-4222-8333-444455556666", "mode": 0})
+    with pytest.raises(WorkflowError) as excinfo:
+        engine.load(ui)
+    text = error_text(excinfo)
+    assert "ComfyUI UI-format workflow" in text and "node 50" in text and "subgraph" in text and "Unpack Subgraph" in text
+
+
+def test_a_malformed_ui_file_says_what_it_is_and_what_is_wrong(engine):
+    ui = load("txt2img")
+    ui["nodes"].append("not a node")
+    ui["links"].append(7)
+    with pytest.raises(WorkflowError) as excinfo:
+        engine.load(ui)
+    text = error_text(excinfo)
+    assert text.count("ComfyUI UI-format workflow") == 2
+    assert "a node is not an object with an 'id' and a 'type': 'not a node'" in text and "a link is not [id, " in text
+
+
+def test_a_file_with_every_node_muted_has_nothing_to_run(engine):
+    ui = load("txt2img")
+    for node in ui["nodes"]:
+        node["mode"] = 2
+    with pytest.raises(WorkflowError, match="ComfyUI UI-format workflow.*nothing to run"):
+        engine.load(ui)
+
+
+def test_a_bypassed_node_without_an_input_of_the_wanted_type_leaves_the_input_unlinked(engine, classes):
+    """The frontend drops such a link (the input then has no value): graphsd says which input is missing."""
+    ui = load("txt2img")
+    [decode] = [n for n in ui["nodes"] if n["type"] == "VAEDecode"]
+    decode["mode"] = 4  # its IMAGE output has no IMAGE input to pass through
+    [save] = [nid for nid, n in ui_to_prompt(ui, classes).items() if n["class_type"] == "SaveImage"]
+    assert "images" not in ui_to_prompt(ui, classes)[save]["inputs"]
+    with pytest.raises(WorkflowError, match=f"node '{save}', input 'images': missing"):
+        engine.load(ui)
+
+
+# ---- PNG files ----------------------------------------------------------------------------------
+def png_with(path: Path, **chunks: dict[str, Any]) -> Path:
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, json.dumps(value))
+    PILImage.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_a_png_with_only_the_workflow_chunk_is_converted(engine, tmp_path):
+    png = png_with(tmp_path / "ui.png", workflow=load("lora"))
+    from_png, from_file = engine.load(png), engine.load(load("lora"))
+    assert {k: (n.cls.type, n.literals) for k, n in from_png.nodes.items()} == {
+        k: (n.cls.type, n.literals) for k, n in from_file.nodes.items()
+    }
+
+
+def test_a_comfyui_png_with_both_chunks_runs_its_prompt(engine, tmp_path):
+    """ComfyUI writes both the API prompt and the editor's graph: the prompt is what ran."""
+    png = png_with(tmp_path / "both.png", prompt=frontend_prompt("txt2img"), workflow=load("lora"))
+    assert "LoraLoader" not in {n.cls.type for n in engine.load(png).nodes.values()}
+
+
+# ---- running ------------------------------------------------------------------------------------
+def images(result) -> list[np.ndarray]:
+    assert result.ok, [str(e) for e in result.errors]
+    return [np.asarray(PILImage.open(p)) for p in result.files]
+
+
+@pytest.fixture(scope="module")
+def ran(engine, tmp_path_factory):
+    """Every fixture file run on graphsd-tiny (64 px, 2-3 steps), LoadImage's example.png beside it.
+    Each saves under its own prefix, so a graph equal to one run before still writes its file."""
+    folder = tmp_path_factory.mktemp("inputs")
+    PILImage.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(folder / "example.png")
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        for name in NAMES:
+            if name != "txt2img_example":
+                ui = load(name)
+                for node in ui["nodes"]:
+                    if node["type"].endswith("SaveImage"):
+                        node["widgets_values"][0] = name
+                results[name] = images(engine.run(ui))
+    return results
+
+
+@pytest.mark.slow
+def test_every_fixture_runs_and_writes_its_image(ran):
+    assert set(ran) == set(NAMES) - {"txt2img_example"}
+    for name, written in ran.items():
+        assert [i.shape for i in written] == [(64, 64, 3)], name
+
+
+@pytest.mark.slow
+def test_muted_and_bypassed_nodes_change_nothing_and_a_lora_does(ran):
+    """ "muted" and "bypassed" are the same text-to-image (seed 5) plus a muted branch, resp. a
+    bypassed LoRA: they make the same pixels; "lora" (the LoRA applied) does not."""
+    assert np.array_equal(ran["muted"][0], ran["bypassed"][0])
+    assert not np.array_equal(ran["lora"][0], ran["bypassed"][0])
+
+
+@pytest.mark.slow
+def test_the_example_ui_workflow_makes_the_image_of_the_api_example(tmp_path):
+    """workflows/comfy_ui_txt2img.json is the frontend's file for workflows/comfy_txt2img.json
+    (two engines, so the second run is not answered from the first one's cache)."""
+    ui, api = (
+        images(Engine(Settings(device="cpu", output_dir=str(tmp_path / name))).run(ROOT / "workflows" / name))
+        for name in ("comfy_ui_txt2img.json", "comfy_txt2img.json")
+    )
+    assert len(ui) == 1 and ui[0].shape == (128, 128, 3)
+    assert np.array_equal(ui[0], api[0])
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "graphsd.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_graphsd_run_takes_a_ui_file(tmp_path):
+    ui = tmp_path / "ui_file.json"
+    ui.write_text((FIXTURES / "mixed.json").read_text())
+    done = cli("run", str(ui), "--output-dir", str(tmp_path / "out"), "--json", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [written] = json.loads(done.stdout)["files"]
+    assert Path(written).is_file() and Path(written).parent == tmp_path / "out"
+
+
+@pytest.mark.slow
+def test_graphsd_validate_names_the_unknown_class_of_a_ui_file_without_a_traceback(tmp_path):
+    ui = load("txt2img")
+    ui["nodes"].append({"id": 42, "type": "UpscaleModelLoader", "mode": 0})
+    (tmp_path / "ui.json").write_text(json.dumps(ui))
+    done = cli("validate", "ui.json", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "ComfyUI UI-format workflow" in done.stderr and "'UpscaleModelLoader', which graphsd lacks" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_converting_does_not_modify_the_file_read(classes):
+    ui = load("reroute_primitive")
+    before = copy.deepcopy(ui)
+    ui_to_prompt(ui, classes)
+    assert ui == before
