@@ -269,3 +269,29 @@ def test_converting_does_not_modify_the_file_read(classes):
     before = copy.deepcopy(ui)
     ui_to_prompt(ui, classes)
     assert ui == before
+
+
+WRONG_VALUES = [None, 7, "x", [], {}, [None], {"a": 1}, -1, True]
+
+
+def test_a_ui_file_with_wrongly_typed_fields_gives_a_workflow_error_never_a_crash(classes):
+    """Every field of the file, at each level, replaced by values of the wrong type: the
+    conversion returns a prompt or raises WorkflowError (what graphsd run reports cleanly)."""
+    base = load("reroute_primitive")
+    variants = [("", key, value) for key in [*base, "definitions", "extra"] for value in WRONG_VALUES]
+    for index, node in enumerate(base["nodes"]):
+        for key in {*node, "inputs", "outputs", "mode", "widgets_values"}:
+            variants += [(index, key, value) for value in WRONG_VALUES]
+    variants += [("link", position, value) for position in range(6) for value in WRONG_VALUES]
+    for where, key, value in variants:
+        ui = copy.deepcopy(base)
+        if where == "":
+            ui[key] = value
+        elif where == "link":
+            ui["links"][0][key] = value
+        else:
+            ui["nodes"][where][key] = value
+        try:
+            ui_to_prompt(ui, classes)
+        except WorkflowError:
+            pass

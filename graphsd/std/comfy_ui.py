@@ -93,7 +93,7 @@ class _UIConversion:
                 continue
             self.nodes[str(node["id"])] = node
         self.links: dict[str, tuple[str, int, str]] = {}  # link id -> (origin node id, origin slot, type)
-        for link in workflow.get("links") or []:
+        for link in _list(workflow.get("links")):
             if isinstance(link, list) and len(link) >= 6:
                 link_id, origin, slot, link_type = link[0], link[1], link[2], link[5]
             elif isinstance(link, dict):
@@ -106,7 +106,7 @@ class _UIConversion:
 
     # ---- links ----------------------------------------------------------------------------
     def _input_origin(self, node: dict[str, Any], index: int) -> tuple[str, int, Any] | None:
-        inputs = node.get("inputs") or []
+        inputs = _list(node.get("inputs"))
         if not 0 <= index < len(inputs) or not isinstance(inputs[index], dict):
             return None
         link = inputs[index].get("link")
@@ -134,10 +134,10 @@ class _UIConversion:
 
     @staticmethod
     def _bypass_index(node: dict[str, Any], slot: int, want: Any) -> int:
-        inputs = [i if isinstance(i, dict) else {} for i in node.get("inputs") or []]
+        inputs = [i if isinstance(i, dict) else {} for i in _list(node.get("inputs"))]
         if want in ("", "*", None):
             return slot if slot < len(inputs) else (0 if inputs else -1)
-        outputs = node.get("outputs") or []
+        outputs = _list(node.get("outputs"))
         out_type = outputs[slot].get("type") if slot < len(outputs) and isinstance(outputs[slot], dict) else None
 
         def fits(i: dict[str, Any]) -> bool:
@@ -172,7 +172,7 @@ class _UIConversion:
     def convert_node(self, nid: str, node: dict[str, Any]) -> dict[str, Any]:
         entry = self.classes[node["type"]]
         inputs = self.widgets(nid, node, entry)
-        for slot in node.get("inputs") or []:
+        for slot in _list(node.get("inputs")):
             if not isinstance(slot, dict) or slot.get("link") is None or not isinstance(slot.get("name"), str):
                 continue
             link = self.links.get(str(slot["link"]))
@@ -212,6 +212,10 @@ def class_definitions(nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return classes
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -222,18 +226,21 @@ def ui_to_prompt(workflow: dict[str, Any], classes: dict[str, dict[str, Any]]) -
     ``/object_info`` definitions of the classes graphsd knows (``classes``). Raises
     :class:`WorkflowError` saying this is a UI-format workflow and what cannot be converted (each
     unknown class with its node id and title)."""
-    subgraphs = (workflow.get("definitions") or {}).get("subgraphs") if isinstance(workflow.get("definitions"), dict) else None
-    group_nodes = (workflow.get("extra") or {}).get("groupNodes") if isinstance(workflow.get("extra"), dict) else None
+    if not isinstance(workflow.get("nodes"), list):
+        raise WorkflowError([Issue(f"{FORMAT}, but its 'nodes' is not a list of nodes", code="schema")])
+    definitions, extra = workflow.get("definitions"), workflow.get("extra")
+    subgraphs = _list(definitions.get("subgraphs")) if isinstance(definitions, dict) else []
+    group_nodes: dict[str, Any] = extra["groupNodes"] if isinstance(extra, dict) and isinstance(extra.get("groupNodes"), dict) else {}
     conversion = _UIConversion(workflow, classes)
     issues = conversion.issues
-    subgraph_ids = {str(s.get("id")) for s in subgraphs or [] if isinstance(s, dict)}
+    subgraph_ids = {str(s.get("id")) for s in subgraphs if isinstance(s, dict)}
     prompt: dict[str, dict[str, Any]] = {}
     for nid, node in conversion.nodes.items():
         mode, class_type = node.get("mode", 0), node["type"]
         if mode in (MUTED, BYPASSED) or class_type in IGNORED_CLASSES:
             continue
         title = f" ('{node['title']}')" if node.get("title") and node.get("title") != class_type else ""
-        if class_type in subgraph_ids or class_type.startswith("workflow>") or (group_nodes and class_type.split(">")[-1] in group_nodes):
+        if class_type in subgraph_ids or class_type.startswith("workflow>") or class_type.split(">")[-1] in group_nodes:
             issues.append(
                 Issue(
                     f"{FORMAT}; node {nid}{title} is a subgraph or group node, which graphsd cannot expand yet",
