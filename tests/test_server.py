@@ -113,6 +113,8 @@ def test_a_prompt_sends_comfyui_events_in_order_and_its_image_is_in_the_history(
     ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
     prompt = txt2img(seed=11, steps=3)
     prompt_id = server.queue_prompt(prompt, "events-client")
+    # the same prompt run by the Python API (an independent path through graphsd), while the server runs it
+    result = Engine(Settings(device="cpu", output_dir=str(tmp_path))).run(prompt)
     events = [e for e in events_until_done(ws, {prompt_id}) if e["type"] != "status"]
     ws.close()
     kinds = [e["type"] for e in events]
@@ -133,8 +135,7 @@ def test_a_prompt_sends_comfyui_events_in_order_and_its_image_is_in_the_history(
     status, headers, png = server.request("GET", "/view?" + "&".join(f"{k}={quote(v)}" for k, v in image.items()))
     assert status == 200 and headers["Content-Type"] == "image/png"
     assert png == (server.dirs["output"] / image["filename"]).read_bytes()
-    # the same prompt run by the Python API (an independent path through graphsd) gives the same pixels
-    result = Engine(Settings(device="cpu", output_dir=str(tmp_path))).run(prompt)
+    # the Python API's run of the same prompt gave the same pixels
     [reference] = result.files
     served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert served.shape == (64, 64, 3) and np.array_equal(served, np.asarray(Image.open(reference).convert("RGB")))
