@@ -4,7 +4,7 @@ process, measured in the same run, with the same number of torch threads.
 
     python bench/server_overhead.py [--prompts 50] [--threads 1]
 
-Prints the wall time per prompt of the bare engine; of the server with every prompt queued at
+Prints the wall time per prompt (measured in alternating rounds) of the bare engine; of the server with every prompt queued at
 once (throughput: the queue never runs dry); of the server one prompt at a time (latency: POST
 /prompt, then wait on the websocket for its end); and the ratios to the bare engine. The
 difference is the server's dispatch overhead: HTTP, translating and validating the prompt,
@@ -73,51 +73,53 @@ def wait_done(ws: Any, ids: set[str]) -> None:
                 ids.discard(msg["data"]["prompt_id"])
 
 
-def through_server(base: Path, n: int, threads: int) -> tuple[float, float]:
-    """(s per prompt with all queued at once, s per prompt one at a time)."""
-    import websocket
-
-    server = Server(base, threads)
-    try:
-        ws = websocket.create_connection(server.url.replace("http://", "ws://") + "/ws?clientId=bench", timeout=300)
-        wait_done(ws, {server.queue(prompt(0), "bench")})  # loads the model
-        t0 = time.perf_counter()
-        wait_done(ws, {server.queue(prompt(1000 + k), "bench") for k in range(n)})
-        batch = (time.perf_counter() - t0) / n
-        t0 = time.perf_counter()
-        for k in range(n):
-            wait_done(ws, {server.queue(prompt(2000 + k), "bench")})
-        single = (time.perf_counter() - t0) / n
-        ws.close()
-        return batch, single
-    finally:
-        server.stop()
-
-
-def bare_engine(base: Path, n: int, threads: int) -> float:
+def measure(base: Path, n: int, threads: int, rounds: int) -> tuple[float, float, float]:
+    """(s per prompt of the bare engine, of the server with a round's prompts queued at once, of
+    the server one prompt at a time). The three alternate in ``rounds`` rounds, so that load from
+    elsewhere on the machine falls on all three alike."""
     import torch
+    import websocket
 
     from graphsd import Engine, Settings
 
     torch.set_num_threads(threads)
-    engine = Engine(Settings(device="cpu", output_dir=str(base / "output")))
-    engine.run(prompt(0))
-    t0 = time.perf_counter()
-    for k in range(n):
-        engine.run(prompt(1000 + k))
-    return (time.perf_counter() - t0) / n
+    (base / "server").mkdir()
+    server = Server(base / "server", threads)
+    try:
+        ws = websocket.create_connection(server.url.replace("http://", "ws://") + "/ws?clientId=bench", timeout=300)
+        wait_done(ws, {server.queue(prompt(0), "bench")})  # loads the model
+        engine = Engine(Settings(device="cpu", output_dir=str(base / "engine")))
+        engine.run(prompt(0))
+        totals = [0.0, 0.0, 0.0]
+        seeds = iter(range(1000, 1_000_000))
+        per_round = max(n // rounds, 1)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                engine.run(prompt(next(seeds)))
+            t1 = time.perf_counter()
+            wait_done(ws, {server.queue(prompt(next(seeds)), "bench") for _ in range(per_round)})
+            t2 = time.perf_counter()
+            for _ in range(per_round):
+                wait_done(ws, {server.queue(prompt(next(seeds)), "bench")})
+            t3 = time.perf_counter()
+            for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+                totals[k] += dt
+        ws.close()
+        count = per_round * rounds
+        return totals[0] / count, totals[1] / count, totals[2] / count
+    finally:
+        server.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in both (default 1, as the tests run)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds the measurements alternate in (default 5)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        (base / "server").mkdir()
-        batch, single = through_server(base / "server", args.prompts, args.threads)
-        bare = bare_engine(base / "engine", args.prompts, args.threads)
+        bare, batch, single = measure(Path(tmp), args.prompts, args.threads, args.rounds)
     print(f"{args.prompts} prompts (graphsd-tiny txt2img 64x64, 2 steps), {args.threads} torch thread(s)")
     print(f"  bare Engine.run:                {bare * 1000:7.1f} ms/prompt")
     print(f"  server, all queued at once:     {batch * 1000:7.1f} ms/prompt  ({batch / bare:.2f}x)")
