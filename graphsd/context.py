@@ -94,7 +94,8 @@ class Context:
         if not any(resolved == root or root in resolved.parents for root in allowed):
             raise NodeError(
                 f"'{path}' lies outside the folders this workflow may read ({', '.join(str(r) for r in allowed)}): "
-                "a workflow taken from an image is confined to them; run it with --trust-workflow if you trust it",
+                "a workflow taken from an image, or sent to graphsd serve, is confined to them (for an image's "
+                "workflow you trust: run it with --trust-workflow; on a server: put the file in its models or input folder)",
                 field=field,
             )
         return resolved

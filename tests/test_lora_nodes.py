@@ -210,3 +210,23 @@ def test_hypernetwork_pickle_needs_permission(engine):
     extra["hn"]["inputs"]["allow_pickle"] = True
     with pytest.raises(WorkflowError, match="allow_pickle"):
         engine.run(workflow("@hn.unet", extra=extra), outputs=["denoise"])
+
+
+@pytest.mark.parametrize("kind,node,name", [("loras", "LoraLoader", "lora"), ("hypernetworks", "HypernetworkLoader", "hypernetwork")])
+def test_a_confined_workflow_reads_patch_files_only_from_its_folders(models, tmp_path, kind, node, name):
+    """With read_roots (a workflow from a PNG, or one sent to graphsd serve), a patch file outside
+    those folders is refused by name, while the models folder's own files still load."""
+    source = next((models / kind).iterdir())
+    outside = tmp_path / source.name
+    outside.write_bytes(source.read_bytes())
+    engine = Engine(Settings(device="cpu", models_dir=str(models), output_dir=str(tmp_path / "out"), read_roots=[str(models)],
+                            allow_pickle=True))  # the hypernetwork fixture is a .pt file
+    for path, ok in ((str(outside), False), (source.name, True)):
+        patch = {"type": node, "inputs": {"unet": "@model.unet", name: path}}
+        if node == "LoraLoader":
+            patch["inputs"]["clip"] = "@model.clip"
+        result = engine.run(workflow(unet="@patch.unet", extra={"patch": patch}), outputs=["patch"])
+        assert result.ok is ok, [e.message for e in result.errors]
+        if not ok:
+            [error] = result.errors
+            assert error.node_id == "patch" and f"input '{name}'" in error.message and "lies outside the folders" in error.message

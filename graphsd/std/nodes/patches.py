@@ -59,7 +59,7 @@ def _require_file(name: str, kind: str, ctx: Context, field: str) -> Path:
             "and as a path. Put the file there or give its path",
             field=field,
         )
-    return path
+    return ctx.readable(path, field)  # a workflow confined to some folders (a PNG's, a server's) reads only there
 
 
 def available(kind: str, models_dir: str | Path) -> list[str]:
