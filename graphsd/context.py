@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from graphsd.errors import RunInterrupted
-from graphsd.events import EventCallback, Progress
+from graphsd.events import EventCallback, Preview, Progress
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Context:
     - ``output_dir`` / ``models_dir``: resolved folders
     - ``progress(value, total, **info)``: report progress (also checks for interruption)
     - ``check_interrupted()``: raise :class:`RunInterrupted` if the run was interrupted
+    - ``wants_previews`` / ``preview(data, image_type)``: whether the run asked for pictures of
+      work in progress, and publish one (a node makes them only when asked: they cost time)
     - ``workflow``: the workflow document being run (for embedding in saved images)
     - ``samplers``: name → sampler factory registered through ``graphsd_register_samplers``
     """
@@ -64,6 +67,8 @@ class Context:
     files: list[str] = field(default_factory=list)
     #: folders of files the plugins ship (always readable, see ``graphsd_shipped_folders``)
     shipped_folders: list[Path] = field(default_factory=list)
+    #: the run asked for previews (``Engine.run(..., previews=True)``): see :meth:`preview`
+    wants_previews: bool = False
 
     @property
     def output_dir(self) -> Path:
@@ -80,6 +85,16 @@ class Context:
     def progress(self, value: int, total: int, **info: Any) -> None:
         self.emit(Progress(run_id=self.run_id, node_id=self.node_id, value=value, total=total, info=info))
         self.check_interrupted()
+
+    def preview(self, data: bytes, image_type: str = "image/jpeg") -> None:
+        """Publish an encoded picture (JPEG or PNG bytes, small: a client shows it while the node
+        works) as a :class:`~graphsd.events.Preview` event; does nothing in a run that did not ask
+        for previews, so a node may call it unconditionally but should skip making the picture
+        when ``wants_previews`` is false."""
+        if self.wants_previews:
+            self.emit(
+                Preview(run_id=self.run_id, node_id=self.node_id, image_type=image_type, image=base64.b64encode(data).decode("ascii"))
+            )
 
     def readable(self, path: str | Path, field: str) -> Path:
         """``path`` resolved, after checking it lies under ``settings.read_roots`` (when set) or

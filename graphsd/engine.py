@@ -83,18 +83,23 @@ class Engine:
         params: dict[str, Any] | None = None,
         outputs: list[str] | None = None,
         on_event: EventCallback | None = None,
+        previews: bool = False,
     ) -> RunResult:
         """Validate and run a workflow. Only ``outputs`` (node ids) and their ancestors run;
         by default every output node. Raises WorkflowError for an invalid workflow; node
         failures are reported in the returned result, not raised. An output directory that
-        cannot be written (a file is in the way) raises GraphsdError before anything runs."""
+        cannot be written (a file is in the way) raises GraphsdError before anything runs.
+
+        With ``previews``, long nodes that can (the denoise loop) send ``on_event`` a
+        :class:`~graphsd.events.Preview` picture of their progress at each step; it costs a
+        little time and changes no output."""
         if problem := check_output_dir(self.settings.output_dir):
             raise GraphsdError(problem)
         graph = workflow if isinstance(workflow, Graph) else self.load(workflow, params)
         order, targets = plan(graph, outputs)
         with self._lock:
             self._interrupt.clear()
-            self._execution = Execution(self, graph, on_event, self._interrupt)
+            self._execution = Execution(self, graph, on_event, self._interrupt, previews)
             try:
                 return self._execution.run(order, targets)
             finally:

@@ -7,6 +7,7 @@ callback, and (later) websocket messages of an HTTP server. ``to_dict()`` gives 
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -57,6 +58,23 @@ class Progress(Event):
     value: int = 0
     total: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Preview(Event):
+    """A picture of a long node's work in progress (a denoise step's latent as RGB), sent only
+    in runs that asked for previews (``Engine.run(..., previews=True)``). ``image`` is the
+    encoded picture (``image_type``, e.g. ``image/jpeg``) in base64, so the event stays plain
+    JSON. Previews are transient: observers get them, ``RunResult.events`` does not keep them."""
+
+    kind: ClassVar[str] = "preview"
+    node_id: str = ""
+    image_type: str = "image/jpeg"
+    image: str = ""
+
+    def image_bytes(self) -> bytes:
+        """The encoded picture."""
+        return base64.b64decode(self.image)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
   nodes; the run stops with status ``interrupted``. Nodes write files atomically, so nothing
   half-written remains.
 - A CUDA out-of-memory error frees device memory and retries the node once.
+- Previews: a run started with ``previews=True`` lets nodes publish pictures of their work in
+  progress (``ctx.preview``, :class:`~graphsd.events.Preview` events); they reach the observers
+  but not ``RunResult.events``.
 """
 
 from __future__ import annotations
@@ -120,8 +123,11 @@ def plan(graph: Graph, outputs: list[str] | None) -> tuple[list[str], list[str]]
 class Execution:
     """One run of a graph on an engine."""
 
-    def __init__(self, engine: Engine, graph: Graph, on_event: ev.EventCallback | None, interrupt_flag: threading.Event):
+    def __init__(
+        self, engine: Engine, graph: Graph, on_event: ev.EventCallback | None, interrupt_flag: threading.Event, previews: bool = False
+    ):
         self.engine = engine
+        self.previews = previews
         self.graph = graph
         self.on_event = on_event
         self.flag = interrupt_flag
@@ -135,7 +141,8 @@ class Execution:
 
     # ---- events -------------------------------------------------------------------------
     def emit(self, event: ev.Event) -> None:
-        self.result.events.append(event)
+        if not isinstance(event, ev.Preview):  # previews are transient: the result keeps no pictures
+            self.result.events.append(event)
         if self.on_event is not None:
             self.on_event(event)
         try:
@@ -161,6 +168,7 @@ class Execution:
             emit=self.emit,
             interrupt_flag=self.flag,
             shipped_folders=self.engine.registry.shipped_folders,
+            wants_previews=self.previews,
         )
 
     def _key(self, node_id: str, ctx: Context) -> str:
