@@ -28,26 +28,41 @@ EOS state) of the second encoder for the first chunk, unweighted, as ComfyUI and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from graphsd.std.text.weighting import BREAK, Segment, parse_prompt
+from graphsd.std.text.weighting import BREAK, EmbeddingRef, Segment, parse_prompt, split_embeddings
 from graphsd.types import working_dtype
 
 
 @dataclass(frozen=True)
 class TokenChunks:
-    """Token ids ``[chunks, context]`` and the weight of each position (1.0 for specials)."""
+    """Token ids ``[chunks, context]``, the weight of each position (1.0 for specials), and the
+    positions that take an embedding's vectors: ``embedded`` marks them ``[chunks, context]``,
+    ``vectors`` holds theirs ``[marked positions, width]`` in row-major order (None without)."""
 
     ids: torch.Tensor
     weights: torch.Tensor
+    embedded: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
 
     @property
     def weighted(self) -> bool:
         return bool((self.weights != 1.0).any())
+
+
+#: The id standing at a position whose token embedding an embedding's vector replaces: any
+#: ordinary token will do, as long as it is not the end-of-text token, where the pooled output
+#: is read (by position of that id, or by the largest id in older configs, as with A1111 and ComfyUI).
+PLACEHOLDER_ID = 0
+
+#: Embedding vectors a tokenizer uses: reference in the prompt → ``[n, width]``.
+EmbeddingVectors = Mapping[EmbeddingRef, torch.Tensor]
 
 
 def context_length(tokenizer: Any, text_encoder: Any) -> int:
@@ -55,34 +70,63 @@ def context_length(tokenizer: Any, text_encoder: Any) -> int:
     return min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
 
 
-def tokenize_weighted(tokenizer: Any, segments: Sequence[Segment], length: int = 77) -> TokenChunks:
-    """Tokenize weighted segments into ``[BOS] ≤length-2 tokens [EOS] [PAD]...`` chunks."""
+def tokenize_weighted(
+    tokenizer: Any,
+    segments: Sequence[Segment],
+    length: int = 77,
+    embeddings: EmbeddingVectors | None = None,
+    bare_names: Collection[str] = (),
+) -> TokenChunks:
+    """Tokenize weighted segments into ``[BOS] ≤length-2 tokens [EOS] [PAD]...`` chunks.
+
+    The embedding references in the text (:func:`~graphsd.std.text.weighting.split_embeddings`
+    with ``bare_names``) take one position per vector of theirs in ``embeddings``, with their
+    segment's weight; an embedding that fits in a chunk but not in what is left of the current
+    one starts the next chunk, as in A1111, so its vectors stay together."""
     body = length - 2
-    chunks: list[list[tuple[int, float]]] = []
-    current: list[tuple[int, float]] = []
+    chunks: list[list[tuple[int, float, torch.Tensor | None]]] = []
+    current: list[tuple[int, float, torch.Tensor | None]] = []
     for segment in segments:
         if segment == BREAK:
             if current:
                 chunks.append(current)
                 current = []
             continue
-        for token in tokenizer(segment.text, add_special_tokens=False, verbose=False)["input_ids"]:
-            if len(current) == body:
-                chunks.append(current)
-                current = []
-            current.append((token, segment.weight))
+        for piece in split_embeddings(segment.text, bare_names):
+            if isinstance(piece, EmbeddingRef):
+                vectors = (embeddings or {}).get(piece)
+                if vectors is None:
+                    raise ValueError(f"no vectors were given for the embedding {piece.name!r} of the prompt")
+                if current and len(vectors) <= body and len(current) + len(vectors) > body:
+                    chunks.append(current)
+                    current = []
+                entries = [(PLACEHOLDER_ID, segment.weight, row) for row in vectors]
+            else:
+                ids = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"] if piece else []
+                entries = [(token, segment.weight, None) for token in ids]
+            for entry in entries:
+                if len(current) == body:
+                    chunks.append(current)
+                    current = []
+                current.append(entry)
     if current or not chunks:
         chunks.append(current)
     return _pack(tokenizer, chunks, body)
 
 
-def _pack(tokenizer: Any, chunks: list[list[tuple[int, float]]], body: int) -> TokenChunks:
-    ids, weights = [], []
+def _pack(tokenizer: Any, chunks: list[list[tuple[int, float, torch.Tensor | None]]], body: int) -> TokenChunks:
+    ids, weights, embedded, rows = [], [], [], []
     for chunk in chunks:
         padding = body - len(chunk)
-        ids.append([tokenizer.bos_token_id, *(t for t, _ in chunk), tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
-        weights.append([1.0, *(w for _, w in chunk), 1.0] + [1.0] * padding)
-    return TokenChunks(torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32))
+        ids.append([tokenizer.bos_token_id, *(t for t, _, _ in chunk), tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        weights.append([1.0, *(w for _, w, _ in chunk), 1.0] + [1.0] * padding)
+        embedded.append([False, *(v is not None for _, _, v in chunk), False] + [False] * padding)
+        rows += [v for _, _, v in chunk if v is not None]
+    ids_t, weights_t = torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
+    if not rows:
+        return TokenChunks(ids_t, weights_t)
+    dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))  # float16 and float32 files: float32, exactly
+    return TokenChunks(ids_t, weights_t, torch.tensor(embedded), torch.stack([r.to(dtype) for r in rows]))
 
 
 def tokenize_prompt(tokenizer: Any, text: str, length: int = 77, use_break: bool = True) -> TokenChunks:
@@ -90,20 +134,47 @@ def tokenize_prompt(tokenizer: Any, text: str, length: int = 77, use_break: bool
     return tokenize_weighted(tokenizer, parse_prompt(text, use_break=use_break), length)
 
 
-def run_encoder(text_encoder: Any, ids: torch.Tensor, clip_skip: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def run_encoder(
+    text_encoder: Any, ids: torch.Tensor, clip_skip: int, final_norm: bool, chunks: TokenChunks | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the encoder on ``ids [chunks, context]``: the hidden state picked by ``clip_skip``
     (see the module docstring) and the encoder's pooled output (``text_embeds`` when the model
-    has a projection, else ``pooler_output``)."""
+    has a projection, else ``pooler_output``). The embedding vectors of ``chunks`` replace the
+    token embeddings at their positions."""
     layers = text_encoder.config.num_hidden_layers
     if clip_skip > layers:
         raise ValueError(f"clip_skip {clip_skip} is larger than the text encoder's {layers} layers")
-    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+    with _embedding_vectors(text_encoder, chunks):
+        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
     if final_norm:
         z = out.last_hidden_state if clip_skip == 1 else _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
     else:
         z = out.hidden_states[-(clip_skip + 1)]
     pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
     return z, pooled
+
+
+@contextmanager
+def _embedding_vectors(text_encoder: Any, chunks: TokenChunks | None) -> Iterator[None]:
+    """While active, the encoder's token-embedding lookup returns ``chunks.vectors`` (cast to its
+    dtype) at the positions ``chunks.embedded`` marks: what diffusers' ``load_textual_inversion``
+    achieves with new tokens whose rows of the embedding matrix are the vectors, without
+    changing the shared model."""
+    if chunks is None or chunks.embedded is None or chunks.vectors is None:
+        yield
+        return
+    embedded, vectors = chunks.embedded, chunks.vectors
+
+    def replace(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        replaced = output.clone()
+        replaced[embedded.to(output.device)] = vectors.to(device=output.device, dtype=output.dtype)
+        return replaced
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
@@ -130,7 +201,7 @@ def encode_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every chunk, weight it, and join the chunks: ``[1, chunks·context, width]`` plus
     the pooled output of the first chunk ``[1, pooled width]``."""
-    z, pooled = run_encoder(text_encoder, chunks.ids, clip_skip, final_norm)
+    z, pooled = run_encoder(text_encoder, chunks.ids, clip_skip, final_norm, chunks)
     if chunks.weighted:
         empty = tokenize_weighted(tokenizer, [Segment("", 1.0)], chunks.ids.shape[1])
         z_empty, _ = run_encoder(text_encoder, empty.ids, clip_skip, final_norm)
@@ -140,20 +211,29 @@ def encode_chunks(
 
 @torch.no_grad()
 def encode_prompt(
-    text: str, encoders: Sequence[tuple[Any, Any]], clip_skip: int = 1, sdxl: bool = False
+    text: str,
+    encoders: Sequence[tuple[Any, Any]],
+    clip_skip: int = 1,
+    sdxl: bool = False,
+    embeddings: Sequence[EmbeddingVectors] | None = None,
+    bare_names: Collection[str] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode ``text`` with one (SD1/SD2) or several (SDXL) ``(tokenizer, text_encoder)`` pairs.
 
     Returns ``(embeddings [1, tokens, width], pooled)``: SD1 → ``pooled`` is None and the final
     layer norm is applied; ``sdxl=True`` → embeddings of all encoders concatenated along the
-    width, no final norm, ``pooled`` from the last encoder (see the module docstring)."""
+    width, no final norm, ``pooled`` from the last encoder (see the module docstring).
+    ``embeddings`` gives, per encoder, the vectors of each textual-inversion embedding the
+    prompt names (``embedding:NAME``, or a word of ``bare_names``)."""
     if not sdxl and len(encoders) != 1:
         raise ValueError("an SD1-style prompt encoding takes exactly one text encoder")
-    embeddings, pooled = [], None
-    for tokenizer, text_encoder in encoders:
-        chunks = tokenize_prompt(tokenizer, text, context_length(tokenizer, text_encoder))
+    segments = parse_prompt(text)
+    results, pooled = [], None
+    for i, (tokenizer, text_encoder) in enumerate(encoders):
+        vectors = embeddings[i] if embeddings else None
+        chunks = tokenize_weighted(tokenizer, segments, context_length(tokenizer, text_encoder), vectors, bare_names)
         z, pooled = encode_chunks(tokenizer, text_encoder, chunks, clip_skip, final_norm=not sdxl)
-        embeddings.append(z)
-    if len({z.shape[1] for z in embeddings}) != 1:
+        results.append(z)
+    if len({z.shape[1] for z in results}) != 1:
         raise ValueError("the tokenizers of the text encoders split this prompt into different lengths")
-    return torch.cat(embeddings, dim=-1), (pooled if sdxl else None)
+    return torch.cat(results, dim=-1), (pooled if sdxl else None)

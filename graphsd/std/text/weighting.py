@@ -24,6 +24,7 @@ of equal weight merged, with :data:`BREAK` where the keyword stood.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import NamedTuple
 
 
@@ -157,7 +158,7 @@ def _append_text(pieces: list[str | None], item: str, use_break: bool) -> None:
 def _merge(pieces: list[str | None], weights: list[float]) -> list[Segment]:
     """Join neighbours of equal weight (never across a BREAK); an empty prompt is ``[("", 1.0)]``."""
     runs: list[tuple[list[str], float] | None] = []
-    for text, weight in zip(pieces, weights):
+    for text, weight in zip(pieces, weights, strict=True):
         if text is None:
             runs.append(None)
         elif runs and runs[-1] is not None and runs[-1][1] == weight:
@@ -166,3 +167,58 @@ def _merge(pieces: list[str | None], weights: list[float]) -> list[Segment]:
             runs.append(([text], weight))
     merged = [BREAK if run is None else Segment("".join(run[0]), run[1]) for run in runs]
     return merged or [Segment("", 1.0)]
+
+
+#: ComfyUI's prompt syntax for a textual-inversion embedding: ``embedding:NAME`` at the start of
+#: a word (after a space, a comma or a bracket), NAME running to the next space or comma.
+EMBEDDING_PREFIX = "embedding:"
+_EXPLICIT_EMBEDDING = r"(?<![^\s,])embedding:(?P<explicit>[^\s,]+)"
+
+
+class EmbeddingRef(NamedTuple):
+    """A textual-inversion embedding named in a prompt: ``name`` as written after
+    ``embedding:`` (``explicit``), or the embedding name a bare word matched."""
+
+    name: str
+    explicit: bool
+
+
+def split_embeddings(text: str, bare_names: Iterable[str] = ()) -> list[str | EmbeddingRef]:
+    """Split a segment's text into plain text and embedding references.
+
+    ``embedding:NAME`` (ComfyUI) is always a reference. A word equal to one of ``bare_names``
+    (AUTOMATIC1111: the embedding files' names), compared without regard to case as A1111's
+    token matching does, is a reference too; a word is delimited by anything but letters,
+    digits, ``_``, ``-``, ``/`` and a ``.`` inside it, so ``EasyNegative,`` and
+    ``(easynegative:1.2)`` match ``EasyNegative`` but ``EasyNegative2`` and ``my-easynegative``
+    do not.
+
+    >>> split_embeddings("a cat, embedding:bad-hands-5, EasyNegative", ["EasyNegative"])
+    ['a cat, ', EmbeddingRef(name='bad-hands-5', explicit=True), ', ', EmbeddingRef(name='EasyNegative', explicit=False)]
+    """
+    canonical: dict[str, str] = {}
+    for name in sorted(bare_names):
+        canonical.setdefault(name.lower(), name)
+    patterns = [_EXPLICIT_EMBEDDING]
+    if canonical:
+        words = "|".join(re.escape(n) for n in sorted(canonical, key=len, reverse=True))
+        patterns.append(rf"(?<![\w\-./:\\])(?i:(?P<bare>{words}))(?![\w\-/\\]|\.\w)")
+    pieces: list[str | EmbeddingRef] = []
+    last = 0
+    for match in re.finditer("|".join(patterns), text):
+        if match.start() > last:
+            pieces.append(text[last : match.start()])
+        if match.group("explicit") is not None:
+            pieces.append(EmbeddingRef(match.group("explicit"), explicit=True))
+        else:
+            pieces.append(EmbeddingRef(canonical[match.group("bare").lower()], explicit=False))
+        last = match.end()
+    if last < len(text) or not pieces:
+        pieces.append(text[last:])
+    return pieces
+
+
+def embedding_references(text: str, bare_names: Iterable[str] = ()) -> list[EmbeddingRef]:
+    """Every embedding reference of a prompt (see :func:`split_embeddings`), in order."""
+    names = list(bare_names)
+    return [p for s in parse_prompt(text) if s != BREAK for p in split_embeddings(s.text, names) if isinstance(p, EmbeddingRef)]
