@@ -46,21 +46,24 @@ from typing import Any
 
 from graphsd.errors import Issue, WorkflowError
 from graphsd.hookspecs import COMFY_NATIVE_PREFIX
+from graphsd.std.sampling.ksamplers import COMFY_SAMPLER_NAMES, KSAMPLERS, NOT_SUPPORTED
+from graphsd.std.sampling.sigmas import COMFY_SCHEDULERS
+
+DIFFUSERS_SAMPLERS = {"uni_pc": "unipc"}
+"""ComfyUI samplers graphsd has no ComfyUI-sigma version of, run with a diffusers scheduler instead
+(UNetDenoiseLoop ``convention: diffusers``), with scheduler normal (the model's own spacing, not
+ComfyUI's normal) or karras only: ``uni_pc`` is diffusers' UniPC (Zhao et al. 2023)."""
 
 SAMPLER_NAMES = {
-    "euler": "euler",
-    "euler_ancestral": "euler_ancestral",
-    "heun": "heun",
-    "ddim": "ddim",
-    "lms": "lms",
-    "dpmpp_2m": "dpmpp_2m",
-    "dpmpp_2m_sde": "dpmpp_2m_sde",
-    "uni_pc": "unipc",
+    name: DIFFUSERS_SAMPLERS.get(name, name) for name in COMFY_SAMPLER_NAMES if name in KSAMPLERS or name in DIFFUSERS_SAMPLERS
 }
-"""ComfyUI ``sampler_name`` → graphsd sampler."""
+"""ComfyUI ``sampler_name`` → graphsd sampler: every name graphsd runs, in ComfyUI's order. All but
+:data:`DIFFUSERS_SAMPLERS` run as UNetDenoiseLoop ``convention: comfyui`` under their ComfyUI
+name; the others (:data:`graphsd.std.sampling.ksamplers.NOT_SUPPORTED`) are refused on import
+with the reason."""
 
-SCHEDULER_NAMES = {"normal": "normal", "karras": "karras"}
-"""ComfyUI ``scheduler`` → graphsd schedule."""
+SCHEDULER_NAMES = {name: name for name in COMFY_SCHEDULERS}
+"""ComfyUI ``scheduler`` → graphsd schedule (all nine, with ComfyUI's sigmas)."""
 
 MAX_RESOLUTION = 16384
 MAX_SEED = 2**64 - 1
@@ -271,7 +274,8 @@ def _choice(c: _Conversion, cid: str, name: str, table: dict[str, str]) -> str |
     value = c.value(cid, name)
     if value is None or (isinstance(value, str) and (value in table or value.startswith("@"))):
         return table.get(value, value) if isinstance(value, str) else None
-    c.issue(cid, f"{name} '{value}' is not supported", field=name, hint=f"supported: {', '.join(table)}", code="unsupported")
+    why = f" ({NOT_SUPPORTED[value]})" if isinstance(value, str) and value in NOT_SUPPORTED else ""
+    c.issue(cid, f"{name} '{value}' is not supported{why}", field=name, hint=f"supported: {', '.join(table)}", code="unsupported")
     return None
 
 
@@ -291,7 +295,19 @@ def _ksampler(c: _Conversion, cid: str, gid: str) -> None:
         "cfg": c.value(cid, "cfg", default=8.0),
         "sampler": _choice(c, cid, "sampler_name", SAMPLER_NAMES),
         "schedule": _choice(c, cid, "scheduler", SCHEDULER_NAMES),
+        "convention": "comfyui",
     }
+    sampler_name, scheduler = c.value(cid, "sampler_name"), c.value(cid, "scheduler")
+    if sampler_name in DIFFUSERS_SAMPLERS:
+        loop["convention"] = "diffusers"
+        if isinstance(scheduler, str) and scheduler in SCHEDULER_NAMES and scheduler not in ("normal", "karras"):
+            c.issue(
+                cid,
+                f"sampler_name '{sampler_name}' runs as diffusers' sampler, which has no scheduler '{scheduler}'",
+                field="scheduler",
+                hint="use scheduler normal or karras with it, or another sampler_name (all others take every scheduler)",
+                code="unsupported",
+            )
     if isinstance(denoise, (int, float)) and isinstance(steps, int) and denoise < 1.0:
         if denoise <= 0:
             c.issue(cid, "denoise 0 leaves the latent unchanged", field="denoise", hint="use a denoise in (0, 1]")

@@ -17,13 +17,16 @@ from pydantic import Field
 from graphsd.context import Context
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
-from graphsd.std.models.loading import load_checkpoint, resolve_model_path
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
+from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
+from graphsd.std.models.loading import load_checkpoint, resolve_model_path
+from graphsd.std.sampling.kdiffusion import denoise_comfy
+from graphsd.std.sampling.ksamplers import KSAMPLERS, NOT_SUPPORTED
 from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise
-from graphsd.std.sampling.schedulers import UnsupportedSchedule
+from graphsd.std.sampling.schedulers import SAMPLERS, SCHEDULES, UnsupportedSchedule
+from graphsd.std.sampling.sigmas import COMFY_SCHEDULERS
 from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, working_dtype
 
 MAX_SEED = 2**64 - 1
@@ -165,8 +168,10 @@ class UNetDenoiseLoop(Node):
     description = (
         "Denoise with the U-Net and a sampler, with classifier-free guidance. Without a start latent "
         "it is text-to-image; with one it is image-to-image (denoise < 1 keeps part of it). "
-        "start_step/end_step split one schedule between models (SDXL base → refiner). Same numbers "
-        "as diffusers' Stable Diffusion pipelines."
+        "start_step/end_step split one schedule between models (SDXL base → refiner). With convention "
+        "diffusers (the default) it gives the same numbers as diffusers' Stable Diffusion pipelines; with "
+        "convention comfyui, sampler and schedule are ComfyUI's sampler_name and scheduler, with ComfyUI's "
+        "sigmas (k-diffusion semantics)."
     )
 
     class Inputs(NodeIO):
@@ -181,9 +186,22 @@ class UNetDenoiseLoop(Node):
         )
         steps: int = Field(20, ge=1, le=1000, description="Steps of the full schedule")
         cfg: float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale (1 = no guidance)")
-        sampler: str = Field("euler", description=f"Sampler name: {BUILTIN_SAMPLERS}, or one a plugin registers")
-        schedule: Literal["normal", "karras"] = Field(
-            "normal", description="Noise levels: normal (the model's own spacing) or karras (Karras et al. 2022)"
+        sampler: str = Field(
+            "euler",
+            description=f"Sampler name. diffusers convention: {BUILTIN_SAMPLERS}, or one a plugin registers; "
+            f"comfyui convention: {', '.join(KSAMPLERS)}",
+        )
+        schedule: Literal[
+            "normal", "karras", "simple", "sgm_uniform", "exponential", "ddim_uniform", "beta", "linear_quadratic", "kl_optimal"
+        ] = Field(
+            "normal",
+            description="Noise levels. diffusers convention: normal (the model's own spacing) or karras (Karras et al. 2022); "
+            "comfyui convention: any of ComfyUI's schedulers (its normal is not the diffusers one)",
+        )
+        convention: Literal["diffusers", "comfyui"] = Field(
+            "diffusers",
+            description="diffusers: diffusers' schedulers, same numbers as its pipelines; comfyui: ComfyUI's samplers and "
+            "sigmas, per-step noise seeded with the noise's seed as ComfyUI seeds it with the KSampler seed",
         )
         denoise: float = Field(
             1.0, ge=0.0, le=1.0, description="Image-to-image strength: run the last int(steps*denoise) steps (1 = all of them)"
@@ -203,16 +221,16 @@ class UNetDenoiseLoop(Node):
 
     @classmethod
     def check_literals(cls, literals: dict[str, Any], registry: Any) -> list[tuple[str, str, str | None]]:
-        """An unknown sampler name is reported before anything runs."""
-        sampler = literals.get("sampler")
-        if isinstance(sampler, str) and sampler not in registry.samplers:
-            return [("sampler", f"unknown sampler {sampler!r}", f"available: {', '.join(sorted(registry.samplers))}")]
-        return []
+        """A sampler / schedule pair that cannot run is reported before anything runs, with what works."""
+        sampler, schedule = literals.get("sampler"), literals.get("schedule", "normal")
+        convention = literals.get("convention", "diffusers")
+        if not isinstance(sampler, str) or not isinstance(schedule, str) or convention not in ("diffusers", "comfyui"):
+            return []
+        return sampler_problems(sampler, schedule, convention, registry.samplers)
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
-        factory = ctx.samplers.get(inputs.sampler)
-        if factory is None:
-            raise NodeError(f"unknown sampler {inputs.sampler!r}; available: {', '.join(sorted(ctx.samplers))}", field="sampler")
+        for field, message, hint in sampler_problems(inputs.sampler, inputs.schedule, inputs.convention, ctx.samplers):
+            raise NodeError(f"{message}; {hint}", field=field)
         info = model_info(inputs.unet, "unet")
         channels = info.unet_in_channels
         if inputs.noise.samples.shape[1] != channels:
@@ -220,10 +238,6 @@ class UNetDenoiseLoop(Node):
                 f"the noise has {inputs.noise.samples.shape[1]} channels but this U-Net takes {channels}; set LatentNoise channels to {channels}",
                 field="noise",
             )
-        try:
-            scheduler = factory(scheduler_config=dict(info.scheduler_config), schedule=inputs.schedule)
-        except UnsupportedSchedule as e:
-            raise NodeError(str(e), field="schedule") from None
         batch, _, h, w = inputs.noise.samples.shape
         guided = inputs.negative is not None and inputs.cfg != 1.0
         width, dtype = _first_channels(ctx, inputs.unet, "unet")
@@ -242,12 +256,48 @@ class UNetDenoiseLoop(Node):
             negative_aesthetic_score=inputs.negative_aesthetic_score,
         )
         try:
-            samples = denoise(ctx, inputs.unet, scheduler, inputs.positive, inputs.negative, inputs.noise, inputs.latent, settings)
+            if inputs.convention == "comfyui":
+                samples = denoise_comfy(ctx, inputs.unet, inputs.sampler, inputs.schedule, inputs.positive, inputs.negative,
+                                        inputs.noise, inputs.latent, settings)
+            else:
+                factory = ctx.samplers[inputs.sampler]
+                scheduler = factory(scheduler_config=dict(info.scheduler_config), schedule=inputs.schedule)
+                samples = denoise(ctx, inputs.unet, scheduler, inputs.positive, inputs.negative, inputs.noise, inputs.latent, settings)
+        except UnsupportedSchedule as e:
+            raise NodeError(str(e), field="schedule") from None
         except DenoiseError as e:
             raise NodeError(str(e), field=e.field) from None
         if not torch.isfinite(samples).all():
             raise NodeError(_not_finite("the denoised latent", inputs.unet), field="unet")
         return self.Outputs(latent=Latent(samples))
+
+
+def sampler_problems(sampler: str, schedule: str, convention: str, registered: Any) -> list[tuple[str, str, str | None]]:
+    """Why ``sampler`` with ``schedule`` cannot run in ``convention`` (empty if it can), as
+    (field, message, what works) for validation."""
+    if convention == "comfyui":
+        if sampler in NOT_SUPPORTED:
+            return [("sampler", f"ComfyUI sampler {sampler!r} is not supported by graphsd: {NOT_SUPPORTED[sampler]}",
+                     f"use one of: {', '.join(KSAMPLERS)}")]
+        if sampler not in KSAMPLERS:
+            return [("sampler", f"unknown ComfyUI sampler {sampler!r}", f"use one of: {', '.join(KSAMPLERS)}")]
+        if schedule not in COMFY_SCHEDULERS:
+            return [("schedule", f"unknown ComfyUI scheduler {schedule!r}", f"use one of: {', '.join(COMFY_SCHEDULERS)}")]
+        return []
+    if sampler not in registered:
+        hint = f"available: {', '.join(sorted(registered))}"
+        if sampler in KSAMPLERS:
+            hint += f"; {sampler!r} is a ComfyUI sampler: set convention to comfyui"
+        return [("sampler", f"unknown sampler {sampler!r}", hint)]
+    if schedule not in SCHEDULES:
+        return [("schedule", f"schedule {schedule!r} is a ComfyUI scheduler",
+                  f"the diffusers convention has {', '.join(SCHEDULES)}; set convention to comfyui for {schedule!r}")]
+    factory = SAMPLERS.get(sampler)
+    if schedule == "karras" and factory is registered.get(sampler) and factory is not None and not factory.keywords["karras"]:
+        karras = ", ".join(n for n, f in SAMPLERS.items() if f.keywords["karras"])
+        return [("schedule", f"the diffusers {sampler} sampler has no karras schedule",
+                 f"use schedule normal, a sampler with karras ({karras}), or convention comfyui (every sampler has karras there)")]
+    return []
 
 
 class VAEEncode(Node):

@@ -1,0 +1,203 @@
+"""The ComfyUI-convention denoise loop: ComfyUI's sigmas and samplers in k-diffusion's sigma space.
+
+With ``convention: comfyui`` UNetDenoiseLoop runs the sampler named by ComfyUI's ``sampler_name``
+(:mod:`graphsd.std.sampling.ksamplers`) on the noise levels of ComfyUI's ``scheduler``
+(:mod:`graphsd.std.sampling.sigmas`), as ComfyUI's KSampler does:
+
+- the model is a denoiser ``D(x, sigma)`` (Karras et al. 2022, EDM, table 1 for a VP model):
+  the U-Net sees ``x / sqrt(sigma^2 + 1)`` at the timestep whose table sigma is nearest in log
+  space, and its output gives ``D = x - sigma * eps`` (epsilon prediction) or
+  ``D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v`` (v prediction, Salimans & Ho 2022);
+- classifier-free guidance on the denoised estimates: ``D = D_uncond + cfg (D_cond - D_uncond)``
+  (equal to guiding eps, since D is affine in eps); CFG++ samplers also use ``D_uncond``;
+- the start: ``x = noise * sqrt(1 + sigma_0^2)`` when the schedule starts at the model's largest
+  sigma (text-to-image, as ComfyUI), else ``x = latent + noise * sigma_0`` (image-to-image);
+- ``steps`` / ``denoise`` / ``start_step`` / ``end_step`` cut the sigma list as they cut the
+  diffusers schedule (``end_step`` stops at that sigma, leaving noise for a refiner).
+
+**Seeds.** The initial noise is the ``noise`` input (LatentNoise: ``torch.Generator().manual_seed
+(seed)`` per batch item). Ancestral and SDE samplers draw their per-step noise from one CPU
+generator seeded with the same ``seed``, drawing float32 Gaussians of the whole batch's shape,
+step after step, as ComfyUI does on a CPU with the KSampler seed (so a batch of one with the same
+seed starts from the same numbers as ComfyUI). The Brownian-motion samplers (``*_sde``) sample a
+Brownian path in sigma from that generator by Brownian-bridge refinement; it is exact Brownian
+motion, but not the same numbers as ComfyUI's torchsde tree. Same seed and inputs, same latent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+
+from graphsd.context import Context
+from graphsd.std.models.family import model_info
+from graphsd.std.sampling.ksamplers import BROWNIAN, DISCARD_PENULTIMATE, KSAMPLERS
+from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, prepare_conditioning
+from graphsd.std.sampling.sigmas import SigmaTable, comfy_sigmas
+from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
+
+
+class GaussianNoise:
+    """Fresh unit Gaussians of ``shape`` for each step, from one generator seeded with ``seed``."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.shape, self.dtype, self.device = shape, dtype, device
+
+    def draw(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        return self.draw()
+
+
+class BrownianNoise(GaussianNoise):
+    """Normalised increments ``(W(sigma) - W(sigma_next)) / sqrt(sigma - sigma_next)`` of one
+    Brownian path W on [sigma_lo, sigma_hi]. A new time between two known ones is drawn from
+    the Brownian bridge (mean: linear interpolation, variance ``(t - a)(b - t) / (b - a)``), so
+    the increments over any set of intervals are jointly those of a Brownian motion whatever
+    order they are asked in (what the two-stage SDE solvers need)."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, lo: float, hi: float):
+        super().__init__(seed, shape, dtype, device)
+        self.times = [lo, hi]
+        self.values = [torch.zeros(shape, dtype=torch.float64), self._normal() * math.sqrt(hi - lo)]
+
+    def _normal(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).double()
+
+    def _at(self, t: float) -> torch.Tensor:
+        t = min(max(t, self.times[0]), self.times[-1])
+        k = bisect.bisect_left(self.times, t)
+        if self.times[k] == t:
+            return self.values[k]
+        a, b = self.times[k - 1], self.times[k]
+        wa, wb = self.values[k - 1], self.values[k]
+        value = wa + (t - a) / (b - a) * (wb - wa) + self._normal() * math.sqrt((t - a) * (b - t) / (b - a))
+        self.times.insert(k, t)
+        self.values.insert(k, value)
+        return value
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        lo, hi = sorted((sigma, sigma_next))
+        if hi - lo <= 0:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        increment = (self._at(hi) - self._at(lo)) / math.sqrt(hi - lo)
+        return increment.to(self.device, self.dtype)
+
+
+class Denoiser:
+    """``D(x, sigma)`` of a discrete eps- or v-prediction U-Net with classifier-free guidance;
+    returns the guided and the unguided estimate."""
+
+    def __init__(self, unet, table: SigmaTable, context, added, cfg: float, guidance: bool, work: torch.dtype):
+        if table.prediction_type not in ("epsilon", "v_prediction"):
+            raise DenoiseError(
+                f"ComfyUI-style sampling needs an epsilon or v_prediction model, this one predicts {table.prediction_type!r}; "
+                "use convention 'diffusers'",
+                "convention",
+            )
+        self.unet, self.table, self.context, self.added = unet, table, context, added
+        self.cfg, self.guidance, self.work = cfg, guidance, work
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        c_in = 1 / math.sqrt(sigma * sigma + 1)
+        t = self.table.timestep(sigma).to(x.device)
+        model_input = x * c_in
+        if self.guidance:
+            model_input = torch.cat([model_input, model_input])
+        out = self.unet(
+            model_input.to(self.unet.dtype), t, encoder_hidden_states=self.context, added_cond_kwargs=self.added, return_dict=False
+        )[0].to(self.work)
+        if self.table.prediction_type == "v_prediction":
+            denoised = x.repeat(out.shape[0] // x.shape[0], 1, 1, 1) * c_in**2 - out * (sigma * c_in)
+        else:
+            denoised = x.repeat(out.shape[0] // x.shape[0], 1, 1, 1) - out * sigma
+        if not self.guidance:
+            return denoised, denoised
+        uncond, cond = denoised.chunk(2)
+        return uncond + self.cfg * (cond - uncond), uncond
+
+
+def sigma_window(sigmas: torch.Tensor, settings: DenoiseSettings, img2img: bool) -> list[float]:
+    """The part of ``sigmas`` (``steps + 1`` values) that runs: ``denoise`` < 1 keeps the last
+    ``int(steps * denoise)`` steps, ``start_step`` / ``end_step`` cut further (like the
+    diffusers convention's step window)."""
+    s = settings
+    if s.denoise < 1.0 and not img2img:
+        raise DenoiseError("denoise < 1 needs a start latent to keep part of (connect 'latent', or set denoise to 1)", "denoise")
+    if s.start_step > 0 and not img2img:
+        raise DenoiseError("start_step > 0 needs a latent to continue from (connect 'latent')", "start_step")
+    steps = len(sigmas) - 1
+    first = max(steps - min(int(steps * s.denoise), steps), s.start_step)
+    last = steps if s.end_step is None else min(s.end_step, steps)
+    if first >= last:
+        raise DenoiseError(
+            f"no steps left to run: steps={s.steps}, denoise={s.denoise}, start_step={s.start_step}, "
+            f"end_step={s.end_step}; raise denoise or end_step, or lower start_step",
+            "start_step",
+        )
+    return [float(v) for v in sigmas[first : last + 1]]
+
+
+@torch.no_grad()
+def denoise_comfy(
+    ctx: Context,
+    unet_ref: UNet,
+    sampler: str,
+    schedule: str,
+    positive: Conditioning,
+    negative: Conditioning | None,
+    noise: Noise,
+    latent: Latent | None,
+    settings: DenoiseSettings,
+) -> torch.Tensor:
+    """Run ComfyUI's ``sampler`` on ComfyUI's ``schedule`` and return the latent (scaled latent
+    space, on the CPU, in the U-Net's working precision)."""
+    device = ctx.device
+    info = model_info(unet_ref, "unet")
+    work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
+    if latent is not None and latent.samples.shape != noise.samples.shape:
+        raise DenoiseError(
+            f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent",
+            "noise",
+        )
+    if latent is not None and latent.noise_mask is not None:
+        raise DenoiseError("masked latents (noise_mask) are not supported by this node; remove the mask", "latent")
+    try:
+        table = SigmaTable(dict(info.scheduler_config))
+    except ValueError as e:
+        raise DenoiseError(str(e), "convention") from None
+    all_sigmas = comfy_sigmas(table, schedule, settings.steps, discard_penultimate=sampler in DISCARD_PENULTIMATE)
+    sigmas = sigma_window(all_sigmas, settings, img2img=latent is not None)
+
+    samples = noise.samples.to(device, work)
+    sigma0 = sigmas[0]
+    full = math.isclose(sigma0, table.sigma_max, rel_tol=1e-5) or sigma0 > table.sigma_max
+    if latent is None:
+        x = samples * (math.sqrt(1 + sigma0**2) if full else sigma0)
+    elif settings.add_noise:
+        x = latent.samples.to(device, work) + samples * (math.sqrt(1 + sigma0**2) if full else sigma0)
+    else:
+        x = latent.samples.to(device, work)
+
+    shape = tuple(x.shape)
+    positive_sigmas = [s for s in sigmas if s > 0]
+    if sampler in BROWNIAN and positive_sigmas:
+        step_noise: GaussianNoise = BrownianNoise(noise.seed, shape, work, device, min(positive_sigmas), max(sigmas))
+    else:
+        step_noise = GaussianNoise(noise.seed, shape, work, device)
+
+    guidance = negative is not None and settings.cfg != 1.0
+    size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
+    total = len(sigmas) - 1
+    first = settings.steps - total
+    with ctx.models.use(unet_ref, "unet") as unet:
+        context, added = prepare_conditioning(
+            info, positive, negative if guidance else None, x.shape[0], size, settings, device, unet.dtype
+        )
+        model = Denoiser(unet, table, context, added, settings.cfg, guidance, work)
+        x = KSAMPLERS[sampler](model, x, sigmas, step_noise, lambda i: ctx.progress(i + 1, total, step=i + first))
+    return x.cpu()

@@ -1,0 +1,184 @@
+"""ComfyUI's noise schedules: the ``scheduler`` names of its KSampler, computed from a discrete
+model's sigma table (k-diffusion semantics).
+
+A discrete diffusion model trained on ``T`` timesteps (1000 for SD1, SD2, SDXL) has the noise
+levels ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)``, ``alpha_bar_t = prod(1 - beta_i, i ≤ t)``
+(Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+appendix C.3.1 for the mapping of a VP model to sigmas). :class:`SigmaTable` holds them as
+ComfyUI does (betas and their cumulative product in float64, then float32 for the sigmas), with
+``sigma_min = sigma_0``, ``sigma_max = sigma_{T-1}``, a timestep → sigma map that interpolates
+``log sigma`` linearly between integers, and a sigma → timestep map that picks the nearest
+``log sigma`` (what the U-Net is given as its timestep).
+
+Each schedule returns ``steps + 1`` decreasing noise levels ending at 0 (``beta`` may return
+fewer, see there):
+
+| name | sigmas |
+| --- | --- |
+| normal | timesteps ``linspace(T-1, 0, steps)`` mapped to sigmas, then 0 |
+| sgm_uniform | timesteps ``linspace(T-1, 0, steps + 1)`` without the last, mapped to sigmas, then 0 (SGM / SDXL-Turbo spacing) |
+| simple | table entries ``sigmas[T - 1 - int(i * T / steps)]``, then 0 |
+| ddim_uniform | every ``T // steps``-th table entry from timestep 1 upwards, reversed, then 0 (DDIM's uniform spacing, Song et al. 2020) |
+| karras | ``(sigma_max^(1/7) + i/(steps-1) * (sigma_min^(1/7) - sigma_max^(1/7)))^7``, then 0 (Karras et al. 2022, eq. 5, rho = 7) |
+| exponential | ``exp(linspace(log sigma_max, log sigma_min, steps))``, then 0 |
+| beta | table entries at timesteps ``round(ppf(1 - i/steps) * (T-1))``, ppf of Beta(0.6, 0.6), repeats dropped, then 0 (Lee et al. 2024) |
+| linear_quadratic | ``sigma_max * (1 - s_i)``, ``s`` linear to 0.025 over the first half of the steps, then quadratic to 1 (Genmo's Mochi, 2024) |
+| kl_optimal | ``tan((1 - u) atan(sigma_max) + u atan(sigma_min))``, ``u = i/(steps-1)``, then 0 (Sabour et al. 2024, "Align Your Steps") |
+
+All of them equal ComfyUI's ``calculate_sigmas`` for the same model and number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal")
+"""ComfyUI's ``scheduler`` names, all of which graphsd computes."""
+
+
+class SigmaTable:
+    """The noise levels of a discrete model, from its (diffusers) scheduler config."""
+
+    def __init__(self, scheduler_config: dict[str, Any]):
+        n = int(scheduler_config.get("num_train_timesteps", 1000))
+        start = float(scheduler_config.get("beta_start", 0.00085))
+        end = float(scheduler_config.get("beta_end", 0.012))
+        kind = scheduler_config.get("beta_schedule", "scaled_linear")
+        trained = scheduler_config.get("trained_betas")
+        if trained is not None:
+            betas = np.asarray(trained, dtype=np.float64)
+        elif kind == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+        elif kind == "linear":
+            betas = np.linspace(start, end, n, dtype=np.float64)
+        elif kind == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17, betas capped at 0.999
+            f = [math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(n + 1)]
+            betas = np.array([min(1 - f[t + 1] / f[t], 0.999) for t in range(n)], dtype=np.float64)
+        else:
+            raise ValueError(
+                f"unsupported beta_schedule {kind!r} for ComfyUI-style sampling (use scaled_linear, linear or squaredcos_cap_v2)"
+            )
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            raise ValueError("zero-terminal-SNR models have an infinite sigma_max; use convention 'diffusers' for this model")
+        alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma(self, t: float) -> float:
+        """Noise level at a (fractional) timestep: log-linear between the table's entries."""
+        t = min(max(float(t), 0.0), len(self.sigmas) - 1.0)
+        low, high = math.floor(t), math.ceil(t)
+        w = t - low
+        return float(((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp())
+
+    def timestep(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The timestep whose sigma is nearest in log space (what the U-Net is conditioned on)."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log().reshape(-1)
+        return (log_sigma[None, :] - self.log_sigmas[:, None]).abs().argmin(dim=0)
+
+
+def _with_zero(values: list[float]) -> torch.Tensor:
+    return torch.tensor([*values, 0.0], dtype=torch.float32)
+
+
+def normal(table: SigmaTable, steps: int, sgm: bool = False) -> torch.Tensor:
+    start, end = float(table.timestep(table.sigma_max)), float(table.timestep(table.sigma_min))
+    ts = torch.linspace(start, end, steps + 1)[:-1] if sgm else torch.linspace(start, end, steps)
+    return _with_zero([table.sigma(float(t)) for t in ts])
+
+
+def sgm_uniform(table: SigmaTable, steps: int) -> torch.Tensor:
+    return normal(table, steps, sgm=True)
+
+
+def simple(table: SigmaTable, steps: int) -> torch.Tensor:
+    stride = len(table.sigmas) / steps
+    return _with_zero([float(table.sigmas[-(1 + int(i * stride))]) for i in range(steps)])
+
+
+def ddim_uniform(table: SigmaTable, steps: int) -> torch.Tensor:
+    stride = max(len(table.sigmas) // steps, 1)
+    return _with_zero([float(s) for s in table.sigmas[1::stride]][::-1])
+
+
+def karras(table: SigmaTable, steps: int, rho: float = 7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, steps)
+    lo, hi = table.sigma_min ** (1 / rho), table.sigma_max ** (1 / rho)
+    return _with_zero(((hi + ramp * (lo - hi)) ** rho).tolist())
+
+
+def exponential(table: SigmaTable, steps: int) -> torch.Tensor:
+    return _with_zero(torch.linspace(math.log(table.sigma_max), math.log(table.sigma_min), steps).exp().tolist())
+
+
+def beta(table: SigmaTable, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> torch.Tensor:
+    """Timesteps at the quantiles of a Beta(0.6, 0.6) distribution: dense at both ends of the
+    schedule. Two quantiles that round to the same timestep give one sigma, so the schedule may
+    have fewer than ``steps`` steps (as in ComfyUI)."""
+    from scipy.stats import beta as beta_dist  # imported on first use: scipy is slow to import
+
+    total = len(table.sigmas) - 1
+    ts = np.rint(beta_dist.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta_) * total)
+    sigmas: list[float] = []
+    last = -1.0
+    for t in ts:
+        if t != last:
+            sigmas.append(float(table.sigmas[int(t)]))
+        last = t
+    return _with_zero(sigmas)
+
+
+def linear_quadratic(table: SigmaTable, steps: int, threshold: float = 0.025) -> torch.Tensor:
+    if steps == 1:
+        return torch.tensor([table.sigma_max, 0.0], dtype=torch.float32)
+    linear_steps = steps // 2
+    linear = [i * threshold / linear_steps for i in range(linear_steps)]
+    diff = linear_steps - threshold * steps
+    quadratic_steps = steps - linear_steps
+    a = diff / (linear_steps * quadratic_steps**2)
+    b = threshold / linear_steps - 2 * diff / quadratic_steps**2
+    c = a * linear_steps**2
+    quadratic = [a * i**2 + b * i + c for i in range(linear_steps, steps)]
+    return torch.tensor([1.0 - s for s in [*linear, *quadratic, 1.0]], dtype=torch.float32) * table.sigma_max
+
+
+def kl_optimal(table: SigmaTable, steps: int) -> torch.Tensor:
+    u = torch.arange(steps, dtype=torch.float32) / max(steps - 1, 1)
+    return _with_zero((u * math.atan(table.sigma_min) + (1 - u) * math.atan(table.sigma_max)).tan().tolist())
+
+
+SCHEDULES: dict[str, Callable[[SigmaTable, int], torch.Tensor]] = {
+    "simple": simple,
+    "sgm_uniform": sgm_uniform,
+    "karras": karras,
+    "exponential": exponential,
+    "ddim_uniform": ddim_uniform,
+    "beta": beta,
+    "normal": normal,
+    "linear_quadratic": linear_quadratic,
+    "kl_optimal": kl_optimal,
+}
+"""ComfyUI ``scheduler`` name → ``schedule(table, steps)`` → sigmas (float32, decreasing, last 0)."""
+
+
+def comfy_sigmas(table: SigmaTable, schedule: str, steps: int, discard_penultimate: bool = False) -> torch.Tensor:
+    """The sigmas ComfyUI's KSampler uses for ``steps`` steps. Samplers that end on a 2nd-order
+    step (DPM-2 and UniPC in ComfyUI) compute one step more and drop the next-to-last sigma."""
+    if discard_penultimate:
+        sigmas = SCHEDULES[schedule](table, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return SCHEDULES[schedule](table, steps)
