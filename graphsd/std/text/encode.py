@@ -122,7 +122,8 @@ def _pack(tokenizer: Any, chunks: list[list[tuple[int, float, torch.Tensor | Non
         weights.append([1.0, *(w for _, w, _ in chunk), 1.0] + [1.0] * padding)
         embedded.append([False, *(v is not None for _, _, v in chunk), False] + [False] * padding)
         rows += [v for _, _, v in chunk if v is not None]
-    ids_t, weights_t = torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
+    # weights in float64, as parsed: a float64 encoder weights with 1.3 itself, a float32 one with float32(1.3)
+    ids_t, weights_t = torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float64)
     if not rows:
         return TokenChunks(ids_t, weights_t)
     dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))  # float16 and float32 files: float32, exactly
