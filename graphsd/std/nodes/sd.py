@@ -171,7 +171,7 @@ class UNetDenoiseLoop(Node):
         "start_step/end_step split one schedule between models (SDXL base → refiner). With convention "
         "diffusers (the default) it gives the same numbers as diffusers' Stable Diffusion pipelines; with "
         "convention comfyui, sampler and schedule are ComfyUI's sampler_name and scheduler, with ComfyUI's "
-        "sigmas (k-diffusion semantics)."
+        "sigmas (k-diffusion semantics); docs/samplers.md says what each name matches."
     )
 
     class Inputs(NodeIO):
