@@ -67,6 +67,10 @@ class ModelInfo:
     #: Latents are ``(VAE mean - shift_factor) × scaling_factor``.
     scaling_factor: float = SD_SCALING_FACTOR
     shift_factor: float = 0.0
+    #: The ModelManager key of the checkpoint's own VAE, which defines what this U-Net's latents
+    #: look like as pixels (the denoise loop's live previews fit their colour map on it); None
+    #: for handles built by hand, which then get no previews.
+    vae_key: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokenizers", _read_only(self.tokenizers))

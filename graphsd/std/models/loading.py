@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,7 @@ def build_handles(manager: Any, keys: dict[str, str], scheduler_config: dict[str
     info = detect_model_info(
         manager.get(keys["unet"]).config, manager.get(keys["vae"]).config, scheduler_config, tokenizers, family
     )
+    info = replace(info, vae_key=keys["vae"])
     unet = UNet(manager, {"unet": keys["unet"]}, info)
     clip = Clip(manager, {r: keys[r] for r in encoders}, info)
     vae = Vae(manager, {"vae": keys["vae"]}, info)

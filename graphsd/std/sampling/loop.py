@@ -34,6 +34,7 @@ import torch
 
 from graphsd.context import Context
 from graphsd.std.models.family import ModelInfo, model_info
+from graphsd.std.sampling.preview import Previewer
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
 
@@ -194,6 +195,7 @@ def denoise(
 
     batch = x.shape[0]
     size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
+    previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet:
         dtype = unet.dtype
         context, added = prepare_conditioning(
@@ -208,6 +210,9 @@ def denoise(
             if guidance:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + settings.cfg * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+            step = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)
+            x = step[0]
+            if previewer is not None:
+                previewer.show(step)
             ctx.progress(i + 1, len(timesteps), step=i + first)
     return x.cpu()
