@@ -323,6 +323,9 @@ def test_widths_that_do_not_fit_are_refused(plugins, encoders, models):
     assert "is an SDXL embedding" in message and "one text encoder" in message
     _, message = failure(engine, "embedding:sd1", sdxl=True)
     assert "needs an SDXL embedding" in message
+    # as bare words (A1111), embeddings made for another model are not offered: the words stay text
+    plain = reference_sd1(sd1_pipe(encoders, {}), "sd2-style, xl")
+    assert_same(encode(engine, "sd2-style, xl").embeddings, plain, "bare names of embeddings that do not fit")
 
 
 def test_pickle_embedding_needs_allow_pickle(plugins, encoders, models):

@@ -9,7 +9,9 @@ for chunking, weighting and clip skip.
 
 Textual-inversion embeddings (:mod:`graphsd.std.models.embeddings`) are named in the prompt as
 ComfyUI writes them (``embedding:NAME``, weighted ``(embedding:NAME:1.2)``) or, as in
-AUTOMATIC1111, by a bare word equal to an embedding file's name. The node's cache identity
+AUTOMATIC1111, by a bare word equal to an embedding file's name (any case) whose vectors fit the
+model (A1111 offers only those; a bare word whose embedding is for another kind of model stays
+text, while such an ``embedding:NAME`` is refused). The node's cache identity
 includes the fingerprint of every embedding file the prompt names (of the whole embeddings
 folder when the prompt comes through a link), and an ``embedding:NAME`` that names no file fails
 the node before anything runs.
@@ -123,7 +125,8 @@ class TextEncode(Node):
                         f"{encoder.config.num_hidden_layers} layers; use 1 (last layer) or 2 (penultimate)",
                         field="clip_skip",
                     )
-            vectors = [_vectors_for(loaded, role, encoder, sdxl) for role, encoder in zip(roles, encoders, strict=True)]
+            vectors, unfit = _vectors_for(loaded, roles, encoders, sdxl)
+            bare = [name for name in bare if name not in unfit]
             try:
                 embeddings, pooled = encode_prompt(
                     inputs.text, list(zip(tokenizers, encoders, strict=True)), inputs.clip_skip, sdxl, vectors, bare
@@ -140,14 +143,28 @@ class TextEncode(Node):
         return self.Outputs(cond=Conditioning(embeddings=embeddings, pooled=pooled))
 
 
-def _vectors_for(loaded: dict[EmbeddingRef, Embedding], role: str, encoder: Any, sdxl: bool) -> EmbeddingVectors:
-    """Each embedding's vectors for the text encoder of ``role``; a NodeError on ``text`` for an
-    embedding made for another kind of model."""
-    width = encoder.get_input_embeddings().embedding_dim
-    try:
-        return {ref: embedding.for_encoder(role, sdxl, width) for ref, embedding in loaded.items()}
-    except EmbeddingFormatError as exc:
-        raise NodeError(str(exc), field="text") from None
+def _vectors_for(
+    loaded: dict[EmbeddingRef, Embedding], roles: list[str], encoders: list[Any], sdxl: bool
+) -> tuple[list[EmbeddingVectors], set[str]]:
+    """Each embedding's vectors for each text encoder, and the bare-word names whose embedding
+    does not fit this model: those words stay text, as A1111 offers only the embeddings that fit
+    the loaded model. An ``embedding:NAME`` made for another kind of model is a NodeError on ``text``."""
+    vectors: list[dict[EmbeddingRef, torch.Tensor]] = [{} for _ in roles]
+    unfit: set[str] = set()
+    for ref, embedding in loaded.items():
+        try:
+            fitted = [
+                embedding.for_encoder(role, sdxl, encoder.get_input_embeddings().embedding_dim)
+                for role, encoder in zip(roles, encoders, strict=True)
+            ]
+        except EmbeddingFormatError as exc:
+            if not ref.explicit:
+                unfit.add(ref.name)
+                continue
+            raise NodeError(str(exc), field="text") from None
+        for per_encoder, v in zip(vectors, fitted, strict=True):
+            per_encoder[ref] = v
+    return list(vectors), unfit
 
 
 @hookimpl

@@ -24,6 +24,20 @@ already takes the penultimate hidden state without the final norm; our ``clip_sk
 ``hidden_states[-(k + 1)]`` of both encoders (diffusers' ``clip_skip = k - 1``), concatenated
 to 768 + 1280 = 2048 wide. SDXL's pooled embedding is ``text_embeds`` (the projected final-layer
 EOS state) of the second encoder for the first chunk, unweighted, as ComfyUI and A1111 do.
+
+**Textual-inversion embeddings** (:mod:`graphsd.std.models.embeddings`) named in the prompt
+(``embedding:NAME``, or a bare word equal to an embedding file's name) take one token position per
+vector, with the weight of the text around them, and count toward the 75 tokens of a chunk; an
+embedding that fits in a chunk but not in what is left of the current one starts the next chunk
+(A1111), so its vectors stay together. Each vector replaces the token embedding at its position
+before the position embeddings are added, which is exactly what diffusers'
+``load_textual_inversion(file, token=...)`` does with the new tokens it adds (``token``,
+``token_1``, ...), so a prompt's encoding equals diffusers' ``encode_prompt`` of the same prompt
+with the token in the embedding's place. One difference, in SDXL's pooled embedding only: with the
+text-encoder configs of the released models (``eos_token_id: 2``), transformers reads the pooled
+output at the largest token id, which for diffusers is an added embedding token rather than the
+end-of-text token; graphsd reads it at the end-of-text token, as A1111 and ComfyUI do (and as
+diffusers does with configs that give the real ``eos_token_id``).
 """
 
 from __future__ import annotations
