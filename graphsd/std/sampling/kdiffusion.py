@@ -35,6 +35,7 @@ from graphsd.context import Context
 from graphsd.std.models.family import model_info
 from graphsd.std.sampling.ksamplers import BROWNIAN, DISCARD_PENULTIMATE, KSAMPLERS
 from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, prepare_conditioning
+from graphsd.std.sampling.preview import Previewer
 from graphsd.std.sampling.sigmas import SigmaTable, comfy_sigmas
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
@@ -101,6 +102,7 @@ class Denoiser:
             )
         self.unet, self.table, self.context, self.added = unet, table, context, added
         self.cfg, self.guidance, self.work = cfg, guidance, work
+        self.denoised: torch.Tensor | None = None  # the last guided estimate (for live previews)
 
     def __call__(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         c_in = 1 / math.sqrt(sigma * sigma + 1)
@@ -116,9 +118,11 @@ class Denoiser:
         else:
             denoised = x.repeat(out.shape[0] // x.shape[0], 1, 1, 1) - out * sigma
         if not self.guidance:
+            self.denoised = denoised
             return denoised, denoised
         uncond, cond = denoised.chunk(2)
-        return uncond + self.cfg * (cond - uncond), uncond
+        self.denoised = uncond + self.cfg * (cond - uncond)
+        return self.denoised, uncond
 
 
 def sigma_window(sigmas: torch.Tensor, settings: DenoiseSettings, img2img: bool) -> list[float]:
@@ -194,10 +198,17 @@ def denoise_comfy(
     size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
     total = len(sigmas) - 1
     first = settings.steps - total
+    previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet:
         context, added = prepare_conditioning(
             info, positive, negative if guidance else None, x.shape[0], size, settings, device, unet.dtype
         )
         model = Denoiser(unet, table, context, added, settings.cfg, guidance, work)
-        x = KSAMPLERS[sampler](model, x, sigmas, step_noise, lambda i: ctx.progress(i + 1, total, step=i + first))
+
+        def step_done(i: int) -> None:
+            if previewer is not None and model.denoised is not None:
+                previewer.show_latent(model.denoised)
+            ctx.progress(i + 1, total, step=i + first)
+
+        x = KSAMPLERS[sampler](model, x, sigmas, step_noise, step_done)
     return x.cpu()

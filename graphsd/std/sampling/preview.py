@@ -24,9 +24,10 @@ colours. When the fit's error exceeds :data:`MAX_LINEAR_RMS`, previews are decod
 itself instead (exact, and cheap for a small VAE), from the latent shrunk to at most
 :data:`MAX_PREVIEW_SIDE` pixels, which bounds the cost.
 
-Each step the loop passes the scheduler's output; the preview shows the scheduler's estimate of
-the final latent (diffusers' ``pred_original_sample``, second in a step's tuple, from Euler,
-Euler ancestral, Heun, DDIM and LMS) when it gives one, otherwise the current latent. Only the
+Each step the diffusers loop passes the scheduler's output; the preview shows the scheduler's
+estimate of the final latent (diffusers' ``pred_original_sample``, second in a step's tuple, from
+Euler, Euler ancestral, Heun, DDIM and LMS) when it gives one, otherwise the current latent. The
+ComfyUI-convention loop passes its denoiser's last (guided) estimate of the final latent. Only the
 first image of a batch is shown, as a JPEG: by the linear map at latent resolution (one pixel
 per cell; the client scales it up), by the decoder at full resolution, either at most
 :data:`MAX_PREVIEW_SIDE` pixels on the longer side.
@@ -164,6 +165,10 @@ class Previewer:
         latent = step_output[0]
         if len(step_output) > 1 and isinstance(step_output[1], torch.Tensor) and step_output[1].shape == latent.shape:
             latent = step_output[1]
+        self.show_latent(latent)
+
+    def show_latent(self, latent: torch.Tensor) -> None:
+        """Preview the first item of a latent batch [batch, c, h, w] (scaled latent space)."""
         rgb = self.mapping.apply(latent[0]) if self.linear else self.decode(latent[:1])
         self.ctx.preview(preview_image(rgb), "image/jpeg")
 
