@@ -9,6 +9,7 @@ Routes are served with and without the ``/api`` prefix, as ComfyUI serves them; 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -101,24 +102,34 @@ def _error(message: str, status: int, kind: str = "invalid_request", details: st
 
 
 # ---- websocket clients ----------------------------------------------------------------------
+class PreviewSlot:
+    """Queued in a client's outgoing frames where its newest preview frame is to be written."""
+
+
 class Client:
-    """One websocket, with its own queue of outgoing frames and the task that writes them."""
+    """One websocket, with its own queue of outgoing frames and the task that writes them, and
+    the feature flags the client announced (``supports_preview_metadata``, ...)."""
 
     def __init__(self, sid: str, ws: web.WebSocketResponse):
         self.sid = sid
         self.ws = ws
-        self.queue: asyncio.Queue[str | bytes | None] = asyncio.Queue(MAX_CLIENT_BACKLOG)
+        self.flags: dict[str, Any] = {}
+        self.preview: bytes | None = None  # the newest preview frame not yet written
+        self.queue: asyncio.Queue[str | bytes | type[PreviewSlot] | None] = asyncio.Queue(MAX_CLIENT_BACKLOG)
         self.task = asyncio.ensure_future(self._write())
 
     async def _write(self) -> None:
         while True:
-            item = await self.queue.get()
-            if item is None or self.ws.closed:
+            queued = await self.queue.get()
+            if queued is None or self.ws.closed:
                 return
+            item: str | bytes | type[PreviewSlot] | None = queued
+            if queued is PreviewSlot:
+                item, self.preview = self.preview, None
             try:
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)
-                else:
+                elif isinstance(item, str):
                     await self.ws.send_str(item)
             except (ConnectionError, RuntimeError):
                 return
@@ -129,6 +140,17 @@ class Client:
         except asyncio.QueueFull:  # a client that does not read: drop it rather than grow without bound
             log.warning("websocket client %s does not keep up; disconnecting it", self.sid)
             asyncio.ensure_future(self.ws.close())
+
+    def put_preview(self, frame: bytes) -> None:
+        """Queue a preview frame. At most one waits: a newer frame replaces it, so a client that
+        reads slowly skips previews instead of falling behind (and is never dropped for them)."""
+        waiting = self.preview is not None
+        self.preview = frame
+        if not waiting:
+            try:
+                self.queue.put_nowait(PreviewSlot)
+            except asyncio.QueueFull:
+                self.preview = None
 
 
 class Hub:
@@ -164,6 +186,21 @@ class Hub:
         text = json.dumps({"type": kind, "data": data})
         for client in list(self.clients.values()):
             client.put(text)
+
+    def flags(self, sid: str | None) -> dict[str, Any]:
+        """The feature flags the client ``sid`` announced (from any thread)."""
+        client = self.clients.get(sid) if sid else None
+        return dict(client.flags) if client is not None else {}
+
+    def post_preview(self, sid: str | None, frame: bytes) -> None:
+        """Send a preview frame to ``sid`` from any thread (after the messages posted before it)."""
+        if sid:
+            self.loop.call_soon_threadsafe(self._send_preview, sid, frame)
+
+    def _send_preview(self, sid: str, frame: bytes) -> None:
+        client = self.clients.get(sid)
+        if client is not None:
+            client.put_preview(frame)
 
     def post(self, sid: str | None, messages: list[tuple[str, Any]]) -> None:
         """Send ``messages`` to ``sid`` from any thread, in order."""
@@ -253,6 +290,11 @@ class Dispatcher(threading.Thread):
         written: list[str] = []
 
         def emit(event: dict[str, Any]) -> None:
+            if event.get("kind") == "preview":
+                image = base64.b64decode(event.get("image", ""))
+                frame = protocol.preview_frame(job.prompt_id, tracker.cid(event["node_id"]), event.get("image_type", "image/jpeg"), image)
+                server.hub.post_preview(job.client_id, frame)
+                return
             if event.get("kind") == "node_done" and event.get("files"):
                 written.extend(event["files"])
                 server.store.add_files(job.prompt_id, list(event["files"]))
@@ -262,7 +304,8 @@ class Dispatcher(threading.Thread):
 
         log.info("prompt %s started (queue number %s)", job.prompt_id, protocol.number_json(job.number))
         try:
-            outcome = server.runner.run(RunJob(job.prompt_id, job.workflow, job.targets), emit)
+            previews = protocol.wants_previews(job.extra_data, server.hub.flags(job.client_id))
+            outcome = server.runner.run(RunJob(job.prompt_id, job.workflow, job.targets, previews), emit)
         except GraphsdError as exc:
             outcome = RunOutcome("failed", errors=[{"node": "", "type": "", "message": str(exc), "error_type": type(exc).__name__}])
         except Exception as exc:
@@ -505,6 +548,8 @@ class Server:
         client_id = body.get("client_id")
         client_id = client_id if isinstance(client_id, str) and client_id else None
         extra_data: dict[str, Any] = body["extra_data"] if isinstance(body.get("extra_data"), dict) else {}
+        if problem := protocol.preview_method_problem(extra_data):
+            return _error(problem, 400, "invalid_prompt")
         partial = body.get("partial_execution_targets")
         if partial is not None and not (isinstance(partial, list) and all(isinstance(p, str) for p in partial)):
             return _error("partial_execution_targets must be a list of node ids", 400, "invalid_prompt")
@@ -857,6 +902,8 @@ class Server:
                     except ValueError:
                         continue
                     if isinstance(data, dict) and data.get("type") == "feature_flags":
+                        flags = data.get("data")
+                        client.flags = dict(flags) if isinstance(flags, dict) else {}
                         self.hub.send(sid, "feature_flags", self.feature_flags())
                 elif msg.type == WSMsgType.ERROR:
                     break

@@ -9,6 +9,8 @@ KSampler), through the ``origins`` map the prompt's translation returned.
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,47 @@ ERROR_TYPES = {
     "no_outputs": "prompt_no_outputs",
     "bad_path": "value_not_valid",
 }
+
+
+#: ``extra_data.preview_method`` values (the frontend's "Live preview method" setting; it sends
+#: nothing for "default"). graphsd has one preview method, so auto, latent2rgb and taesd all ask
+#: for it (see graphsd.std.sampling.preview).
+PREVIEW_METHODS = ("default", "none", "auto", "latent2rgb", "taesd")
+#: binary websocket frame type of a preview with its node (PREVIEW_IMAGE_WITH_METADATA)
+PREVIEW_IMAGE_WITH_METADATA = 4
+
+
+def preview_method_problem(extra_data: dict[str, Any]) -> str | None:
+    """Why ``extra_data.preview_method`` is not acceptable, or None."""
+    method = extra_data.get("preview_method")
+    if method is None or (isinstance(method, str) and method in PREVIEW_METHODS):
+        return None
+    return f"extra_data.preview_method is {method!r}; use one of {', '.join(PREVIEW_METHODS)} (or leave it out)"
+
+
+def wants_previews(extra_data: dict[str, Any], client_flags: dict[str, Any]) -> bool:
+    """Whether a prompt's run sends previews: ``preview_method`` none turns them off, auto /
+    latent2rgb / taesd on; left out (or default), they go to a client whose websocket announced
+    ``supports_preview_metadata`` (the frontend does), since only such a client reads them."""
+    method = extra_data.get("preview_method") or "default"
+    if method == "default":
+        return client_flags.get("supports_preview_metadata") is True
+    return method != "none"
+
+
+def preview_frame(prompt_id: str, node_id: str, image_type: str, image: bytes) -> bytes:
+    """A binary websocket frame of type 4: ``u32 4 | u32 len | metadata JSON | image`` (big-endian)."""
+    meta = json.dumps(
+        {
+            "node_id": node_id,
+            "prompt_id": prompt_id,
+            "display_node_id": node_id,
+            "parent_node_id": node_id.rsplit(":", 1)[0] if ":" in node_id else None,
+            "real_node_id": node_id,
+            "image_type": image_type,
+        }
+    ).encode()
+    return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(meta)) + meta + image
 
 
 def now_ms() -> int:

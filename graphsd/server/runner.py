@@ -30,6 +30,7 @@ class RunJob:
     prompt_id: str
     workflow: dict[str, Any]  # a graphsd workflow document
     outputs: list[str] | None = None  # graphsd node ids to run (None: every output node)
+    previews: bool = False  # the client wants previews of long nodes (Preview events)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class LocalRunner:
 
         t0 = time.perf_counter()
         try:
-            result = self.engine.run(job.workflow, outputs=job.outputs, on_event=on_event)
+            result = self.engine.run(job.workflow, outputs=job.outputs, on_event=on_event, previews=job.previews)
         finally:
             with self._lock:
                 self._current = None
