@@ -198,11 +198,6 @@ class UNetDenoiseLoop(Node):
             description="Noise levels. diffusers convention: normal (the model's own spacing) or karras (Karras et al. 2022); "
             "comfyui convention: any of ComfyUI's schedulers (its normal is not the diffusers one)",
         )
-        convention: Literal["diffusers", "comfyui"] = Field(
-            "diffusers",
-            description="diffusers: diffusers' schedulers, same numbers as its pipelines; comfyui: ComfyUI's samplers and "
-            "sigmas, per-step noise seeded with the noise's seed as ComfyUI seeds it with the KSampler seed",
-        )
         denoise: float = Field(
             1.0, ge=0.0, le=1.0, description="Image-to-image strength: run the last int(steps*denoise) steps (1 = all of them)"
         )
@@ -214,6 +209,12 @@ class UNetDenoiseLoop(Node):
         aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="SDXL refiner only: aesthetic score of the positive")
         negative_aesthetic_score: float = Field(
             2.5, ge=0.0, le=10.0, description="SDXL refiner only: aesthetic score of the negative"
+        )
+        # the last input, so that saved editor files (widget values by position) keep their order
+        convention: Literal["diffusers", "comfyui"] = Field(
+            "diffusers",
+            description="diffusers: diffusers' schedulers, same numbers as its pipelines; comfyui: ComfyUI's samplers and "
+            "sigmas, per-step noise seeded with the noise's seed as ComfyUI seeds it with the KSampler seed",
         )
 
     class Outputs(NodeIO):
