@@ -445,3 +445,12 @@ def test_loaded_checkpoints_match_diffusers(tmp_path):
             embeds, pooled = reference_sdxl(with_embedding, "a photo of <e>, cat")
             assert_same(cond.embeddings, embeds, "SDXL checkpoint")
             assert_same(cond.pooled, pooled, "SDXL checkpoint pooled")
+
+
+def test_callers_without_embeddings_encode_the_text_as_written(encoders):
+    """encode_prompt without ``embeddings`` (a training caption, say) reads no embedding syntax."""
+    from graphsd.std.text.encode import encode_prompt
+    from graphsd.std.text.tokenizer import clip_tokenizer
+
+    ours, _ = encode_prompt("a photo, embedding:EasyNegative", [(clip_tokenizer(), encoders["sd1"])])
+    assert_same(ours, reference_sd1(sd1_pipe(encoders, {}), "a photo, embedding:EasyNegative"), "text as written")

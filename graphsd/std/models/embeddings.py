@@ -4,12 +4,10 @@ An embedding is a few learned token vectors (``[n, width]``) that stand in a pro
 name is written; each vector takes one token position (see :mod:`graphsd.std.text.encode`). The
 formats, all recognised by their keys whatever the suffix:
 
-==========================================  ===================================================
-AUTOMATIC1111 ``.pt``                       ``{"string_to_param": {"*": tensor[n, width]}, "name": ..., "step": ...}``
-kohya / A1111 ``.safetensors``              ``{"emb_params": tensor[n, width]}``
-diffusers ``learned_embeds.bin`` / ``.safetensors``   ``{"<token>": tensor[width] or [n, width]}``
-SDXL (A1111, kohya, ComfyUI)                ``{"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]}``
-==========================================  ===================================================
+- AUTOMATIC1111 ``.pt``: ``{"string_to_param": {"*": tensor[n, width]}, "name": ..., "step": ...}``
+- kohya's and A1111's ``.safetensors``: ``{"emb_params": tensor[n, width]}``
+- diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{"<token>": tensor[width] or [n, width]}``
+- SDXL (A1111, kohya, ComfyUI): ``{"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]}``
 
 One-encoder embeddings are for SD1 (768 wide) or SD2 (1024); an SDXL pair gives ``clip_l`` to
 the first text encoder and ``clip_g`` to the second (the refiner, which has only the second,

@@ -96,7 +96,8 @@ def tokenize_weighted(
     The embedding references in the text (:func:`~graphsd.std.text.weighting.split_embeddings`
     with ``bare_names``) take one position per vector of theirs in ``embeddings``, with their
     segment's weight; an embedding that fits in a chunk but not in what is left of the current
-    one starts the next chunk, as in A1111, so its vectors stay together."""
+    one starts the next chunk, as in A1111, so its vectors stay together. Without ``embeddings``
+    (None) the text is all text: ``embedding:NAME`` is then tokenized as written."""
     body = length - 2
     chunks: list[list[tuple[int, float, torch.Tensor | None]]] = []
     current: list[tuple[int, float, torch.Tensor | None]] = []
@@ -106,9 +107,9 @@ def tokenize_weighted(
                 chunks.append(current)
                 current = []
             continue
-        for piece in split_embeddings(segment.text, bare_names):
+        for piece in [segment.text] if embeddings is None else split_embeddings(segment.text, bare_names):
             if isinstance(piece, EmbeddingRef):
-                vectors = (embeddings or {}).get(piece)
+                vectors = embeddings.get(piece) if embeddings is not None else None
                 if vectors is None:
                     raise ValueError(f"no vectors were given for the embedding {piece.name!r} of the prompt")
                 if current and len(vectors) <= body and len(current) + len(vectors) > body:
@@ -239,13 +240,14 @@ def encode_prompt(
     layer norm is applied; ``sdxl=True`` → embeddings of all encoders concatenated along the
     width, no final norm, ``pooled`` from the last encoder (see the module docstring).
     ``embeddings`` gives, per encoder, the vectors of each textual-inversion embedding the
-    prompt names (``embedding:NAME``, or a word of ``bare_names``)."""
+    prompt names (``embedding:NAME``, or a word of ``bare_names``); without it (None) the prompt
+    is text only (``embedding:NAME`` is tokenized as written)."""
     if not sdxl and len(encoders) != 1:
         raise ValueError("an SD1-style prompt encoding takes exactly one text encoder")
     segments = parse_prompt(text)
     results, pooled = [], None
     for i, (tokenizer, text_encoder) in enumerate(encoders):
-        vectors = embeddings[i] if embeddings else None
+        vectors = embeddings[i] if embeddings is not None else None
         chunks = tokenize_weighted(tokenizer, segments, context_length(tokenizer, text_encoder), vectors, bare_names)
         z, pooled = encode_chunks(tokenizer, text_encoder, chunks, clip_skip, final_norm=not sdxl)
         results.append(z)
