@@ -427,7 +427,7 @@ def ipndm(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, call
             x = denoised
         else:
             weights = IPNDM_COEFFICIENTS[len(ds) - 1]
-            x = x + (s_next - s) * sum(w * d for w, d in zip(weights, ds))
+            x = x + (s_next - s) * sum(w * d for w, d in zip(weights, ds, strict=True))
         callback(i)
     return x
 

@@ -22,7 +22,7 @@ fewer, see there):
 | karras | ``(sigma_max^(1/7) + i/(steps-1) * (sigma_min^(1/7) - sigma_max^(1/7)))^7``, then 0 (Karras et al. 2022, eq. 5, rho = 7) |
 | exponential | ``exp(linspace(log sigma_max, log sigma_min, steps))``, then 0 |
 | beta | table entries at timesteps ``round(ppf(1 - i/steps) * (T-1))``, ppf of Beta(0.6, 0.6), repeats dropped, then 0 (Lee et al. 2024) |
-| linear_quadratic | ``sigma_max * (1 - s_i)``, ``s`` linear to 0.025 over the first half of the steps, then quadratic to 1 (Genmo's Mochi, 2024) |
+| linear_quadratic | ``sigma_max * (1 - s_i)``, ``s`` linear to 0.025 over half the steps, then quadratic to 1 (Genmo's Mochi, 2024) |
 | kl_optimal | ``tan((1 - u) atan(sigma_max) + u atan(sigma_min))``, ``u = i/(steps-1)``, then 0 (Sabour et al. 2024, "Align Your Steps") |
 
 All of them equal ComfyUI's ``calculate_sigmas`` for the same model and number of steps.
