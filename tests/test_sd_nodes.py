@@ -211,7 +211,6 @@ def test_every_sampler_runs_with_each_schedule_it_supports(engine):
 @pytest.mark.parametrize(
     "extra,field,words",
     [
-        ({"sampler": "ddim", "schedule": "karras"}, "schedule", ["karras", "normal", "euler"]),
         ({"denoise": 0.5}, "denoise", ["start latent"]),
         ({"start_step": 2}, "start_step", ["latent"]),
     ],
@@ -221,6 +220,16 @@ def test_denoise_errors_name_the_field_and_the_fix(engine, extra, field, words):
     assert failure.node_id == "denoise" and f"input '{field}'" in failure.message
     for word in words:
         assert word in failure.message
+
+
+def test_a_sampler_without_a_karras_schedule_is_refused_before_anything_runs(engine):
+    """diffusers' DDIM has no karras schedule: refused at validation, naming what works."""
+    with pytest.raises(WorkflowError) as info:
+        engine.run(txt2img(sampler="ddim", schedule="karras"), outputs=["denoise"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("denoise", "schedule")
+    for word in ("karras", "normal", "euler", "comfyui"):
+        assert word in str(issue)
 
 
 def test_unknown_sampler_is_reported_before_anything_runs(engine):

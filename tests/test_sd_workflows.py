@@ -79,11 +79,18 @@ def comfy_prompt(model, **ksampler):
 
 def in_fp64(prompt: dict) -> dict:
     """The graphsd workflow of a ComfyUI prompt with its checkpoints loaded in float64, the
-    precision of the comparisons with diffusers (``reference.py``)."""
+    precision of the comparisons with diffusers (``reference.py``), and its KSampler on diffusers'
+    schedules (``convention: diffusers``): what these tests compare is how the import maps the
+    prompt (steps, cfg, seed, denoise, links) onto the loop, against diffusers' pipelines. The
+    ComfyUI sigmas and samplers the import uses by default are checked against their published
+    formulas in test_samplers_comfy.py."""
     doc = comfy_to_workflow(prompt)
     for node in doc["nodes"].values():
         if node["type"] == "CheckpointLoader":
             node["inputs"]["dtype"] = "fp64"
+        if node["type"] == "UNetDenoiseLoop":
+            assert node["inputs"]["convention"] == "comfyui"
+            node["inputs"]["convention"] = "diffusers"
     return doc
 
 
@@ -144,7 +151,7 @@ def test_comfy_conversion_maps_links_and_nodes():
 
 
 def test_comfy_problems_are_reported_together():
-    prompt = comfy_prompt("graphsd-tiny", sampler_name="dpm_fast", scheduler="exponential")
+    prompt = comfy_prompt("graphsd-tiny", sampler_name="dpm_adaptive", scheduler="not_a_scheduler")
     prompt["20"] = {"class_type": "UpscaleModelLoader", "inputs": {}}
     prompt["21"] = {"class_type": "ControlNetApply", "inputs": {}}
     prompt["22"] = {"class_type": "UpscaleModelLoader", "inputs": {}}
@@ -156,7 +163,7 @@ def test_comfy_problems_are_reported_together():
     assert "ControlNetApply (node 21)" in str(unknown) and "UpscaleModelLoader (node 20, 22)" in str(unknown)
     assert "KSampler" in unknown.hint
     sampler = next(i for i in issues if i.field == "sampler_name")
-    assert "dpm_fast" in str(sampler) and "uni_pc" in str(sampler) and "dpmpp_2m_sde" in str(sampler)
+    assert "dpm_adaptive" in str(sampler) and "uni_pc" in str(sampler) and "dpmpp_2m_sde" in str(sampler)
     assert any(i.field == "scheduler" and "karras" in str(i) for i in issues)
     assert any(i.node == "8" and i.code == "missing_node" for i in issues)
 
