@@ -18,6 +18,14 @@ classes, unsupported samplers, dangling links) is reported at once in one Workfl
 | LoadImage | LoadImage |
 | SaveImage | SaveImage |
 | LoraLoader | LoraLoader |
+| PreviewImage | PreviewImage (writes into the output directory's ``temp/``) |
+| CLIPSetLastLayer | the ``clip_skip`` of the TextEncode nodes it feeds |
+| LatentUpscale / LatentUpscaleBy | LatentUpscale / LatentUpscaleBy |
+
+CLIPSetLastLayer makes no node: its ``stop_at_clip_layer`` -k becomes ``clip_skip`` k of each
+CLIPTextEncode whose clip comes from it, directly or through LoraLoaders (the nearest one
+upstream wins, as in ComfyUI, where a LoRA's clip keeps the layer setting); a link to its output
+is a link to its input. A graphsd-native node fed by it gets the clip without the setting.
 
 A prompt may also name graphsd's own node types, as the ComfyUI frontend does for the nodes
 ``graphsd serve`` lists: ``class_type`` is the graphsd type (or ``graphsd.<type>``,
@@ -46,6 +54,7 @@ from typing import Any
 
 from graphsd.errors import Issue, WorkflowError
 from graphsd.hookspecs import COMFY_NATIVE_PREFIX
+from graphsd.std.nodes.comfy_core import UPSCALE_METHODS
 from graphsd.std.sampling.ksamplers import COMFY_SAMPLER_NAMES, KSAMPLERS, NOT_SUPPORTED
 from graphsd.std.sampling.sigmas import COMFY_SCHEDULERS
 
@@ -72,11 +81,14 @@ RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "EmptyLatentImage": {"width": (16, MAX_RESOLUTION), "height": (16, MAX_RESOLUTION), "batch_size": (1, 4096)},
     "LoraLoader": {"strength_model": (-100.0, 100.0), "strength_clip": (-100.0, 100.0)},
     "VAEDecodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
+    "CLIPSetLastLayer": {"stop_at_clip_layer": (-24, -1)},
+    "LatentUpscale": {"width": (0, MAX_RESOLUTION), "height": (0, MAX_RESOLUTION)},
+    "LatentUpscaleBy": {"scale_by": (0.01, 8.0)},
 }
 """ComfyUI's widget ranges (min, max) of the number inputs of each class: a prompt with a value
 outside them is refused on import, as ComfyUI refuses it."""
 
-OUTPUT_CLASSES = {"SaveImage"}
+OUTPUT_CLASSES = {"SaveImage", "PreviewImage"}
 """ComfyUI classes that are output nodes: a prompt without one has nothing to run."""
 
 COMFY_TYPES = {
@@ -94,7 +106,7 @@ counterpart (Noise, ...) keep their graphsd names."""
 
 INPUT_NAMES: dict[str, dict[str, str]] = {
     "CheckpointLoaderSimple": {"path": "ckpt_name"},
-    "CLIPTextEncode": {"clip": "clip", "text": "text"},
+    "CLIPTextEncode": {"clip": "clip", "text": "text", "clip_skip": "clip"},
     "EmptyLatentImage": {"width": "width", "height": "height", "batch_size": "batch_size"},
     "KSampler": {
         "seed": "seed",
@@ -122,9 +134,15 @@ INPUT_NAMES: dict[str, dict[str, str]] = {
         "strength_model": "strength_model",
         "strength_clip": "strength_clip",
     },
+    "PreviewImage": {"image": "images"},
+    "LatentUpscale": {"latent": "samples", "method": "upscale_method", "width": "width", "height": "height", "crop": "crop"},
+    "LatentUpscaleBy": {"latent": "samples", "method": "upscale_method", "scale_by": "scale_by"},
 }
 """ComfyUI class → {graphsd input of the node(s) it becomes: the ComfyUI input it comes from},
 so that a problem graphsd finds in a translated node is reported on the ComfyUI input."""
+
+PASSTHROUGH = {"CLIPSetLastLayer": "clip"}
+"""ComfyUI classes that make no graphsd node: a link to their output is a link to this input."""
 
 
 @dataclass
@@ -140,6 +158,7 @@ class _Conversion:
     origins: dict[str, str] = field(default_factory=dict)  # graphsd node id -> ComfyUI node id
     issues: list[Issue] = field(default_factory=list)
     current: str = ""
+    following: set[str] = field(default_factory=set)  # PASSTHROUGH nodes being followed (cycle guard)
 
     def issue(self, comfy_id: str, message: str, field: str | None = None, hint: str | None = None, code: str = "comfy") -> None:
         self.issues.append(Issue(message, node=comfy_id, field=field, hint=hint, code=code))
@@ -177,7 +196,20 @@ class _Conversion:
                 comfy_id, f"links to output {index} of '{source}', which has {len(outputs)} output(s)", field=name, code="missing_output"
             )
             return None
-        return f"@{self.ids[source]}.{outputs[index]}"
+        passthrough = PASSTHROUGH.get(self.prompt[source].get("class_type"))
+        if passthrough is None:
+            return f"@{self.ids[source]}.{outputs[index]}"
+        upstream = self.prompt[source].get("inputs", {}).get(passthrough)
+        if source in self.following:
+            self.issue(source, f"its {passthrough} input leads back to itself (a cycle)", field=passthrough, code="cycle")
+            return None
+        if not _is_link(upstream):
+            return None  # reported on that node
+        self.following.add(source)
+        try:
+            return self.link(source, passthrough, upstream)
+        finally:
+            self.following.discard(source)
 
     def source_class(self, comfy_id: str, name: str) -> str | None:
         raw = self.prompt[comfy_id].get("inputs", {}).get(name)
@@ -262,8 +294,39 @@ def _checkpoint(c: _Conversion, cid: str, gid: str) -> None:
     c.add(gid, "CheckpointLoader", {"path": c.file_name(cid, "ckpt_name", "checkpoint")})
 
 
+def _clip_skip(c: _Conversion, cid: str) -> int | None:
+    """graphsd ``clip_skip`` of a CLIPTextEncode: -``stop_at_clip_layer`` of the nearest
+    CLIPSetLastLayer up its clip's chain (through LoraLoaders), None when there is none."""
+    seen = set()
+    node_id, name = cid, "clip"
+    while node_id not in seen:
+        seen.add(node_id)
+        raw = c.prompt[node_id].get("inputs", {}).get(name)
+        if not _is_link(raw) or str(raw[0]) not in c.prompt:
+            return None
+        node_id = str(raw[0])
+        class_type = c.prompt[node_id].get("class_type")
+        if class_type == "CLIPSetLastLayer":
+            stop = c.prompt[node_id].get("inputs", {}).get("stop_at_clip_layer")
+            return -stop if isinstance(stop, int) and not isinstance(stop, bool) and stop < 0 else None
+        if class_type != "LoraLoader" or raw[1] != 1:
+            return None
+    return None
+
+
 def _text(c: _Conversion, cid: str, gid: str) -> None:
-    c.add(gid, "TextEncode", {"clip": c.value(cid, "clip"), "text": c.value(cid, "text")})
+    c.add(gid, "TextEncode", {"clip": c.value(cid, "clip"), "text": c.value(cid, "text"), "clip_skip": _clip_skip(c, cid)})
+
+
+def _set_last_layer(c: _Conversion, cid: str, gid: str) -> None:
+    """CLIPSetLastLayer makes no node (see the module docstring); its inputs are checked here."""
+    clip, stop = c.value(cid, "clip"), c.prompt[cid].get("inputs", {}).get("stop_at_clip_layer", -1)
+    if clip is not None and not _is_link(c.prompt[cid]["inputs"]["clip"]):
+        c.issue(cid, "clip must be linked to a CLIP output", field="clip", hint="link it to a checkpoint loader's CLIP")
+    if _is_link(stop):
+        c.issue(cid, "stop_at_clip_layer cannot be linked here", field="stop_at_clip_layer", hint="give it as a number (-1, -2, ...)")
+    elif not isinstance(stop, int) or isinstance(stop, bool):
+        c.issue(cid, f"stop_at_clip_layer {stop!r} is not an integer", field="stop_at_clip_layer", hint="-1 = last layer, -2 = penultimate")
 
 
 def _empty_latent(c: _Conversion, cid: str, gid: str) -> None:
@@ -372,6 +435,35 @@ def _lora(c: _Conversion, cid: str, gid: str) -> None:
     )
 
 
+def _preview_image(c: _Conversion, cid: str, gid: str) -> None:
+    c.add(gid, "PreviewImage", {"image": c.value(cid, "images")})
+
+
+def _latent_upscale(c: _Conversion, cid: str, gid: str) -> None:
+    inputs = {"latent": c.value(cid, "samples"), "method": _upscale_method(c, cid)}
+    inputs |= {n: c.value(cid, n, default=d) for n, d in (("width", 512), ("height", 512), ("crop", "disabled"))}
+    c.add(gid, "LatentUpscale", inputs)
+
+
+def _latent_upscale_by(c: _Conversion, cid: str, gid: str) -> None:
+    inputs = {"latent": c.value(cid, "samples"), "method": _upscale_method(c, cid), "scale_by": c.value(cid, "scale_by", default=1.5)}
+    c.add(gid, "LatentUpscaleBy", inputs)
+
+
+def _upscale_method(c: _Conversion, cid: str) -> str | None:
+    method = c.value(cid, "upscale_method", default="nearest-exact")
+    if method == "bislerp":
+        c.issue(
+            cid,
+            "upscale_method 'bislerp' is not supported",
+            field="upscale_method",
+            hint="use nearest-exact, bilinear, area or bicubic",
+            code="unsupported",
+        )
+        return None
+    return method
+
+
 def _native(c: _Conversion, cid: str, gid: str, cls: Any) -> None:
     """A graphsd node named in the prompt: inputs by graphsd name, links by output index."""
     inputs = {}
@@ -391,6 +483,10 @@ CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
     "LoadImage": _load_image,
     "SaveImage": _save_image,
     "LoraLoader": _lora,
+    "PreviewImage": _preview_image,
+    "CLIPSetLastLayer": _set_last_layer,
+    "LatentUpscale": _latent_upscale,
+    "LatentUpscaleBy": _latent_upscale_by,
 }
 """ComfyUI class_type → converter adding the graphsd node(s) for one ComfyUI node."""
 
@@ -405,6 +501,10 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "LoadImage": ("image", "mask"),
     "SaveImage": (),
     "LoraLoader": ("unet", "clip"),
+    "PreviewImage": (),
+    "CLIPSetLastLayer": ("clip",),
+    "LatentUpscale": ("latent",),
+    "LatentUpscaleBy": ("latent",),
 }
 """ComfyUI class_type → graphsd output name of each ComfyUI output index."""
 
@@ -703,5 +803,48 @@ def object_info(models_dir: str | Path, input_dir: str | Path) -> dict[str, dict
                 "strength_clip": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}],
             },
             ["MODEL", "CLIP"],
+        ),
+        "PreviewImage": entry(
+            "PreviewImage",
+            "Preview Image",
+            "image",
+            "Shows images; writes them into the output folder's temp/ (graphsd: PreviewImage).",
+            {"images": ["IMAGE"]},
+            [],
+            output_node=True,
+        ),
+        "CLIPSetLastLayer": entry(
+            "CLIPSetLastLayer",
+            "CLIP Set Last Layer",
+            "conditioning",
+            "Which CLIP layer the text encodes stop at: -1 last, -2 penultimate (graphsd: TextEncode clip_skip).",
+            {"clip": ["CLIP"], "stop_at_clip_layer": ["INT", {"default": -1, "min": -24, "max": -1, "step": 1}]},
+            ["CLIP"],
+        ),
+        "LatentUpscale": entry(
+            "LatentUpscale",
+            "Upscale Latent",
+            "latent",
+            "Resizes latents to a size in pixels (graphsd: LatentUpscale).",
+            {
+                "samples": ["LATENT"],
+                "upscale_method": [list(UPSCALE_METHODS), {}],
+                "width": ["INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}],
+                "height": ["INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}],
+                "crop": [["disabled", "center"], {}],
+            },
+            ["LATENT"],
+        ),
+        "LatentUpscaleBy": entry(
+            "LatentUpscaleBy",
+            "Upscale Latent By",
+            "latent",
+            "Resizes latents by a factor (graphsd: LatentUpscaleBy).",
+            {
+                "samples": ["LATENT"],
+                "upscale_method": [list(UPSCALE_METHODS), {}],
+                "scale_by": ["FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}],
+            },
+            ["LATENT"],
         ),
     }
