@@ -82,8 +82,10 @@ def test_object_info_describes_every_node_from_its_schema_and_the_comfyui_classe
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["graphsd-tiny"]
     assert info["SaveImage"]["output_node"] is True
     engine = Engine(Settings(device="cpu"))
+    comfy_classes = {name for name, entry in info.items() if entry["python_module"] == "nodes"}
+    assert {"SaveImage", "LoadImage", "VAEDecode", "VAEEncode", "LoraLoader", "PreviewImage"} <= comfy_classes
     for node_type, cls in engine.nodes.items():
-        name = f"graphsd.{node_type}" if node_type in ("SaveImage", "LoadImage", "VAEDecode", "VAEEncode", "LoraLoader") else node_type
+        name = f"graphsd.{node_type}" if node_type in comfy_classes else node_type  # a graphsd node named like a ComfyUI class
         entry, schema = info[name], cls.schema()
         assert entry["output_node"] == schema["output_node"] and entry["category"] == f"graphsd/{schema['category']}"
         assert entry["output_name"] == list(schema["outputs"])
