@@ -34,7 +34,7 @@ import torch
 from graphsd.context import Context
 from graphsd.std.models.family import model_info
 from graphsd.std.sampling.ksamplers import BROWNIAN, DISCARD_PENULTIMATE, KSAMPLERS
-from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, prepare_conditioning
+from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, check_start_latent, prepare_conditioning
 from graphsd.std.sampling.preview import Previewer
 from graphsd.std.sampling.sigmas import SigmaTable, comfy_sigmas
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
@@ -163,13 +163,7 @@ def denoise_comfy(
     device = ctx.device
     info = model_info(unet_ref, "unet")
     work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
-    if latent is not None and latent.samples.shape != noise.samples.shape:
-        raise DenoiseError(
-            f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent",
-            "noise",
-        )
-    if latent is not None and latent.noise_mask is not None:
-        raise DenoiseError("masked latents (noise_mask) are not supported by this node; remove the mask", "latent")
+    check_start_latent(latent, noise)
     try:
         table = SigmaTable(dict(info.scheduler_config))
     except ValueError as e:

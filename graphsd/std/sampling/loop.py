@@ -73,6 +73,18 @@ def generators_from(noise: Noise) -> list[torch.Generator] | None:
     return gens
 
 
+def check_start_latent(latent: Latent | None, noise: Noise) -> None:
+    """Refuse a start latent the loops cannot use: one whose shape differs from the noise's, or
+    one carrying an inpainting mask."""
+    if latent is not None and latent.samples.shape != noise.samples.shape:
+        raise DenoiseError(
+            f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent",
+            "noise",
+        )
+    if latent is not None and latent.noise_mask is not None:
+        raise DenoiseError("masked latents (noise_mask) are not supported by this node; remove the mask", "latent")
+
+
 def step_window(scheduler: Any, settings: DenoiseSettings, img2img: bool) -> tuple[int, int]:
     """First and last (exclusive) index into ``scheduler.timesteps`` to run.
 
@@ -170,10 +182,7 @@ def denoise(
     info = model_info(unet_ref, "unet")
     work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
     samples = noise.samples.to(device, work)
-    if latent is not None and latent.samples.shape != noise.samples.shape:
-        raise DenoiseError(f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent", "noise")
-    if latent is not None and latent.noise_mask is not None:
-        raise DenoiseError("masked latents (noise_mask) are not supported by this node; remove the mask", "latent")
+    check_start_latent(latent, noise)
     guidance = negative is not None and settings.cfg != 1.0
 
     scheduler.set_timesteps(settings.steps, device=device)
