@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import torch
 import websocket
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ class Served:
         return cmd + self.args
 
     def start(self, timeout: float = 240) -> Served:
-        threads = os.environ.get("GRAPHSD_TEST_THREADS", "1")
+        threads = str(torch.get_num_threads())  # the test process's (conftest): the same arithmetic on both sides
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
         env.pop("GRAPHSD_SERVER_TOKEN", None)
         env.update(self.extra_env)
