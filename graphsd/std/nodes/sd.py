@@ -216,6 +216,12 @@ class UNetDenoiseLoop(Node):
             description="diffusers: diffusers' schedulers, same numbers as its pipelines; comfyui: ComfyUI's samplers and "
             "sigmas, per-step noise seeded with the noise's seed as ComfyUI seeds it with the KSampler seed",
         )
+        leftover_noise: bool = Field(
+            True,
+            description="With end_step before the end: on, the latent keeps the noise of that step (for a refiner to continue "
+            "with add_noise off); off, the last step goes to sigma 0 and finishes the image (ComfyUI's KSamplerAdvanced "
+            "return_with_leftover_noise disable; convention comfyui only)",
+        )
 
     class Outputs(NodeIO):
         latent: Latent = Field(description="The denoised latent (scaled latent space)")
@@ -227,7 +233,13 @@ class UNetDenoiseLoop(Node):
         convention = literals.get("convention", "diffusers")
         if not isinstance(sampler, str) or not isinstance(schedule, str) or convention not in ("diffusers", "comfyui"):
             return []
-        return sampler_problems(sampler, schedule, convention, registry.samplers)
+        problems = sampler_problems(sampler, schedule, convention, registry.samplers)
+        steps, end_step = literals.get("steps", 20), literals.get("end_step", 10000)
+        cut = isinstance(steps, int) and isinstance(end_step, int) and end_step < steps
+        if convention == "diffusers" and literals.get("leftover_noise") is False and cut:
+            problems.append(("leftover_noise", "leftover_noise off (a last step to sigma 0 at end_step) needs convention comfyui",
+                             "set convention to comfyui, or leftover_noise on"))
+        return problems
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         for field, message, hint in sampler_problems(inputs.sampler, inputs.schedule, inputs.convention, ctx.samplers):
@@ -252,6 +264,7 @@ class UNetDenoiseLoop(Node):
             denoise=inputs.denoise,
             start_step=inputs.start_step,
             end_step=inputs.end_step,
+            leftover_noise=inputs.leftover_noise,
             add_noise=inputs.add_noise,
             aesthetic_score=inputs.aesthetic_score,
             negative_aesthetic_score=inputs.negative_aesthetic_score,

@@ -13,7 +13,9 @@ With ``convention: comfyui`` UNetDenoiseLoop runs the sampler named by ComfyUI's
 - the start: ``x = noise * sqrt(1 + sigma_0^2)`` when the schedule starts at the model's largest
   sigma (text-to-image, as ComfyUI), else ``x = latent + noise * sigma_0`` (image-to-image);
 - ``steps`` / ``denoise`` / ``start_step`` / ``end_step`` cut the sigma list as they cut the
-  diffusers schedule (``end_step`` stops at that sigma, leaving noise for a refiner).
+  diffusers schedule (``end_step`` stops at that sigma, leaving noise for a refiner, or with
+  ``leftover_noise`` off makes that last step go to sigma 0, as ComfyUI's KSamplerAdvanced);
+- SamplerCustom gives the sigmas itself (:func:`sample_sigmas`, which both share).
 
 **Seeds.** The initial noise is the ``noise`` input (LatentNoise: ``torch.Generator().manual_seed
 (seed)`` per batch item). Ancestral and SDE samplers draw their per-step noise from one CPU
@@ -143,7 +145,10 @@ def sigma_window(sigmas: torch.Tensor, settings: DenoiseSettings, img2img: bool)
             f"end_step={s.end_step}; raise denoise or end_step, or lower start_step",
             "start_step",
         )
-    return [float(v) for v in sigmas[first : last + 1]]
+    window = [float(v) for v in sigmas[first : last + 1]]
+    if not s.leftover_noise and last < steps:
+        window[-1] = 0.0  # ComfyUI's force_full_denoise: the step at end_step goes to sigma 0
+    return window
 
 
 @torch.no_grad()
@@ -158,18 +163,47 @@ def denoise_comfy(
     latent: Latent | None,
     settings: DenoiseSettings,
 ) -> torch.Tensor:
-    """Run ComfyUI's ``sampler`` on ComfyUI's ``schedule`` and return the latent (scaled latent
-    space, on the CPU, in the U-Net's working precision)."""
+    """Run ComfyUI's ``sampler`` on ComfyUI's ``schedule`` (what its KSampler does) and return the
+    latent (scaled latent space, on the CPU, in the U-Net's working precision)."""
+    table = model_sigma_table(unet_ref, "convention")
+    all_sigmas = comfy_sigmas(table, schedule, settings.steps, discard_penultimate=sampler in DISCARD_PENULTIMATE)
+    sigmas = sigma_window(all_sigmas, settings, img2img=latent is not None)
+    first = settings.steps - (len(sigmas) - 1)
+    return sample_sigmas(ctx, unet_ref, sampler, sigmas, positive, negative, noise, latent, settings, first)[0]
+
+
+def model_sigma_table(unet_ref: UNet, field: str) -> SigmaTable:
+    """The noise levels of the U-Net's model; one ComfyUI-style sampling cannot use is refused
+    as a mistake in ``field``."""
+    try:
+        return SigmaTable(dict(model_info(unet_ref, field).scheduler_config))
+    except ValueError as e:
+        raise DenoiseError(str(e), field) from None
+
+
+@torch.no_grad()
+def sample_sigmas(
+    ctx: Context,
+    unet_ref: UNet,
+    sampler: str,
+    sigmas: list[float],
+    positive: Conditioning,
+    negative: Conditioning | None,
+    noise: Noise,
+    latent: Latent | None,
+    settings: DenoiseSettings,
+    first_step: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ComfyUI's ``sampler`` through the noise levels ``sigmas`` (at least one) from the
+    start described in the module docstring, with ``settings.cfg`` / ``add_noise``; what KSampler
+    (:func:`denoise_comfy`) and SamplerCustom share. Returns the latent and the last guided
+    denoised estimate (None when no step ran), both on the CPU in the U-Net's working precision;
+    ``first_step`` numbers the progress steps."""
     device = ctx.device
     info = model_info(unet_ref, "unet")
     work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
     check_start_latent(latent, noise)
-    try:
-        table = SigmaTable(dict(info.scheduler_config))
-    except ValueError as e:
-        raise DenoiseError(str(e), "convention") from None
-    all_sigmas = comfy_sigmas(table, schedule, settings.steps, discard_penultimate=sampler in DISCARD_PENULTIMATE)
-    sigmas = sigma_window(all_sigmas, settings, img2img=latent is not None)
+    table = model_sigma_table(unet_ref, "unet")
 
     samples = noise.samples.to(device, work)
     sigma0 = sigmas[0]
@@ -191,7 +225,6 @@ def denoise_comfy(
     guidance = negative is not None and settings.cfg != 1.0
     size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
     total = len(sigmas) - 1
-    first = settings.steps - total
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet:
         context, added = prepare_conditioning(
@@ -202,7 +235,7 @@ def denoise_comfy(
         def step_done(i: int) -> None:
             if previewer is not None and model.denoised is not None:
                 previewer.show_latent(model.denoised)
-            ctx.progress(i + 1, total, step=i + first)
+            ctx.progress(i + 1, total, step=i + first_step)
 
         x = KSAMPLERS[sampler](model, x, sigmas, step_noise, step_done)
-    return x.cpu()
+    return x.cpu(), None if model.denoised is None else model.denoised.cpu()

@@ -47,6 +47,7 @@ class DenoiseSettings:
     denoise: float = 1.0
     start_step: int = 0
     end_step: int | None = None
+    leftover_noise: bool = True
     add_noise: bool = True
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
