@@ -166,7 +166,7 @@ def test_deterministic_sampler_converges_with_its_order(name):
 
     errors = []
     for n in (30, 60):
-        out = KSAMPLERS[name](gaussian_model, x0.clone(), geometric(n), unused_noise, lambda i: None)
+        out = KSAMPLERS[name](gaussian_model, x0.clone(), geometric(n), unused_noise, lambda i, denoised: None)
         errors.append(float((out - target).abs().max()))
     order = math.log2(errors[0] / errors[1])
     assert order > ORDER[name] - 0.35, (name, errors, order)
@@ -187,7 +187,7 @@ def test_schedule_ending_at_zero_converges_to_the_data(name):
     for n in (40, 80):
         sigmas = comfy_sigmas(table, "karras", n).double().tolist()
         x0 = MU + math.sqrt(S**2 + sigmas[0] ** 2) * torch.linspace(-2, 2, 9, dtype=torch.float64)
-        out = KSAMPLERS[name](gaussian_model, x0.clone(), sigmas, None, lambda i: None)
+        out = KSAMPLERS[name](gaussian_model, x0.clone(), sigmas, None, lambda i, denoised: None)
         errors.append(float((out - exact(x0, sigmas[0], 0.0)).abs().max()))
     floor = 2 * 0.0292**2 / (2 * S**2) * 1.1
     assert errors[1] < max(errors[0] / 1.5, floor) and errors[1] < 0.05 * 2, errors
@@ -200,7 +200,7 @@ def test_cfg_pp_equals_the_plain_sampler_without_guidance(name):
     runs = []
     for variant in (name, name + "_cfg_pp"):
         noise = GaussianNoise(5, (9,), torch.float64, torch.device("cpu"))
-        runs.append(KSAMPLERS[variant](gaussian_model, x0.clone(), geometric(12) + [0.0], noise, lambda i: None))
+        runs.append(KSAMPLERS[variant](gaussian_model, x0.clone(), geometric(12) + [0.0], noise, lambda i, denoised: None))
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-12)
 
 
@@ -220,9 +220,35 @@ def test_stochastic_sampler_samples_the_data_distribution(name):
     noise_cls = BrownianNoise if "sde" in name else GaussianNoise
     extra = (sigmas[-2], sigmas[0]) if noise_cls is BrownianNoise else ()
     noise = noise_cls(1, (n,), torch.float64, torch.device("cpu"), *extra)
-    out = KSAMPLERS[name](gaussian_model, x, sigmas, noise, lambda i: None)
+    out = KSAMPLERS[name](gaussian_model, x, sigmas, noise, lambda i, denoised: None)
     assert abs(float(out.mean()) - MU) < 0.05, float(out.mean())
     assert abs(float(out.std()) - S) < 0.05, float(out.std())
+
+
+@pytest.mark.parametrize("name", sorted(set(KSAMPLERS) - {"dpm_fast"}))
+def test_callback_reports_the_estimate_at_each_steps_start(name):
+    """The callback of step i gets the guided estimate of the step's first model call, at
+    sigma_i (what k-diffusion reports: ComfyUI's previews and SamplerCustom's denoised_output).
+    dpm_fast places its own steps in log sigma, so it is left out."""
+    calls, reported = [], []
+
+    def model(x, sigma):
+        d = gaussian_model(x, sigma)
+        calls.append((sigma, d[0]))
+        return d
+
+    def callback(i, denoised):
+        reported.append((i, len(calls), denoised))
+
+    sigmas = geometric(5) + [0.0]
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * math.sqrt(S**2 + sigmas[0] ** 2)
+    noise = BrownianNoise(1, x.shape, torch.float64, torch.device("cpu"), sigmas[-2], sigmas[0])
+    KSAMPLERS[name](model, x, sigmas, noise, callback)
+    assert [i for i, _, _ in reported] == list(range(len(sigmas) - 1))
+    done_before = [0] + [n for _, n, _ in reported[:-1]]
+    for (i, _, denoised), first_call in zip(reported, done_before, strict=True):
+        sigma, estimate = calls[first_call]
+        assert sigma == sigmas[i] and denoised is estimate, (name, i)
 
 
 def test_lcm_denoises_then_renoises():
@@ -232,7 +258,7 @@ def test_lcm_denoises_then_renoises():
     n = 8192
     sigmas = geometric(8, 20.0, 0.05) + [0.0]
     x = MU + math.sqrt(S**2 + 400) * torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = KSAMPLERS["lcm"](gaussian_model, x, sigmas, GaussianNoise(1, (n,), torch.float64, torch.device("cpu")), lambda i: None)
+    out = KSAMPLERS["lcm"](gaussian_model, x, sigmas, GaussianNoise(1, (n,), torch.float64, torch.device("cpu")), lambda i, denoised: None)
     v = S**2 + 400
     for sigma, sigma_next in zip(sigmas, sigmas[1:], strict=False):
         v = (S**2 / (S**2 + sigma**2)) ** 2 * v + sigma_next**2
@@ -276,7 +302,7 @@ def test_every_sampler_with_every_scheduler_runs_on_a_unet(tiny_unet, schedule):
         )
         steps = []
         with torch.no_grad():
-            out = sampler(model, x, sigmas, noise, steps.append)
+            out = sampler(model, x, sigmas, noise, lambda i, denoised: steps.append(i))
         assert out.shape == x.shape and torch.isfinite(out).all(), (name, schedule)
         assert steps and steps[-1] == len(steps) - 1, (name, schedule)
 

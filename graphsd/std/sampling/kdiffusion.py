@@ -104,7 +104,6 @@ class Denoiser:
             )
         self.unet, self.table, self.context, self.added = unet, table, context, added
         self.cfg, self.guidance, self.work = cfg, guidance, work
-        self.denoised: torch.Tensor | None = None  # the last guided estimate (for live previews)
 
     def __call__(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         c_in = 1 / math.sqrt(sigma * sigma + 1)
@@ -120,11 +119,9 @@ class Denoiser:
         else:
             denoised = x.repeat(out.shape[0] // x.shape[0], 1, 1, 1) - out * sigma
         if not self.guidance:
-            self.denoised = denoised
             return denoised, denoised
         uncond, cond = denoised.chunk(2)
-        self.denoised = uncond + self.cfg * (cond - uncond)
-        return self.denoised, uncond
+        return uncond + self.cfg * (cond - uncond), uncond
 
 
 def sigma_window(sigmas: torch.Tensor, settings: DenoiseSettings, img2img: bool) -> list[float]:
@@ -196,8 +193,9 @@ def sample_sigmas(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ComfyUI's ``sampler`` through the noise levels ``sigmas`` (at least one) from the
     start described in the module docstring, with ``settings.cfg`` / ``add_noise``; what KSampler
-    (:func:`denoise_comfy`) and SamplerCustom share. Returns the latent and the last guided
-    denoised estimate (None when no step ran), both on the CPU in the U-Net's working precision;
+    (:func:`denoise_comfy`) and SamplerCustom share. Returns the latent and the guided denoised
+    estimate the sampler reported for its last step (the one at that step's start, as k-diffusion
+    reports it; None when no step ran), both on the CPU in the U-Net's working precision;
     ``first_step`` numbers the progress steps."""
     device = ctx.device
     info = model_info(unet_ref, "unet")
@@ -231,11 +229,13 @@ def sample_sigmas(
             info, positive, negative if guidance else None, x.shape[0], size, settings, device, unet.dtype
         )
         model = Denoiser(unet, table, context, added, settings.cfg, guidance, work)
+        last: list[torch.Tensor] = []  # the denoised estimate the sampler reported for its last step
 
-        def step_done(i: int) -> None:
-            if previewer is not None and model.denoised is not None:
-                previewer.show_latent(model.denoised)
+        def step_done(i: int, denoised: torch.Tensor) -> None:
+            last[:] = [denoised]
+            if previewer is not None:
+                previewer.show_latent(denoised)
             ctx.progress(i + 1, total, step=i + first_step)
 
         x = KSAMPLERS[sampler](model, x, sigmas, step_noise, step_done)
-    return x.cpu(), None if model.denoised is None else model.denoised.cpu()
+    return x.cpu(), last[0].cpu() if last else None

@@ -10,7 +10,9 @@ samplers), and ``d = (x - D) / sigma`` is ``dx/dsigma``. Exponential integrators
 Stochastic samplers take their noise from ``noise(sigma, sigma_next)``, a unit Gaussian of
 ``x``'s shape (see :mod:`graphsd.std.sampling.kdiffusion` for how it is seeded). A sampler is a
 function ``sampler(model, x, sigmas, noise, callback)`` returning the final ``x``;
-``callback(i)`` is called after step ``i``.
+``callback(i, denoised)`` is called after step ``i`` with the guided denoised estimate at the
+step's start (what k-diffusion reports to ComfyUI's callback: its previews and SamplerCustom's
+``denoised_output``).
 
 | name | method | reference |
 | --- | --- | --- |
@@ -52,7 +54,7 @@ import torch
 
 Model = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 Noise = Callable[[float, float], torch.Tensor]
-Callback = Callable[[int], None]
+Callback = Callable[[int, torch.Tensor], None]
 
 
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ def euler(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, call
     for i, (s, s_next) in enumerate(pairwise(sigmas)):
         denoised, uncond = model(x, s)
         x = denoised + to_d(x, s, uncond) * s_next if cfg_pp else x + to_d(x, s, denoised) * (s_next - s)
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -95,7 +97,7 @@ def euler_ancestral(
         x = denoised + to_d(x, s, uncond) * down if cfg_pp else x + to_d(x, s, denoised) * (down - s)
         if s_next > 0:
             x = x + noise(s, s_next) * up
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -111,7 +113,7 @@ def heun(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, callb
             x2 = x + d * (s_next - s)
             d2 = to_d(x2, s_next, model(x2, s_next)[0])
             x = x + (d + d2) / 2 * (s_next - s)
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -141,7 +143,7 @@ def heunpp2(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, ca
             d3 = to_d(x3, s2, model(x3, s2)[0])
             w2, w3 = s1 / (3 * sigmas[0]), s2 / (3 * sigmas[0])
             x = x + ((1 - w2 - w3) * d + w2 * d2 + w3 * d3) * dt
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -159,7 +161,7 @@ def dpm_2(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, call
         denoised, _ = model(x, s)
         d = to_d(x, s, denoised)
         x = x + d * (s_next - s) if s_next == 0 else _dpm2_step(model, x, s, s_next, d)
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -172,7 +174,7 @@ def dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: list[float], noise: N
         x = x + d * (down - s) if down == 0 else _dpm2_step(model, x, s, down, d)
         if s_next > 0:
             x = x + noise(s, s_next) * up
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -197,7 +199,7 @@ def lms(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, callba
         ds = [to_d(x, s, denoised), *ds][:order]
         current = min(i + 1, order)
         x = x + sum(lms_coefficient(current, sigmas, i, j) * ds[j] for j in range(current))
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -223,7 +225,8 @@ def dpm_fast(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, c
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
         h = t_next - t
-        e = eps(x, t)
+        denoised = model(x, math.exp(-t))[0]
+        e = (x - denoised) / math.exp(-t)
         sn = math.exp(-t_next)
         if order == 1:
             x = x - sn * math.expm1(h) * e
@@ -240,7 +243,7 @@ def dpm_fast(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, c
             u2 = x - math.exp(-s2) * math.expm1(r2 * h) * e - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e)
             e2 = eps(u2, s2)
             x = x - sn * math.expm1(h) * e - sn / r2 * (math.expm1(h) / h - 1) * (e2 - e)
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -264,7 +267,7 @@ def dpmpp_2s_ancestral(
             x = (down / s) * base - math.expm1(-h) * denoised2
         if s_next > 0:
             x = x + noise(s, s_next) * up
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -289,7 +292,7 @@ def dpmpp_sde(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, 
             mixed = (1 - fac) * denoised + fac * denoised2
             x = (down / s) * x - math.expm1(t - _t(down)) * mixed
             x = x + noise(s, s_next) * up
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -315,7 +318,7 @@ def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, c
             else:
                 x = (s_next / s) * x - math.expm1(-h) * ((1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old)
         old = uncond if cfg_pp else denoised
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -346,7 +349,7 @@ def dpmpp_2m_sde(
                 x = x + noise(s, s_next) * s_next * math.sqrt(-math.expm1(-2 * eta_h))
             h_last = h
         old = denoised
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -379,7 +382,7 @@ def dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: list[float], noise: Nois
                 x = x + noise(s, s_next) * s_next * math.sqrt(-math.expm1(-2 * h * eta))
             h_1, h_2 = h, h_1
         d_1, d_2 = denoised, d_1
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -396,7 +399,7 @@ def ddpm(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, callb
         if s_next > 0:
             x = x + math.sqrt((1 - alpha) * (1 - ab_next) / (1 - ab)) * noise(s, s_next)
             x = x * math.sqrt(1 + s_next * s_next)
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -404,10 +407,10 @@ def lcm(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, callba
     """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): take the denoised
     estimate, then noise it to the next sigma with fresh noise."""
     for i, (s, s_next) in enumerate(pairwise(sigmas)):
-        x = model(x, s)[0]
+        denoised = x = model(x, s)[0]
         if s_next > 0:
             x = x + noise(s, s_next) * s_next
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -428,7 +431,7 @@ def ipndm(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, call
         else:
             weights = IPNDM_COEFFICIENTS[len(ds) - 1]
             x = x + (s_next - s) * sum(w * d for w, d in zip(weights, ds, strict=True))
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -465,7 +468,7 @@ def res_multistep(
         if s_next > 0 and up:
             x = x + noise(s, s_next) * up
         old, old_down = (uncond if cfg_pp else denoised), down
-        callback(i)
+        callback(i, denoised)
     return x
 
 
@@ -488,7 +491,7 @@ def gradient_estimation(
             if old is not None:
                 x = x + (gamma - 1) * (d - old) * dt
         old = d
-        callback(i)
+        callback(i, denoised)
     return x
 
 
