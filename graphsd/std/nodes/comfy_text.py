@@ -1,0 +1,165 @@
+"""ComfyUI's SDXL text encoders as graphsd nodes of the same names and inputs: CLIPTextEncodeSDXL and
+CLIPTextEncodeSDXLRefiner (``comfy_extras/nodes_clip_sdxl.py``).
+
+SDXL's U-Nets take, beside the text, a few numbers (Podell et al. 2023, section 2.2): the base
+model the original size, the crop's top-left corner and the target size, each (height, width) in
+pixels; the refiner the original size, the crop and an aesthetic score. These nodes put them into
+the conditioning's ``extras`` (``original_size``, ``crop_top_left``, ``target_size``,
+``aesthetic_score``), which the denoise loop turns into the U-Net's ``time_ids`` in place of its
+defaults (the latent's size, no crop, the loop's aesthetic scores); diffusers' pipelines take the
+same numbers as ``original_size``, ``crops_coords_top_left``, ``target_size`` and
+``aesthetic_score``.
+
+CLIPTextEncodeSDXL encodes ``text_l`` with the first text encoder (CLIP ViT-L) and ``text_g``
+with the second (OpenCLIP ViT-bigG), each as TextEncode does (weights, BREAK, long prompts,
+embeddings), and puts the two side by side; when one text needs more 77-token chunks than the
+other, the shorter is extended with chunks of the empty prompt, as ComfyUI does. The pooled
+embedding comes from ``text_g``. It equals diffusers' ``encode_prompt(prompt=text_l,
+prompt_2=text_g)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from graphsd.context import Context
+from graphsd.errors import NodeError
+from graphsd.hookspecs import hookimpl
+from graphsd.node import Node, NodeIO
+from graphsd.std.models.family import model_info
+from graphsd.std.nodes.comfy_core import MAX_LATENT_PIXELS as MAX_RESOLUTION
+from graphsd.std.nodes.text import TextEncode, _vectors_for, load_prompt_embedding, prompt_embeddings
+from graphsd.std.text.encode import encode_prompt
+from graphsd.types import Clip, Conditioning
+
+SDXL_SIZE = 1024
+
+
+def _fingerprint(text: Any, field: str, ctx: Context) -> str:
+    """TextEncode's cache identity of one prompt (the embedding files it names), with a missing
+    embedding reported on ``field``."""
+    try:
+        return TextEncode.fingerprint({"text": text}, ctx)
+    except NodeError as exc:
+        raise NodeError(str(exc), field=field) from None
+
+
+def _encode_with(ctx: Context, clip: Clip, role: str, text: str, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``text`` through one of an SDXL clip's text encoders, as TextEncode encodes it for SDXL
+    (penultimate layer, no final norm): ``(embeddings [1, 77·chunks, width], pooled)``."""
+    tokenizer = model_info(clip, "clip").tokenizers.get(role)
+    if tokenizer is None:
+        raise NodeError("this clip has no tokenizer for its text encoders; load it with a checkpoint loader", field="clip")
+    try:
+        files, bare = prompt_embeddings(text, ctx)
+        loaded = {ref: load_prompt_embedding(path, ctx) for ref, path in files.items()}
+        with ctx.models.use(clip, role) as encoder:
+            vectors, unfit = _vectors_for(loaded, [role], [encoder], True)
+            return encode_prompt(text, [(tokenizer, encoder)], 1, True, vectors, [n for n in bare if n not in unfit])
+    except NodeError as exc:
+        raise NodeError(str(exc), field=field) from None
+
+
+def _finite(cond: Conditioning, field: str) -> Conditioning:
+    if not torch.isfinite(cond.embeddings).all():
+        raise NodeError("the embeddings hold NaN or infinite values: check the prompt's weights and the clip's patches", field=field)
+    return cond
+
+
+class CLIPTextEncodeSDXL(Node):
+    type = "CLIPTextEncodeSDXL"
+    category = "advanced/conditioning"
+    description = (
+        "Encode a prompt for SDXL's base model with its size conditioning (ComfyUI's CLIPTextEncodeSDXL): text_l goes "
+        "through the first text encoder, text_g through the second (which also gives the pooled embedding), and the U-Net "
+        "is told the original size, the crop's top-left corner and the target size, in pixels."
+    )
+
+    class Inputs(NodeIO):
+        clip: Clip = Field(description="An SDXL base model's clip (both text encoders)")
+        width: int = Field(SDXL_SIZE, ge=0, le=MAX_RESOLUTION, description="Original width the U-Net is told, in pixels")
+        height: int = Field(SDXL_SIZE, ge=0, le=MAX_RESOLUTION, description="Original height the U-Net is told, in pixels")
+        crop_w: int = Field(0, ge=0, le=MAX_RESOLUTION, description="Left edge of the crop the U-Net is told, in pixels")
+        crop_h: int = Field(0, ge=0, le=MAX_RESOLUTION, description="Top edge of the crop the U-Net is told, in pixels")
+        target_width: int = Field(SDXL_SIZE, ge=0, le=MAX_RESOLUTION, description="Target width the U-Net is told, in pixels")
+        target_height: int = Field(SDXL_SIZE, ge=0, le=MAX_RESOLUTION, description="Target height the U-Net is told, in pixels")
+        text_g: str = Field(description="Prompt for the second text encoder (OpenCLIP ViT-bigG); TextEncode's syntax")
+        text_l: str = Field(description="Prompt for the first text encoder (CLIP ViT-L); TextEncode's syntax")
+
+    class Outputs(NodeIO):
+        cond: Conditioning = Field(description="Embeddings [1, 77·chunks, width of both encoders], pooled, and the size conditioning")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
+        """The embedding files both prompts name (see TextEncode)."""
+        return "|".join(_fingerprint(literals.get(name), name, ctx) for name in ("text_g", "text_l"))
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        clip = inputs.clip
+        if "text_encoder" not in clip.keys or "text_encoder_2" not in clip.keys:
+            raise NodeError(
+                "CLIPTextEncodeSDXL needs the clip of an SDXL base model (two text encoders); for another model use "
+                "CLIPTextEncode (TextEncode), for the SDXL refiner CLIPTextEncodeSDXLRefiner",
+                field="clip",
+            )
+        z_l, _ = _encode_with(ctx, clip, "text_encoder", inputs.text_l, "text_l")
+        z_g, pooled = _encode_with(ctx, clip, "text_encoder_2", inputs.text_g, "text_g")
+        if z_l.shape[1] != z_g.shape[1]:  # extend the shorter with chunks of the empty prompt
+            role, field, short = ("text_encoder", "text_l", z_l) if z_l.shape[1] < z_g.shape[1] else ("text_encoder_2", "text_g", z_g)
+            empty, _ = _encode_with(ctx, clip, role, "", field)
+            chunks = (max(z_l.shape[1], z_g.shape[1]) - short.shape[1]) // empty.shape[1]
+            short = torch.cat([short] + [empty] * chunks, dim=1)
+            z_l, z_g = (short, z_g) if role == "text_encoder" else (z_l, short)
+        extras = {
+            "original_size": (inputs.height, inputs.width),
+            "crop_top_left": (inputs.crop_h, inputs.crop_w),
+            "target_size": (inputs.target_height, inputs.target_width),
+        }
+        cond = Conditioning(embeddings=torch.cat([z_l, z_g], dim=-1), pooled=pooled, extras=extras)
+        return self.Outputs(cond=_finite(cond, "text_g"))
+
+
+class CLIPTextEncodeSDXLRefiner(Node):
+    type = "CLIPTextEncodeSDXLRefiner"
+    category = "advanced/conditioning"
+    description = (
+        "Encode a prompt for SDXL's refiner with its aesthetic conditioning (ComfyUI's CLIPTextEncodeSDXLRefiner): the text "
+        "as TextEncode encodes it, and the U-Net is told the aesthetic score and the original size in pixels (no crop). "
+        "On the base model the size is also the target size."
+    )
+
+    class Inputs(NodeIO):
+        ascore: float = Field(
+            6.0, ge=0.0, le=1000.0, description="Aesthetic score the U-Net is told (6 for a positive, 2.5 for a negative)"
+        )
+        width: int = Field(SDXL_SIZE, ge=0, le=MAX_RESOLUTION, description="Original width the U-Net is told, in pixels")
+        height: int = Field(SDXL_SIZE, ge=0, le=MAX_RESOLUTION, description="Original height the U-Net is told, in pixels")
+        text: str = Field(description="The prompt; TextEncode's syntax")
+        clip: Clip = Field(description="The SDXL refiner's clip")
+
+    class Outputs(NodeIO):
+        cond: Conditioning = Field(description="Embeddings, pooled, and the aesthetic and size conditioning")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
+        """The embedding files the prompt names (see TextEncode)."""
+        return TextEncode.fingerprint(literals, ctx)
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        encoded = TextEncode().run(TextEncode.Inputs(clip=inputs.clip, text=inputs.text, clip_skip=1), ctx).cond
+        extras = {
+            **encoded.extras,
+            "original_size": (inputs.height, inputs.width),
+            "crop_top_left": (0, 0),
+            "target_size": (inputs.height, inputs.width),
+            "aesthetic_score": inputs.ascore,
+        }
+        return self.Outputs(cond=Conditioning(embeddings=encoded.embeddings, pooled=encoded.pooled, extras=extras))
+
+
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner]
