@@ -26,6 +26,11 @@ fewer, see there):
 | kl_optimal | ``tan((1 - u) atan(sigma_max) + u atan(sigma_min))``, ``u = i/(steps-1)``, then 0 (Sabour et al. 2024, "Align Your Steps") |
 
 All of them equal ComfyUI's ``calculate_sigmas`` for the same model and number of steps.
+
+ComfyUI's custom-sampling scheduler nodes (:mod:`graphsd.std.nodes.comfy_sampling`) use
+:func:`basic_sigmas` (BasicScheduler: a scheduler with a ``denoise`` fraction),
+:func:`turbo_sigmas` (SDTurboScheduler) and the model-free :func:`karras_sigmas`,
+:func:`exponential_sigmas` and :func:`polyexponential_sigmas` (k-diffusion's ``get_sigmas_*``).
 """
 
 from __future__ import annotations
@@ -115,14 +120,33 @@ def ddim_uniform(table: SigmaTable, steps: int) -> torch.Tensor:
     return _with_zero([float(s) for s in table.sigmas[1::stride]][::-1])
 
 
-def karras(table: SigmaTable, steps: int, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: ``(sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho``, then 0 (k-diffusion's ``get_sigmas_karras``)."""
     ramp = torch.linspace(0, 1, steps)
-    lo, hi = table.sigma_min ** (1 / rho), table.sigma_max ** (1 / rho)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _with_zero(((hi + ramp * (lo - hi)) ** rho).tolist())
 
 
+def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Evenly spaced in log sigma from sigma_max to sigma_min, then 0."""
+    return _with_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp().tolist())
+
+
+def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """``exp(log sigma_min + (1 - i/(steps-1))^rho (log sigma_max - log sigma_min))``, then 0:
+    log sigma polynomial in the step (k-diffusion's ``get_sigmas_polyexponential``; rho 1 is
+    :func:`exponential_sigmas`)."""
+    ramp = torch.linspace(1, 0, steps) ** rho
+    return _with_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).tolist())
+
+
+def karras(table: SigmaTable, steps: int, rho: float = 7.0) -> torch.Tensor:
+    return karras_sigmas(steps, table.sigma_min, table.sigma_max, rho)
+
+
 def exponential(table: SigmaTable, steps: int) -> torch.Tensor:
-    return _with_zero(torch.linspace(math.log(table.sigma_max), math.log(table.sigma_min), steps).exp().tolist())
+    return exponential_sigmas(steps, table.sigma_min, table.sigma_max)
 
 
 def beta(table: SigmaTable, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> torch.Tensor:
@@ -173,6 +197,24 @@ SCHEDULES: dict[str, Callable[[SigmaTable, int], torch.Tensor]] = {
     "kl_optimal": kl_optimal,
 }
 """ComfyUI ``scheduler`` name → ``schedule(table, steps)`` → sigmas (float32, decreasing, last 0)."""
+
+
+def basic_sigmas(table: SigmaTable, schedule: str, steps: int, denoise: float) -> torch.Tensor:
+    """ComfyUI's BasicScheduler: the last ``steps + 1`` sigmas of the schedule for
+    ``int(steps / denoise)`` steps (all of it at denoise 1; none at denoise 0)."""
+    if denoise <= 0:
+        return torch.zeros(0, dtype=torch.float32)
+    total = int(steps / denoise) if denoise < 1 else steps
+    return SCHEDULES[schedule](table, total)[-(steps + 1) :]
+
+
+def turbo_sigmas(table: SigmaTable, steps: int, denoise: float) -> torch.Tensor:
+    """SDTurboScheduler (SD-Turbo / SDXL-Turbo, Sauer et al. 2023, distilled on the timesteps 999,
+    899, ..., 99): ``steps`` of those timesteps from the ``10 - int(10 denoise)``-th on, mapped to
+    sigmas, then 0."""
+    start = 10 - int(10 * denoise)
+    timesteps = list(range(999, 0, -100))[start : start + steps]
+    return _with_zero([table.sigma(t) for t in timesteps])
 
 
 def comfy_sigmas(table: SigmaTable, schedule: str, steps: int, discard_penultimate: bool = False) -> torch.Tensor:
