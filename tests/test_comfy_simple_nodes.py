@@ -496,3 +496,308 @@ def test_the_comfyui_import_keeps_these_classes_and_their_input_names(engine):
         "inputs": {"image": "@2.image", "left": 8, "top": 0, "right": 0, "bottom": 8, "feathering": 4},
     }
     assert nodes["2"]["inputs"]["width"] == "@1.value"
+
+
+# ---- SDXL text encoders against diffusers (tiny random SDXL models) --------------------------------
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import sd_tiny
+
+    return sd_tiny.save_all(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def xl_engine(tiny, tmp_path_factory):
+    return Engine(Settings(device="cpu", models_dir=str(tiny), output_dir=str(tmp_path_factory.mktemp("out"))))
+
+
+def xl_pipeline(folder: Path, cls_name: str):
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, local_files_only=True).to(dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def outputs(engine, nodes: dict, *names: str) -> dict:
+    result = engine.run({"version": 1, "nodes": nodes}, outputs=list(names))
+    assert result.ok, [str(e) for e in result.errors]
+    return result.outputs
+
+
+def sdxl_encode(text_g: str, text_l: str, **sizes) -> dict:
+    inputs = {"clip": "@model.clip", "text_g": text_g, "text_l": text_l, **sizes}
+    return {"type": "CLIPTextEncodeSDXL", "inputs": inputs}
+
+
+XL = {"model": {"type": "CheckpointLoader", "inputs": {"path": "xl", "dtype": "fp64"}}}
+
+
+@pytest.mark.slow
+def test_clip_text_encode_sdxl_is_diffusers_encode_prompt_with_prompt_2(xl_engine, tiny):
+    """text_l through the first encoder, text_g through the second (and its pooled output):
+    diffusers' ``encode_prompt(prompt=text_l, prompt_2=text_g)``. A text with more chunks (BREAK)
+    than the other makes the other continue with chunks of the empty prompt."""
+    pipe = xl_pipeline(tiny / "xl", "StableDiffusionXLPipeline")
+    out = outputs(
+        xl_engine,
+        {**XL, "a": sdxl_encode("a red circle", "a blue square"), "b": sdxl_encode("a red circle BREAK on a table", "a square")},
+        "a",
+        "b",
+    )
+
+    def encode(l_text: str, g_text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=l_text, prompt_2=g_text, device="cpu", do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    embeds, pooled = encode("a blue square", "a red circle")
+    assert_same(out["a"]["cond"].embeddings, embeds, "embeddings")
+    assert_same(out["a"]["cond"].pooled, pooled, "pooled")
+    width = pipe.text_encoder.config.hidden_size  # the first encoder's part of each embedding
+    square, _ = encode("a square", "on a table")
+    empty, _ = encode("", "x")
+    circle, circle_pooled = encode("x", "a red circle")
+    expected = torch.cat(
+        [torch.cat([square[..., :width], empty[..., :width]], 1), torch.cat([circle[..., width:], square[..., width:]], 1)], -1
+    )
+    assert_same(out["b"]["cond"].embeddings, expected, "chunks")
+    assert_same(out["b"]["cond"].pooled, circle_pooled, "pooled of the first chunk")
+
+
+@pytest.mark.slow
+def test_sdxl_size_conditioning_reaches_the_unet_as_diffusers_time_ids(xl_engine, tiny):
+    """CLIPTextEncodeSDXL's width/height, crop_w/crop_h and target sizes are diffusers'
+    original_size, crops_coords_top_left and target_size, (height, width) each, for the positive
+    and the negative alike: the denoised latents match the pipeline given those sizes."""
+    from reference import diffusers_noise_in_float32
+
+    pos = sdxl_encode("a red circle", "a circle", width=96, height=80, crop_w=8, crop_h=16, target_width=64, target_height=48)
+    neg = sdxl_encode("blurry", "blurry", width=40, height=56, crop_w=0, crop_h=24, target_width=64, target_height=64)
+    nodes = {
+        **XL,
+        "pos": pos,
+        "neg": neg,
+        "noise": {"type": "LatentNoise", "inputs": {"seed": SEED, "width": 64, "height": 64}},
+        "denoise": {
+            "type": "UNetDenoiseLoop",
+            "inputs": {
+                "unet": "@model.unet",
+                "positive": "@pos.cond",
+                "negative": "@neg.cond",
+                "noise": "@noise.noise",
+                "steps": 3,
+                "cfg": 7.5,
+            },
+        },
+    }
+    out = outputs(xl_engine, nodes, "denoise", "pos", "neg")
+    pipe = xl_pipeline(tiny / "xl", "StableDiffusionXLPipeline")
+    conds = {
+        "prompt_embeds": out["pos"]["cond"].embeddings,
+        "negative_prompt_embeds": out["neg"]["cond"].embeddings,
+        "pooled_prompt_embeds": out["pos"]["cond"].pooled,
+        "negative_pooled_prompt_embeds": out["neg"]["cond"].pooled,
+    }
+    common = {"num_inference_steps": 3, "guidance_scale": 7.5, "height": 64, "width": 64, "output_type": "latent"}
+    sizes = {
+        "original_size": (80, 96),
+        "crops_coords_top_left": (16, 8),
+        "target_size": (48, 64),
+        "negative_original_size": (56, 40),
+        "negative_crops_coords_top_left": (24, 0),
+        "negative_target_size": (64, 64),
+    }
+    with diffusers_noise_in_float32():
+        reference = pipe(**conds, **common, **sizes, generator=torch.Generator().manual_seed(SEED)).images
+        default = pipe(**conds, **common, generator=torch.Generator().manual_seed(SEED)).images
+    assert_same(out["denoise"]["latent"].samples, reference)
+    assert float((reference - default).abs().max()) > 1e-6  # the sizes do reach the U-Net
+
+
+@pytest.mark.slow
+def test_sdxl_refiner_aesthetic_scores_are_diffusers_aesthetic_score(xl_engine, tiny, tmp_path):
+    """CLIPTextEncodeSDXLRefiner's ascore and size are the refiner pipeline's aesthetic_score /
+    negative_aesthetic_score and original_size; image-to-image from a latent that LoadLatent read."""
+    from reference import diffusers_noise_in_float32
+
+    write_latent(tmp_path / "start.latent", latents(1, 4, 8, 8, seed=5).float())
+    nodes = {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": "refiner", "dtype": "fp64"}},
+        "pos": {
+            "type": "CLIPTextEncodeSDXLRefiner",
+            "inputs": {"clip": "@model.clip", "text": "a red circle", "ascore": 7.5, "width": 96, "height": 80},
+        },
+        "neg": {
+            "type": "CLIPTextEncodeSDXLRefiner",
+            "inputs": {"clip": "@model.clip", "text": "blurry", "ascore": 1.5, "width": 48, "height": 72},
+        },
+        "start": {"type": "LoadLatent", "inputs": {"latent": str(tmp_path / "start.latent"), "vae": "@model.vae"}},
+        "noise": {"type": "LatentNoise", "inputs": {"seed": SEED, "latent": "@start.latent"}},
+        "denoise": {
+            "type": "UNetDenoiseLoop",
+            "inputs": {
+                "unet": "@model.unet",
+                "positive": "@pos.cond",
+                "negative": "@neg.cond",
+                "noise": "@noise.noise",
+                "latent": "@start.latent",
+                "steps": 4,
+                "cfg": 7.5,
+                "denoise": 0.5,
+            },
+        },
+    }
+    out = outputs(xl_engine, nodes, "denoise", "pos", "neg", "start")
+    pipe = xl_pipeline(tiny / "refiner", "StableDiffusionXLImg2ImgPipeline")
+    with diffusers_noise_in_float32():
+        reference = pipe(
+            prompt_embeds=out["pos"]["cond"].embeddings,
+            negative_prompt_embeds=out["neg"]["cond"].embeddings,
+            pooled_prompt_embeds=out["pos"]["cond"].pooled,
+            negative_pooled_prompt_embeds=out["neg"]["cond"].pooled,
+            image=out["start"]["latent"].samples.double(),
+            strength=0.5,
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            aesthetic_score=7.5,
+            negative_aesthetic_score=1.5,
+            original_size=(80, 96),
+            negative_original_size=(72, 48),
+            generator=torch.Generator().manual_seed(SEED),
+            output_type="latent",
+        ).images
+    assert_same(out["denoise"]["latent"].samples, reference)
+
+
+@pytest.mark.slow
+def test_clip_text_encode_sdxl_refuses_a_clip_with_one_text_encoder(xl_engine):
+    nodes = {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1"}},
+        "enc": {"type": "CLIPTextEncodeSDXL", "inputs": {"clip": "@model.clip", "text_g": "a", "text_l": "a"}},
+    }
+    result = xl_engine.run({"version": 1, "nodes": nodes}, outputs=["enc"])
+    assert not result.ok and "input 'clip'" in result.errors[0].message and "CLIPTextEncodeSDXLRefiner" in result.errors[0].message
+
+
+# ---- a ComfyUI prompt on graphsd-tiny ------------------------------------------------------------
+def tiny_prompt() -> dict:
+    """The example text-to-image prompt at 64 × 64, 2 steps, with its seed and prompt from
+    primitives, the latent batched, picked, composited onto itself and saved as a .latent."""
+    prompt = json.loads((WORKFLOWS / "comfy_txt2img.json").read_text())
+    prompt["5"]["inputs"].update(width=64, height=64, batch_size=1)
+    prompt["3"]["inputs"].update(steps=2, seed=["20", 0])
+    prompt["6"]["inputs"]["text"] = ["21", 0]
+    prompt.update(
+        {
+            "20": {"class_type": "PrimitiveInt", "inputs": {"value": 5}},
+            "21": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a blue square"}},
+            "30": {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["3", 0], "amount": 2}},
+            "31": {"class_type": "LatentFromBatch", "inputs": {"samples": ["30", 0], "batch_index": 1, "length": 1}},
+        }
+    )
+    prompt["32"] = {
+        "class_type": "LatentComposite",
+        "inputs": {"samples_to": ["3", 0], "samples_from": ["31", 0], "x": 16, "y": 24, "feather": 8},
+    }
+    prompt["33"] = {"class_type": "SaveLatent", "inputs": {"samples": ["32", 0], "filename_prefix": "latents/tiny", "vae": ["4", 2]}}
+    prompt["8"]["inputs"]["samples"] = ["32", 0]
+    return prompt
+
+
+@pytest.mark.slow
+def test_a_comfyui_prompt_with_latent_classes_and_primitives_runs_on_graphsd_tiny(tmp_path):
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), input_dir=str(tmp_path / "in")))
+    prompt = tiny_prompt()
+    result = engine.run(prompt, outputs=["3", "32", "33", "9"])
+    assert result.ok, [str(e) for e in result.errors]
+    sampled, composite = result.outputs["3"]["latent"].samples, result.outputs["32"]["latent"].samples
+    # the composite pastes the sampled latent onto itself at cell (2, 3), faded over one cell
+    expected = composite_reference(sampled.double(), sampled.double(), 2, 3, 1)
+    assert torch.all((composite.double() - expected).abs() <= 4 * U32 * (sampled.double().abs().max()))
+    [latent_file] = result.outputs["33"]["paths"]
+    assert Path(latent_file) == tmp_path / "out" / "latents" / "tiny_00001_.latent"
+    scale = 0.8359811902046204  # graphsd-tiny's VAE scaling_factor: the file holds latent / scale
+    assert torch.equal(safetensors.torch.load_file(latent_file)["latent_tensor"], (composite.double() / scale).float())
+    with PILImage.open(result.outputs["9"]["paths"][0]) as im:
+        assert im.size == (64, 64)
+
+    (tmp_path / "in").mkdir()
+    Path(latent_file).rename(tmp_path / "in" / "tiny.latent")
+    back = {
+        "4": prompt["4"],
+        "40": {"class_type": "LoadLatent", "inputs": {"latent": "tiny.latent [input]", "vae": ["4", 2]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["40", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "from_latent"}},
+    }
+    result = engine.run(back, outputs=["40"])
+    assert result.ok, [str(e) for e in result.errors]
+    loaded = result.outputs["40"]["latent"].samples
+    assert torch.all((loaded - composite).abs() <= 2.01 * U32 * composite.abs())
+
+
+# ---- what graphsd serve lists ---------------------------------------------------------------------
+MAX = 16384  # ComfyUI's MAX_RESOLUTION
+COMFY_WIDGETS = {
+    # ComfyUI class: its widgets in the frontend's order, (name, type or choices, default, min, max), from nodes.py / comfy_extras
+    "ImageScale": [
+        ("upscale_method", ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"], "nearest-exact", None, None),
+        ("width", "INT", 512, 0, MAX),
+        ("height", "INT", 512, 0, MAX),
+        ("crop", ["disabled", "center"], "disabled", None, None),
+    ],
+    "ImageScaleBy": [
+        ("upscale_method", ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"], "nearest-exact", None, None),
+        ("scale_by", "FLOAT", 1.0, 0.01, 8.0),
+    ],
+    "ImageCrop": [("width", "INT", 512, 1, MAX), ("height", "INT", 512, 1, MAX), ("x", "INT", 0, 0, MAX), ("y", "INT", 0, 0, MAX)],
+    "EmptyImage": [
+        ("width", "INT", 512, 1, MAX),
+        ("height", "INT", 512, 1, MAX),
+        ("batch_size", "INT", 1, 1, 4096),
+        ("color", "INT", 0, 0, 0xFFFFFF),
+    ],
+    "ImagePadForOutpaint": [(side, "INT", 0, 0, MAX) for side in ("left", "top", "right", "bottom")] + [("feathering", "INT", 40, 0, MAX)],
+    "RepeatLatentBatch": [("amount", "INT", 1, 1, 64)],
+    "LatentFromBatch": [("batch_index", "INT", 0, 0, 63), ("length", "INT", 1, 1, 64)],
+    "LatentComposite": [("x", "INT", 0, 0, MAX), ("y", "INT", 0, 0, MAX), ("feather", "INT", 0, 0, MAX)],
+    "LatentBlend": [("blend_factor", "FLOAT", 0.5, 0, 1)],
+    "SaveLatent": [("filename_prefix", "STRING", "latents/ComfyUI", None, None)],
+    "CLIPTextEncodeSDXL": [
+        ("width", "INT", 1024, 0, MAX),
+        ("height", "INT", 1024, 0, MAX),
+        ("crop_w", "INT", 0, 0, MAX),
+        ("crop_h", "INT", 0, 0, MAX),
+        ("target_width", "INT", 1024, 0, MAX),
+        ("target_height", "INT", 1024, 0, MAX),
+        ("text_g", "STRING", "", None, None),
+        ("text_l", "STRING", "", None, None),
+    ],
+    "CLIPTextEncodeSDXLRefiner": [
+        ("ascore", "FLOAT", 6.0, 0, 1000),
+        ("width", "INT", 1024, 0, MAX),
+        ("height", "INT", 1024, 0, MAX),
+        ("text", "STRING", "", None, None),
+    ],
+    "PrimitiveInt": [("value", "INT", 0, -(2**63 - 1), 2**63 - 1)],
+    "PrimitiveFloat": [("value", "FLOAT", 0.0, -(2**63 - 1), 2**63 - 1)],
+    "PrimitiveString": [("value", "STRING", "", None, None)],
+    "PrimitiveStringMultiline": [("value", "STRING", "", None, None)],
+    "PrimitiveBoolean": [("value", "BOOLEAN", False, None, None)],
+}
+
+
+@pytest.mark.parametrize("name", COMFY_WIDGETS)
+def test_object_info_lists_comfyuis_widgets_in_comfyuis_order(name, engine):
+    """/object_info (what the frontend builds its widgets from, and what UI files are read with)
+    gives each class ComfyUI's widgets, in ComfyUI's order, with its defaults and ranges."""
+    entry = class_definitions(engine.nodes)[name]
+    widgets = []
+    for section in ("required", "optional"):
+        for field in entry["input_order"][section]:
+            kind, opts = entry["input"][section][field]
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                widgets.append((field, kind, opts.get("default"), opts.get("min"), opts.get("max")))
+    assert widgets == COMFY_WIDGETS[name]
