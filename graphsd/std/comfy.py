@@ -13,6 +13,7 @@ classes, unsupported samplers, dangling links) is reported at once in one Workfl
 | CLIPTextEncode | TextEncode |
 | EmptyLatentImage | EmptyLatent |
 | KSampler | LatentNoise + UNetDenoiseLoop |
+| KSamplerAdvanced | LatentNoise + UNetDenoiseLoop (start_step, end_step, add_noise, leftover_noise) |
 | VAEDecode / VAEDecodeTiled | VAEDecode |
 | VAEEncode | VAEEncode |
 | LoadImage | LoadImage |
@@ -32,6 +33,12 @@ A prompt may also name graphsd's own node types, as the ComfyUI frontend does fo
 :data:`graphsd.hookspecs.COMFY_NATIVE_PREFIX`, where a ComfyUI class of the same name exists),
 inputs carry graphsd's input names, and a link ``[id, i]`` names the i-th output of the node in
 the order its ``Outputs`` declares them. Native and ComfyUI nodes link to each other freely.
+
+KSamplerAdvanced keeps ComfyUI's meaning of its switches: ``add_noise`` disable starts from the
+latent as it is (continuing a latent that still holds noise), ``return_with_leftover_noise``
+disable makes the step at ``end_at_step`` go to sigma 0 (a finished image), enable stops at that
+step's sigma (for a second sampler to continue). A window with no step in it (``start_at_step`` ≥
+``end_at_step`` or ≥ ``steps``), which ComfyUI answers with the latent unchanged, is refused.
 
 KSampler's ``denoise`` < 1 follows ComfyUI: a schedule of ``int(steps / denoise)`` steps of
 which the last ``steps`` run (graphsd ``start_step``), so the numbers of steps agree. A
@@ -78,6 +85,13 @@ MAX_RESOLUTION = 16384
 MAX_SEED = 2**64 - 1
 RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "KSampler": {"seed": (0, MAX_SEED), "steps": (1, 10000), "cfg": (0.0, 100.0), "denoise": (0.0, 1.0)},
+    "KSamplerAdvanced": {
+        "noise_seed": (0, MAX_SEED),
+        "steps": (1, 10000),
+        "cfg": (0.0, 100.0),
+        "start_at_step": (0, 10000),
+        "end_at_step": (0, 10000),
+    },
     "EmptyLatentImage": {"width": (16, MAX_RESOLUTION), "height": (16, MAX_RESOLUTION), "batch_size": (1, 4096)},
     "LoraLoader": {"strength_model": (-100.0, 100.0), "strength_clip": (-100.0, 100.0)},
     "VAEDecodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
@@ -121,6 +135,22 @@ INPUT_NAMES: dict[str, dict[str, str]] = {
         "cfg": "cfg",
         "sampler": "sampler_name",
         "schedule": "scheduler",
+    },
+    "KSamplerAdvanced": {
+        "seed": "noise_seed",
+        "noise": "noise_seed",
+        "latent": "latent_image",
+        "unet": "model",
+        "positive": "positive",
+        "negative": "negative",
+        "steps": "steps",
+        "cfg": "cfg",
+        "sampler": "sampler_name",
+        "schedule": "scheduler",
+        "start_step": "start_at_step",
+        "end_step": "end_at_step",
+        "add_noise": "add_noise",
+        "leftover_noise": "return_with_leftover_noise",
     },
     "VAEDecode": {"vae": "vae", "latent": "samples"},
     "VAEDecodeTiled": {"vae": "vae", "latent": "samples", "tiled": "tile_size", "tile_size": "tile_size", "tile_overlap": "overlap"},
@@ -356,21 +386,8 @@ def _ksampler(c: _Conversion, cid: str, gid: str) -> None:
         "latent": latent,
         "steps": steps,
         "cfg": c.value(cid, "cfg", default=8.0),
-        "sampler": _choice(c, cid, "sampler_name", SAMPLER_NAMES),
-        "schedule": _choice(c, cid, "scheduler", SCHEDULER_NAMES),
-        "convention": "comfyui",
+        **_sampler_inputs(c, cid),
     }
-    sampler_name, scheduler = c.value(cid, "sampler_name"), c.value(cid, "scheduler")
-    if sampler_name in DIFFUSERS_SAMPLERS:
-        loop["convention"] = "diffusers"
-        if isinstance(scheduler, str) and scheduler in SCHEDULER_NAMES and scheduler not in ("normal", "karras"):
-            c.issue(
-                cid,
-                f"sampler_name '{sampler_name}' runs as diffusers' sampler, which has no scheduler '{scheduler}'",
-                field="scheduler",
-                hint="use scheduler normal or karras with it, or another sampler_name (all others take every scheduler)",
-                code="unsupported",
-            )
     if isinstance(denoise, (int, float)) and isinstance(steps, int) and denoise < 1.0:
         if denoise <= 0:
             c.issue(cid, "denoise 0 leaves the latent unchanged", field="denoise", hint="use a denoise in (0, 1]")
@@ -388,6 +405,74 @@ def _ksampler(c: _Conversion, cid: str, gid: str) -> None:
         loop["latent"] = None
     elif isinstance(denoise, str):
         loop["denoise"] = denoise
+    c.add(gid, "UNetDenoiseLoop", loop)
+
+
+def _sampler_inputs(c: _Conversion, cid: str) -> dict[str, Any]:
+    """UNetDenoiseLoop's sampler, schedule and convention for a KSampler's sampler_name and
+    scheduler: ComfyUI's sigmas, or diffusers' scheduler for :data:`DIFFUSERS_SAMPLERS`."""
+    inputs = {
+        "sampler": _choice(c, cid, "sampler_name", SAMPLER_NAMES),
+        "schedule": _choice(c, cid, "scheduler", SCHEDULER_NAMES),
+        "convention": "comfyui",
+    }
+    sampler_name, scheduler = c.value(cid, "sampler_name"), c.value(cid, "scheduler")
+    if sampler_name in DIFFUSERS_SAMPLERS:
+        inputs["convention"] = "diffusers"
+        if isinstance(scheduler, str) and scheduler in SCHEDULER_NAMES and scheduler not in ("normal", "karras"):
+            c.issue(
+                cid,
+                f"sampler_name '{sampler_name}' runs as diffusers' sampler, which has no scheduler '{scheduler}'",
+                field="scheduler",
+                hint="use scheduler normal or karras with it, or another sampler_name (all others take every scheduler)",
+                code="unsupported",
+            )
+    return inputs
+
+
+def _switch(c: _Conversion, cid: str, name: str, default: str) -> bool | None:
+    """An ``enable`` / ``disable`` widget as a boolean."""
+    value = c.value(cid, name, default=default)
+    if value in ("enable", "disable"):
+        return value == "enable"
+    if value is not None:
+        c.issue(cid, f"{name} must be 'enable' or 'disable', got {value!r}", field=name, hint="give enable or disable")
+    return None
+
+
+def _ksampler_advanced(c: _Conversion, cid: str, gid: str) -> None:
+    """KSamplerAdvanced → LatentNoise (noise_seed, shape of latent_image) + UNetDenoiseLoop with
+    start_step / end_step, add_noise and leftover_noise (see the module docstring)."""
+    latent = c.value(cid, "latent_image")
+    noise_id = c.fresh_id(f"{gid}_noise")
+    c.add(noise_id, "LatentNoise", {"seed": c.value(cid, "noise_seed"), "latent": latent})
+    steps = c.value(cid, "steps", default=20)
+    start, end = c.value(cid, "start_at_step", default=0), c.value(cid, "end_at_step", default=10000)
+    add_noise = _switch(c, cid, "add_noise", "enable")
+    ints = [v for v in (steps, start, end) if isinstance(v, int) and not isinstance(v, bool)]
+    if len(ints) == 3 and start >= min(end, steps):
+        c.issue(
+            cid,
+            f"no steps to run: start_at_step {start}, end_at_step {end}, steps {steps} (ComfyUI returns the latent unchanged)",
+            field="start_at_step",
+            hint="lower start_at_step below end_at_step and steps, or take this sampler out",
+        )
+    if add_noise and start == 0 and c.source_class(cid, "latent_image") == "EmptyLatentImage":
+        latent = None  # text-to-image: the empty latent only gives the noise its shape, as for KSampler
+    loop = {
+        "unet": c.value(cid, "model"),
+        "positive": c.value(cid, "positive"),
+        "negative": c.value(cid, "negative"),
+        "noise": f"@{noise_id}.noise",
+        "latent": latent,
+        "steps": steps,
+        "cfg": c.value(cid, "cfg", default=8.0),
+        **_sampler_inputs(c, cid),
+        "start_step": start,
+        "end_step": end,
+        "add_noise": add_noise,
+        "leftover_noise": _switch(c, cid, "return_with_leftover_noise", "disable"),
+    }
     c.add(gid, "UNetDenoiseLoop", loop)
 
 
@@ -477,6 +562,7 @@ CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
     "CLIPTextEncode": _text,
     "EmptyLatentImage": _empty_latent,
     "KSampler": _ksampler,
+    "KSamplerAdvanced": _ksampler_advanced,
     "VAEDecode": _vae_decode,
     "VAEDecodeTiled": _vae_decode_tiled,
     "VAEEncode": _vae_encode,
@@ -495,6 +581,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "CLIPTextEncode": ("cond",),
     "EmptyLatentImage": ("latent",),
     "KSampler": ("latent",),
+    "KSamplerAdvanced": ("latent",),
     "VAEDecode": ("image",),
     "VAEDecodeTiled": ("image",),
     "VAEEncode": ("latent",),
@@ -741,6 +828,28 @@ def object_info(models_dir: str | Path, input_dir: str | Path) -> dict[str, dict
                 "negative": ["CONDITIONING"],
                 "latent_image": ["LATENT"],
                 "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+            },
+            ["LATENT"],
+        ),
+        "KSamplerAdvanced": entry(
+            "KSamplerAdvanced",
+            "KSampler (Advanced)",
+            "sampling",
+            "Denoises a latent over a window of the schedule's steps (graphsd: LatentNoise + UNetDenoiseLoop).",
+            {
+                "model": ["MODEL"],
+                "add_noise": [["enable", "disable"], {}],
+                "noise_seed": ["INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}],
+                "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+                "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+                "sampler_name": [list(SAMPLER_NAMES), {}],
+                "scheduler": [list(SCHEDULER_NAMES), {}],
+                "positive": ["CONDITIONING"],
+                "negative": ["CONDITIONING"],
+                "latent_image": ["LATENT"],
+                "start_at_step": ["INT", {"default": 0, "min": 0, "max": 10000}],
+                "end_at_step": ["INT", {"default": 10000, "min": 0, "max": 10000}],
+                "return_with_leftover_noise": [["disable", "enable"], {}],
             },
             ["LATENT"],
         ),
