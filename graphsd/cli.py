@@ -1,4 +1,4 @@
-"""The ``graphsd`` command: run | validate | nodes | plugins | serve.
+"""The ``graphsd`` command: run | validate | convert | nodes | plugins | serve.
 
 Exit codes: 0 success, 1 a node failed, 2 a user mistake (bad workflow, bad option, unusable
 output directory), 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM. User mistakes
@@ -49,6 +49,7 @@ def _engine(args: argparse.Namespace):
         device=getattr(args, "device", "auto"),
         output_dir=getattr(args, "output_dir", "output"),
         models_dir=getattr(args, "models_dir", "models"),
+        input_dir=getattr(args, "input_dir", "input"),
         plugins_dirs=list(args.plugins_dir or []),
         allow_pickle=getattr(args, "allow_pickle", False),
         vram_budget_mb=getattr(args, "vram_budget", None),
@@ -66,11 +67,17 @@ def _engine(args: argparse.Namespace):
 
 def _read_roots(args: argparse.Namespace) -> list[str] | None:
     """A workflow taken from a PNG may come from anyone: unless --trust-workflow, the files it
-    names must lie in the models folder, the output folder or the PNG's own folder."""
+    names must lie in the models folder, the input folder, the output folder or the PNG's own
+    folder."""
     workflow = getattr(args, "workflow", None)
     if not workflow or not str(workflow).lower().endswith(".png") or getattr(args, "trust_workflow", False):
         return None
-    return [args.models_dir, getattr(args, "output_dir", "output"), os.path.dirname(os.path.abspath(workflow))]
+    return [
+        args.models_dir,
+        getattr(args, "input_dir", "input"),
+        getattr(args, "output_dir", "output"),
+        os.path.dirname(os.path.abspath(workflow)),
+    ]
 
 
 def _print_issues(err: WorkflowError, source: str) -> None:
@@ -209,6 +216,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write the workflow a file holds (a ComfyUI API prompt, an editor file, a PNG carrying
+    either, a request body wrapping one, or a graphsd workflow) as a graphsd workflow: YAML, or
+    JSON when the target ends in ``.json``; ``-`` prints it. It is validated first, and an
+    existing target is replaced only with ``--overwrite`` (atomically)."""
+    from pathlib import Path
+
+    import yaml
+
+    from graphsd.paths import write_atomic
+
+    engine = _engine(args)
+    document = engine.read(args.workflow)
+    engine.load(document)  # validated: a file that cannot run is not written
+    as_json = args.target.lower().endswith(".json")
+    if as_json:
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    else:
+        body = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120)
+        text = f"# {Path(args.workflow).name}, converted by graphsd convert\n{body}"
+    if args.target == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    target = Path(args.target)
+    if target.is_dir() or (target.exists() and not args.overwrite):
+        what = "is a folder" if target.is_dir() else "exists (pass --overwrite to replace it)"
+        raise GraphsdError(f"{target} {what}; nothing was written")
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    try:
+        written = write_atomic(target, write, overwrite=args.overwrite)
+    except OSError as exc:
+        raise GraphsdError(f"cannot write {target}: {exc.strerror or exc}") from None
+    print(written)
+    return EXIT_OK
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
     engine = _engine(args)
     names = sorted(engine.nodes)
@@ -303,6 +348,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+INPUT_DIR_HELP = "where a ComfyUI prompt's LoadImage names its images (default ./input, as ComfyUI's input folder)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphsd", description="Run Stable-Diffusion-style workflows as graphs of typed nodes.")
     common = argparse.ArgumentParser(add_help=False)
@@ -317,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param (repeatable)")
     run.add_argument("--output", action="append", metavar="NODE", help="run only this output node and what it needs (repeatable)")
     run.add_argument("--output-dir", default="output", metavar="DIR", help="where files are written (default ./output)")
+    run.add_argument("--input-dir", default="input", metavar="DIR", help=INPUT_DIR_HELP)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU (model offload)")
     run.add_argument(
@@ -344,7 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", parents=[common], help="check a workflow without running it")
     val.add_argument("workflow")
     val.add_argument("--set", action="append", metavar="KEY=VALUE")
+    val.add_argument("--input-dir", default="input", metavar="DIR", help=INPUT_DIR_HELP)
     val.set_defaults(func=cmd_validate)
+
+    conv = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="write a ComfyUI file (API prompt, editor file, PNG) or any workflow graphsd reads as a graphsd workflow",
+        description="Write the workflow IN holds (a ComfyUI API prompt or editor file, a PNG carrying one, a request body "
+        "wrapping one, a graphsd workflow) as a graphsd workflow OUT: YAML, or JSON when OUT ends in .json; '-' prints it. "
+        "The result runs unconfined: a workflow taken from someone's PNG may read any file you can, so look at it first.",
+    )
+    conv.add_argument("workflow", metavar="IN")
+    conv.add_argument("target", metavar="OUT")
+    conv.add_argument("--input-dir", default="input", metavar="DIR", help=INPUT_DIR_HELP)
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.set_defaults(func=cmd_convert)
 
     nodes = sub.add_parser("nodes", parents=[common], help="list node types with their inputs and outputs")
     nodes.add_argument("--json", action="store_true", help="machine-readable schemas")

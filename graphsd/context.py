@@ -22,6 +22,8 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "output"
     models_dir: str = "models"
+    # where a ComfyUI prompt's image names (LoadImage "x.png", "x.png [input]") are looked up
+    input_dir: str = "input"
     plugins_dirs: list[str] = field(default_factory=list)
     allow_pickle: bool = False
     cache_budget_mb: float = 2048.0

@@ -72,10 +72,15 @@ class Engine:
 
     def load(self, workflow: str | Path | dict, params: dict[str, Any] | None = None) -> Graph:
         """Read and validate a workflow (raises WorkflowError listing every problem)."""
-        return build_graph(read_document(workflow, self._import_workflow), self.registry, params)
+        return build_graph(self.read(workflow), self.registry, params)
+
+    def read(self, workflow: str | Path | dict) -> dict:
+        """The workflow document a file (YAML, JSON, PNG) or dict holds, a foreign format (a
+        ComfyUI prompt or editor file) translated by the plugins; not yet validated."""
+        return read_document(workflow, self._import_workflow)
 
     def _import_workflow(self, data: Any) -> dict | None:
-        return self.pm.hook.graphsd_import_workflow(data=data, nodes=self.registry.nodes)
+        return self.pm.hook.graphsd_import_workflow(data=data, nodes=self.registry.nodes, settings=self.settings)
 
     def run(
         self,

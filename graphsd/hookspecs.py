@@ -24,6 +24,7 @@ import pluggy
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from graphsd.context import Settings
     from graphsd.events import Event
     from graphsd.node import Node
     from graphsd.types import Socket
@@ -71,12 +72,14 @@ def graphsd_shipped_folders() -> list[Path]:
 
 # ---- reading workflows ----------------------------------------------------------------------
 @hookspec(firstresult=True)
-def graphsd_import_workflow(data: Any, nodes: dict[str, type[Node]]) -> dict[str, Any] | None:
+def graphsd_import_workflow(data: Any, nodes: dict[str, type[Node]], settings: Settings) -> dict[str, Any] | None:
     """Translate a document in a foreign format (already parsed from JSON/YAML/PNG) into a graphsd
     workflow dict, or return None when it is not in this plugin's format. ``nodes`` are the
-    registered node classes by type (a foreign document may name graphsd nodes too). The first
-    non-None result is used; raise :class:`graphsd.errors.WorkflowError` for a document in your
-    format that cannot be translated. :mod:`graphsd.std` implements it for ComfyUI API prompts."""
+    registered node classes by type (a foreign document may name graphsd nodes too); ``settings``
+    are the engine's (folders where the document's file names resolve: ``input_dir``,
+    ``output_dir``, ``models_dir``). The first non-None result is used; raise
+    :class:`graphsd.errors.WorkflowError` for a document in your format that cannot be translated.
+    :mod:`graphsd.std` implements it for ComfyUI API prompts and UI-format files."""
 
 
 # ---- the ComfyUI-compatible server (graphsd serve) --------------------------------------------
@@ -100,14 +103,18 @@ def graphsd_comfy_types() -> dict[str, str]:
 
 
 @hookspec(firstresult=True)
-def graphsd_comfy_prompt(prompt: dict[str, Any], nodes: dict[str, type[Node]], input_dir: str) -> dict[str, Any] | None:
+def graphsd_comfy_prompt(
+    prompt: dict[str, Any], nodes: dict[str, type[Node]], input_dir: str, folders: dict[str, str]
+) -> dict[str, Any] | None:
     """Translate a ComfyUI API prompt that ``POST /prompt`` received: return
     ``{"workflow": <graphsd workflow dict>, "origins": {<graphsd node id>: {"id": <prompt node
     id>, "class_type": ..., "inputs": {<graphsd input>: <prompt input>}}}}``, so the server can
     report validation errors and run events on the prompt's own nodes and inputs. The prompt may
     name graphsd node types (``class_type`` = the type or ``graphsd.<type>``, inputs by graphsd
     names, a link ``[id, i]`` naming the i-th declared output). File names in the prompt lie in
-    ``input_dir`` (images) or the models folder. Raise :class:`graphsd.errors.WorkflowError` with
+    ``input_dir`` (images) or the models folder; ``folders`` maps ComfyUI's folder types
+    (``input``, ``output``, ``temp``) to the server's folders, for image names annotated with one
+    (``"x.png [output]"``). Raise :class:`graphsd.errors.WorkflowError` with
     issues on the prompt's node ids and input names; return None if you cannot read it."""
 
 

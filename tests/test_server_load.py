@@ -171,7 +171,7 @@ def test_kill_9_with_prompts_queued_then_restart_finishes_each_exactly_once(shar
             break
     server.kill9()
     ws.close()
-    assert [p.name for p in pngs(out)] == ["quick_00001.png"]
+    assert [p.name for p in pngs(out)] == ["quick_00001_.png"]
 
     server = shared["server"] = Served(server.base).start()
     server.wait_idle(timeout=600)
@@ -184,12 +184,12 @@ def test_kill_9_with_prompts_queued_then_restart_finishes_each_exactly_once(shar
     # the interrupted attempt's image was deleted and written again: one image per SaveImage, nothing half-written
     names = sorted(p.name for p in pngs(out))
     assert names == [
-        "after0_00001.png",
-        "after1_00001.png",
-        "after2_00001.png",
-        "after3_00001.png",
-        "quick_00001.png",
-        "slow_00001.png",
+        "after0_00001_.png",
+        "after1_00001_.png",
+        "after2_00001_.png",
+        "after3_00001_.png",
+        "quick_00001_.png",
+        "slow_00001_.png",
     ]
     assert not temporaries(server.dirs["output"])
     assert "runs again from the start (1 file(s) of the interrupted attempt deleted)" in server.log()

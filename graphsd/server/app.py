@@ -86,6 +86,7 @@ class ServerConfig:
             device=self.device,
             output_dir=self.output_dir,
             models_dir=self.models_dir,
+            input_dir=self.input_dir,
             plugins_dirs=list(self.plugins_dirs),
             allow_pickle=self.allow_pickle,
             load_entry_points=self.load_entry_points,
@@ -445,7 +446,9 @@ class Server:
         if issues:
             return protocol.error_response(issues, prompt, {}, outputs_all), 400
         try:
-            translated = self.engine.pm.hook.graphsd_comfy_prompt(prompt=prompt, nodes=self.engine.nodes, input_dir=str(self.input_dir))
+            translated = self.engine.pm.hook.graphsd_comfy_prompt(
+                prompt=prompt, nodes=self.engine.nodes, input_dir=str(self.input_dir), folders={k: str(v) for k, v in self.roots.items()}
+            )
         except WorkflowError as err:
             return protocol.error_response(err.issues, prompt, {}, outputs_all), 400
         if translated is None:

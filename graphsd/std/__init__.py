@@ -35,22 +35,28 @@ def graphsd_shipped_folders() -> list[Path]:
 
 
 @hookimpl
-def graphsd_import_workflow(data: Any, nodes: dict[str, Any]) -> dict | None:
-    from graphsd.std.comfy import comfy_to_workflow, is_comfy_prompt
+def graphsd_import_workflow(data: Any, nodes: dict[str, Any], settings: Any) -> dict | None:
+    from graphsd.std.comfy import is_comfy_prompt, translate, unwrap
     from graphsd.std.comfy_ui import class_definitions, is_ui_workflow, ui_to_prompt
+    from graphsd.std.nodes.comfy_core import PREVIEW_FOLDER
 
+    data = unwrap(data)  # a request body around the workflow
     if is_ui_workflow(data):  # the ComfyUI editor's file: first the API prompt the frontend would send
         data = ui_to_prompt(data, class_definitions(nodes))
-    return comfy_to_workflow(data, nodes) if is_comfy_prompt(data) else None
+    if not is_comfy_prompt(data):
+        return None
+    # ComfyUI's folders on the command line: the input folder, the output folder, and PreviewImage's temp/ in it
+    folders = {"input": settings.input_dir, "output": settings.output_dir, "temp": Path(settings.output_dir) / PREVIEW_FOLDER}
+    return translate(data, nodes, folders=folders, confine=False)[0]
 
 
 @hookimpl
-def graphsd_comfy_prompt(prompt: dict[str, Any], nodes: dict[str, Any], input_dir: str) -> dict[str, Any] | None:
+def graphsd_comfy_prompt(prompt: dict[str, Any], nodes: dict[str, Any], input_dir: str, folders: dict[str, str]) -> dict[str, Any] | None:
     from graphsd.std.comfy import is_comfy_prompt, translate
 
     if not is_comfy_prompt(prompt):
         return None
-    workflow, origins = translate(prompt, nodes, input_dir)
+    workflow, origins = translate(prompt, nodes, input_dir, folders=folders, confine=True)
     return {"workflow": workflow, "origins": origins}
 
 

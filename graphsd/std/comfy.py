@@ -45,13 +45,23 @@ which the last ``steps`` run (graphsd ``start_step``), so the numbers of steps a
 KSampler fed by EmptyLatentImage at full denoise is text-to-image (the latent only gives the
 noise its shape), as in diffusers' text-to-image pipelines.
 
-With an input folder (the server), LoadImage's ``image`` is a file name in that folder, as in
-ComfyUI, and ``image``, ``ckpt_name`` and ``lora_name`` must be names inside their folders
-(no absolute paths, no ``..``).
+File names: LoadImage's ``image`` is a file in the input folder (``graphsd run --input-dir``,
+default ``./input``; the server's input folder), as in ComfyUI, or, annotated as the frontend
+writes them, in the output or temporary folder (``"x.png [input]"``, ``"sub/x.png [output]"``,
+``"x.png [temp]"``). Windows separators in ``image``, ``ckpt_name`` and ``lora_name``
+(``"sd15\\model.safetensors"``) become ``/``. In served prompts these names must stay inside their
+folders (no absolute paths, no ``..``). SaveImage names its files as ComfyUI does
+(``<prefix>_00001_.png``, see graphsd's SaveImage ``naming``).
+
+Request bodies: a prompt wrapped as ComfyUI's ``POST /prompt`` body (``{"prompt": ...}``) or
+as serverless workers take it (:data:`REQUEST_WRAPPERS`: ``{"input": {"workflow": ...}}``, a
+``workflow_json`` string, ...) is unwrapped; a workflow found under any other key is refused with
+that key named.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -183,7 +193,8 @@ class _Conversion:
     prompt: dict[str, Any]
     ids: dict[str, str]
     native: dict[str, Any] = field(default_factory=dict)  # graphsd node types usable by name
-    input_dir: Path | None = None
+    folders: dict[str, Path] = field(default_factory=dict)  # ComfyUI folder type (input, output, temp) -> folder
+    confine: bool = False  # file names must stay inside their folders (served prompts)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)  # graphsd node id -> ComfyUI node id
     issues: list[Issue] = field(default_factory=list)
@@ -260,22 +271,42 @@ class _Conversion:
         return candidate
 
     def file_name(self, comfy_id: str, name: str, what: str) -> str | None:
-        """A file-name input (image, ckpt_name, lora_name) as a graphsd value. Served prompts
-        (with an input folder) may only name files inside their folders."""
+        """A file-name input (image, ckpt_name, lora_name) as a graphsd value: Windows ``\\``
+        separators become ``/``; an input image (``what`` "input") is looked up in the folder its
+        annotation names (``"x.png [output]"``), by default the input folder. Served prompts
+        (``confine``) may only name files inside their folders."""
         raw = self.prompt[comfy_id].get("inputs", {}).get(name)
-        if self.input_dir is None or not isinstance(raw, str):
+        if not isinstance(raw, str):
             return self.value(comfy_id, name)
-        problem = _confinement_problem(raw)
+        file = normalise_file_name(raw)
+        folder = None
+        if what == "input":
+            file, kind = annotated_name(file)
+            folder = self.folders.get(kind)
+        problem = _confinement_problem(file) if self.confine else None
         if problem:
             self.issue(
                 comfy_id, f"{what} {raw!r} {problem}", field=name, hint=f"give the name of a file in the {what} folder", code="bad_path"
             )
             return None
-        return _escape(str(self.input_dir / raw)) if what == "input" else _escape(raw)
+        return _escape(str(folder / file) if folder is not None else file)
+
+
+def normalise_file_name(name: str) -> str:
+    """A file name as a ComfyUI prompt written on Windows gives it, with ``/`` separators
+    (``"sd15\\model.safetensors"`` → ``"sd15/model.safetensors"``)."""
+    return name.replace("\\", "/")
+
+
+def annotated_name(name: str) -> tuple[str, str]:
+    """(file name, folder type) of a LoadImage name as the frontend annotates it: ``"x.png
+    [output]"`` → ``("x.png", "output")``; a name without annotation lies in ``input``."""
+    match = re.fullmatch(r"(.*?) ?\[(input|output|temp)\]", name)
+    return (match[1], match[2]) if match else (name, "input")
 
 
 def _confinement_problem(name: str) -> str | None:
-    if not name or "\0" in name or "\\" in name:
+    if not name or "\0" in name:
         return "is not a file name"
     if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
         return "is an absolute path"
@@ -503,7 +534,9 @@ def _load_image(c: _Conversion, cid: str, gid: str) -> None:
 
 
 def _save_image(c: _Conversion, cid: str, gid: str) -> None:
-    c.add(gid, "SaveImage", {"image": c.value(cid, "images"), "prefix": c.value(cid, "filename_prefix", default="ComfyUI")})
+    prefix = c.value(cid, "filename_prefix", default="ComfyUI")
+    prefix = normalise_file_name(prefix) if isinstance(prefix, str) and not prefix.startswith("@") else prefix
+    c.add(gid, "SaveImage", {"image": c.value(cid, "images"), "prefix": prefix, "naming": "comfyui"})
 
 
 def _lora(c: _Conversion, cid: str, gid: str) -> None:
@@ -624,11 +657,21 @@ def _graphsd_ids(prompt: dict[str, Any]) -> dict[str, str]:
     return ids
 
 
-def is_comfy_prompt(data: Any) -> bool:
-    """A ComfyUI API prompt is a mapping of ids to ``{"class_type": ..., "inputs": ...}``
-    (sometimes wrapped as ``{"prompt": {...}}``)."""
-    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
-        data = data["prompt"]
+REQUEST_WRAPPERS: tuple[tuple[str, ...], ...] = (
+    ("prompt",),
+    ("workflow",),
+    ("input", "workflow"),
+    ("input", "prompt"),
+    ("workflow_json",),
+    ("input", "workflow_json"),
+)
+"""Where request bodies carry a ComfyUI workflow (an API prompt or an editor file): ComfyUI's own
+``POST /prompt`` body (``prompt``), serverless workers' ``{"input": {"workflow": ...}}`` (RunPod's
+worker-comfyui and its forks), ``workflow_json`` holding the workflow as JSON text (Replicate's
+ComfyUI runner). Other fields of the body (inline images, webhooks) are not read."""
+
+
+def _is_bare_prompt(data: Any) -> bool:
     return (
         isinstance(data, dict)
         and bool(data)
@@ -637,17 +680,86 @@ def is_comfy_prompt(data: Any) -> bool:
     )
 
 
+def _is_workflow(data: Any) -> bool:
+    """An API prompt or an editor (UI-format) file."""
+    from graphsd.std.comfy_ui import is_ui_workflow
+
+    return _is_bare_prompt(data) or is_ui_workflow(data)
+
+
+def _nested_workflow(data: Any, depth: int = 3) -> tuple[str, ...] | None:
+    """The key path of the first workflow inside ``data`` (mappings only, ``depth`` levels)."""
+    if not isinstance(data, dict) or depth == 0:
+        return None
+    for key, value in data.items():
+        if _is_workflow(value):
+            return (str(key),)
+        if (inner := _nested_workflow(value, depth - 1)) is not None:
+            return (str(key), *inner)
+    return None
+
+
+def unwrap(data: Any) -> Any:
+    """The ComfyUI workflow a request body carries (:data:`REQUEST_WRAPPERS`), or ``data`` itself
+    when it is no wrapper (a prompt, an editor file, a graphsd document, anything else). Raises
+    :class:`WorkflowError` for a workflow under a key graphsd does not know, naming the key."""
+    if not isinstance(data, dict) or _is_workflow(data) or isinstance(data.get("nodes"), dict):
+        return data
+    for path in REQUEST_WRAPPERS:
+        inner: Any = data
+        for key in path:
+            inner = inner.get(key) if isinstance(inner, dict) else None
+        if path[-1] == "workflow_json" and isinstance(inner, str):
+            try:
+                inner = json.loads(inner)
+            except (ValueError, RecursionError) as exc:
+                where = ".".join(path)
+                raise WorkflowError([Issue(f"the request body's {where} is not a JSON workflow ({exc})", code="syntax")]) from None
+        if _is_workflow(inner):
+            return inner
+    found = _nested_workflow(data)
+    if found is None:
+        return data
+    where = "".join(f"[{json.dumps(key)}]" for key in found)
+    known = ", ".join("".join(f"[{json.dumps(k)}]" for k in path) for path in REQUEST_WRAPPERS)
+    raise WorkflowError(
+        [
+            Issue(
+                f"this is a request body carrying a ComfyUI workflow at {where}, a wrapper graphsd does not read",
+                hint=f"give the workflow itself (the value at {where}), or wrap it as graphsd reads it: {known}",
+                code="schema",
+            )
+        ]
+    )
+
+
+def is_comfy_prompt(data: Any) -> bool:
+    """A ComfyUI API prompt is a mapping of ids to ``{"class_type": ..., "inputs": ...}``
+    (sometimes wrapped in a request body: :data:`REQUEST_WRAPPERS`)."""
+    try:
+        return _is_bare_prompt(unwrap(data))
+    except WorkflowError:
+        return False
+
+
 def translate(
-    prompt: dict[str, Any], nodes: dict[str, Any] | None = None, input_dir: str | Path | None = None
+    prompt: dict[str, Any],
+    nodes: dict[str, Any] | None = None,
+    input_dir: str | Path | None = None,
+    folders: dict[str, str | Path] | None = None,
+    confine: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Convert a ComfyUI API prompt (optionally wrapped as ``{"prompt": {...}}``) into a graphsd
-    workflow document. ``nodes`` (the registry's node classes) lets the prompt name graphsd node
-    types; ``input_dir`` makes LoadImage read file names from that folder and confines file-name
-    inputs (see the module docstring). Returns (document, origins): origins maps each graphsd
-    node id to ``{"id": <ComfyUI node id>, "class_type": ..., "inputs": {<graphsd input>:
-    <ComfyUI input>}}``. Raises :class:`WorkflowError` listing every problem found."""
-    if isinstance(prompt.get("prompt"), dict):
-        prompt = prompt["prompt"]
+    """Convert a ComfyUI API prompt (optionally wrapped in a request body: :func:`unwrap`) into
+    a graphsd workflow document. ``nodes`` (the registry's node classes) lets the prompt name
+    graphsd node types; ``folders`` maps ComfyUI's folder types (input, output, temp) to the
+    folders LoadImage's names lie in (``input_dir`` is the input one); ``confine`` (by default:
+    whether ``input_dir`` is given, as for the server) keeps file-name inputs inside their folders
+    (see the module docstring). Returns (document, origins): origins maps each graphsd node id
+    to ``{"id": <ComfyUI node id>, "class_type": ..., "inputs": {<graphsd input>: <ComfyUI
+    input>}}``. Raises :class:`WorkflowError` listing every problem found."""
+    prompt = unwrap(prompt)
+    if not isinstance(prompt, dict):
+        raise WorkflowError([Issue("a ComfyUI API prompt must be a mapping of node ids to nodes", code="schema")])
     prompt = {str(k): v for k, v in prompt.items()}
     malformed = [
         Issue('a ComfyUI node must be {"class_type": <name>, "inputs": {...}}', node=cid, code="schema")
@@ -657,7 +769,11 @@ def translate(
     if malformed:
         raise WorkflowError(malformed)
     native = dict(nodes or {})
-    conversion = _Conversion(prompt, _graphsd_ids(prompt), native, Path(input_dir) if input_dir is not None else None)
+    places = {kind: Path(folder) for kind, folder in (folders or {}).items()}
+    if input_dir is not None:
+        places.setdefault("input", Path(input_dir))
+    confined = input_dir is not None if confine is None else confine
+    conversion = _Conversion(prompt, _graphsd_ids(prompt), native, places, confined)
     unknown = sorted(
         {n["class_type"] for n in prompt.values() if n["class_type"] not in CONVERTERS and native_class(n["class_type"], native) is None}
     )

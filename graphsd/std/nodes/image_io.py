@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -84,35 +85,77 @@ class SaveImage(Node):
     category = "image"
     description = (
         "Write each image of a batch as a PNG into the output directory, numbered "
-        "<prefix>_00001.png, ... without overwriting, with the workflow embedded as PNG text "
-        "(so `graphsd run image.png` runs it again). Writes are atomic."
+        "<prefix>_00001.png, ... (or as ComfyUI names them: <prefix>_00001_.png) without overwriting, "
+        "with the workflow embedded as PNG text (so `graphsd run image.png` runs it again). Writes are atomic."
     )
     output_node = True
 
     class Inputs(NodeIO):
         image: Image = Field(description="Images to save")
-        prefix: str = Field("graphsd", min_length=1, description="File name prefix; may name a sub-folder ('portraits/face'); must stay inside the output directory")
+        prefix: str = Field(
+            "graphsd",
+            min_length=1,
+            description="File name prefix; may name a sub-folder ('portraits/face'); must stay inside the output directory",
+        )
         embed_workflow: bool = Field(True, description="Embed the workflow (with its params) as PNG text metadata")
+        naming: Literal["graphsd", "comfyui"] = Field(
+            "graphsd",
+            description="graphsd: <prefix>_00001.png, ...; comfyui: <prefix>_00001_.png as ComfyUI's SaveImage names them (what "
+            "its clients expect; a ComfyUI prompt imports with it), the number following the highest <prefix>_NNNNN_.png "
+            "there, and %batch_num%, %width%, %height%, %year%, %month%, %day%, %hour%, %minute%, %second% in the prefix "
+            "replaced as ComfyUI replaces them",
+        )
 
     class Outputs(NodeIO):
         paths: list[str] = Field(description="Paths of the written files")
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        target = safe_output_path(ctx.output_dir, inputs.prefix, field="prefix")
+        comfyui = inputs.naming == "comfyui"
+        prefix = inputs.prefix
+        if comfyui:
+            _, height, width, _ = inputs.image.pixels.shape
+            prefix = comfy_prefix(prefix, width, height)
         info = PngImagePlugin.PngInfo()
         if inputs.embed_workflow:
             info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, sort_keys=True))
         paths = []
-        for pixels in inputs.image.pixels:
+        for index, pixels in enumerate(inputs.image.pixels):
             ctx.check_interrupted()
+            target = safe_output_path(ctx.output_dir, prefix.replace("%batch_num%", str(index)) if comfyui else prefix, field="prefix")
             pil = image_to_pil(pixels)
+            suffix = "_.png" if comfyui else ".png"
             try:
-                path = write_numbered(target.parent, target.name, ".png", lambda tmp: pil.save(tmp, format="PNG", pnginfo=info))
+                # ComfyUI numbers a batch on from one counter, so %batch_num% names go 00001, 00002, ...
+                start = index + 1 if comfyui else 1
+                path = write_numbered(
+                    target.parent, target.name, suffix, lambda tmp, pil=pil: pil.save(tmp, format="PNG", pnginfo=info), start
+                )
             except OSError as exc:
                 raise NodeError(f"cannot write into {target.parent}: {exc.strerror or exc}", field="prefix") from None
             ctx.wrote_file(path)
             paths.append(str(path))
         return self.Outputs(paths=paths)
+
+
+def comfy_prefix(prefix: str, width: int, height: int, now: time.struct_time | None = None) -> str:
+    """A file name prefix with the variables ComfyUI's SaveImage replaces: ``%width%`` and
+    ``%height%`` of the images, and the local date and time (``%year%``, ``%month%``, ``%day%``,
+    ``%hour%``, ``%minute%``, ``%second%``, zero-padded to two digits but the year)."""
+    now = now or time.localtime()
+    values = {"width": width, "height": height, "year": now.tm_year}
+    values |= {
+        name: f"{value:02d}"
+        for name, value in (
+            ("month", now.tm_mon),
+            ("day", now.tm_mday),
+            ("hour", now.tm_hour),
+            ("minute", now.tm_min),
+            ("second", now.tm_sec),
+        )
+    }
+    for name, value in values.items():
+        prefix = prefix.replace(f"%{name}%", str(value))
+    return prefix
 
 
 @hookimpl
