@@ -194,10 +194,12 @@ def images(result) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def ran(engine, tmp_path_factory):
-    """Every fixture file run on graphsd-tiny (64 px, 2-3 steps), LoadImage's example.png beside it.
-    Each saves under its own prefix, so a graph equal to one run before still writes its file."""
+    """Every fixture file run on graphsd-tiny (64 px, 2-3 steps), LoadImage's example.png in the input
+    folder (./input, as ComfyUI's). Each saves under its own prefix, so a graph equal to one run
+    before still writes its file."""
     folder = tmp_path_factory.mktemp("inputs")
-    PILImage.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(folder / "example.png")
+    (folder / "input").mkdir()
+    PILImage.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(folder / "input" / "example.png")
     results = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
