@@ -166,3 +166,78 @@ def test_bad_files_are_explained(tmp_path):
     bad["activation_func"] = "nonsense"
     with pytest.raises(HypernetworkFormatError, match="unsupported activation"):
         Hypernetwork.from_state(bad)
+
+
+# ---- every activation, with and without the output activation, against the format's definition ----
+# A1111 (modules/hypernetworks/hypernetwork.py) names its activations by a table: "linear" is none,
+# "swish" is torch's Hardswish (x·relu6(x + 3)/6), the other names are torch's activation classes
+# lower-cased. Written here as formulas, so a table that read "swish" as SiLU (x·sigmoid(x), the
+# usual meaning of the word) fails.
+FORMULAS = {
+    "linear": lambda x: x,
+    "relu": lambda x: x.clamp(min=0),
+    "leakyrelu": lambda x: torch.where(x > 0, x, 0.01 * x),
+    "elu": lambda x: torch.where(x > 0, x, torch.exp(x) - 1),
+    "swish": lambda x: x * (x + 3).clamp(0, 6) / 6,
+    "tanh": torch.tanh,
+    "sigmoid": lambda x: 1 / (1 + torch.exp(-x)),
+    "silu": lambda x: x / (1 + torch.exp(-x)),
+    "mish": lambda x: x * torch.tanh(torch.log1p(torch.exp(x))),
+    "softsign": lambda x: x / (1 + x.abs()),
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5)),
+}
+
+
+def a1111_layout(structure, activation, activate_output, layer_norm, dropout_structure):
+    """Indices of the Linear and LayerNorm layers in A1111's ``linear`` Sequential: per layer i a
+    Linear, then the activation (not after the last Linear unless activate_output; none for
+    "linear"), a LayerNorm if is_layer_norm, a Dropout where dropout_structure[i + 1] > 0."""
+    index, linears, norms = 0, [], []
+    for i in range(len(structure) - 1):
+        linears.append(index)
+        index += 1
+        if activation != "linear" and (i < len(structure) - 2 or activate_output):
+            index += 1
+        if layer_norm:
+            norms.append(index)
+            index += 1
+        if dropout_structure[i + 1] > 0:
+            index += 1
+    return linears, norms
+
+
+@pytest.mark.parametrize("activation", sorted(FORMULAS))
+@pytest.mark.parametrize("activate_output", [False, True], ids=["hidden", "output too"])
+@pytest.mark.parametrize("shape", ["plain", "norm-dropout"])
+def test_every_activation_is_placed_as_the_format_defines(activation, activate_output, shape):
+    structure = [1, 2, 1] if shape == "plain" else [1, 1.5, 2, 1]
+    dropout = [0.0] * len(structure) if shape == "plain" else [0.0, 0.3, 0.3, 0.0]
+    layer_norm = shape != "plain"
+    linears, norms = a1111_layout(structure, activation, activate_output, layer_norm, dropout)
+    layout = {
+        "meta": {"layer_structure": structure, "activation_func": activation, "is_layer_norm": layer_norm,
+                 "use_dropout": shape != "plain", "dropout_structure": dropout, "activate_output": activate_output,
+                 "last_layer_dropout": shape != "plain"},
+        "linears": linears, "norms": norms, "act": FORMULAS[activation],
+    }
+    data = make_file(layout, widths=(32,), seed=3)
+    hn = Hypernetwork.from_state(data)
+    x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3  # past Hardswish's ±3 knees
+    for net, sd in zip(hn.pair(32), data[32]):
+        ours = x + net.to(torch.float64)(x) * 0.7
+        assert_same(ours, reference_net(sd, layout)(x, 0.7), f"{activation} net")
+
+
+def test_swish_with_the_output_activation_patches_the_unet_as_the_format_defines(tmp_path):
+    """The reported case, through the file and the U-Net patch: swish (Hardswish) after every
+    Linear, the last one included."""
+    layout = {**LAYOUT_A, "meta": {**LAYOUT_A["meta"], "activation_func": "swish", "activate_output": True},
+              "act": FORMULAS["swish"]}
+    data = make_file(layout)
+    torch.save(data, tmp_path / "swish.pt")
+    hn = load_hypernetwork(tmp_path / "swish.pt", allow_pickle=True)
+    assert [type(m).__name__ for m in hn.pair(32)[0]] == ["Linear", "Hardswish", "Linear", "Hardswish"]
+    unet, te = tiny_sd1(torch.float64)
+    HypernetworkPatch(hn, "fp", 1.0).apply("unet", unet)
+    ref_unet, ref_te, _ = reference_unet(data, layout, 1.0, torch.float64)
+    assert_same(sd1_outputs(unet, te)[0], sd1_outputs(ref_unet, ref_te)[0], "U-Net output")

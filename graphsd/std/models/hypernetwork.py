@@ -43,8 +43,9 @@ class HypernetworkFormatError(ModelFileError, ValueError):
 
 
 def _activation_table() -> dict[str, type[torch.nn.Module]]:
-    """A1111's table: a few fixed names, then every torch activation by lower-cased class name
-    (later entries do not override the fixed ones that already exist, e.g. swish→Hardswish)."""
+    """A1111's table: its fixed names (``linear`` = none, ``swish`` = ``Hardswish``, not SiLU) and
+    every class of ``torch.nn.modules.activation`` by its lower-cased name. A1111 adds the torch
+    classes after its fixed names; the names both have (relu, elu, tanh, ...) mean the same class."""
     table: dict[str, type[torch.nn.Module]] = {
         name.lower(): getattr(torch.nn.modules.activation, name) for name in torch.nn.modules.activation.__all__
     }
