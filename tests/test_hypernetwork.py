@@ -223,7 +223,7 @@ def test_every_activation_is_placed_as_the_format_defines(activation, activate_o
     data = make_file(layout, widths=(32,), seed=3)
     hn = Hypernetwork.from_state(data)
     x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3  # past Hardswish's ±3 knees
-    for net, sd in zip(hn.pair(32), data[32]):
+    for net, sd in zip(hn.pair(32), data[32], strict=True):
         ours = x + net.to(torch.float64)(x) * 0.7
         assert_same(ours, reference_net(sd, layout)(x, 0.7), f"{activation} net")
 

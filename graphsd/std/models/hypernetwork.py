@@ -159,7 +159,7 @@ class Hypernetwork(torch.nn.Module):
         return self.nets[str(width)] if str(width) in self.nets else None
 
     @classmethod
-    def from_state(cls, data: dict[Any, Any], name: str = "hypernetwork") -> "Hypernetwork":
+    def from_state(cls, data: dict[Any, Any], name: str = "hypernetwork") -> Hypernetwork:
         """Build from the dict an A1111 ``.pt`` file holds (``name`` is used in error messages).
         Every stored tensor is checked against the layout before a module holds it; the nets
         are built on the meta device and take the stored tensors, so memory stays bounded by
@@ -172,7 +172,7 @@ class Hypernetwork(torch.nn.Module):
             if width < 1 or not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise HypernetworkFormatError(f"'{name}': width {width} must be positive and hold [k_net, v_net] state dicts")
             nets[width] = tuple(_load_net(width, meta, sd, f"'{name}': width {width} {part}")  # type: ignore[assignment]
-                                for sd, part in zip(pair, ("k_net", "v_net")))
+                                for sd, part in zip(pair, ("k_net", "v_net"), strict=True))
         if not nets:
             raise HypernetworkFormatError(f"'{name}': no integer (context width) keys: not an A1111 hypernetwork")
         return cls(nets, meta)
