@@ -334,6 +334,17 @@ def test_a_bad_latent_file_fails_the_node_on_its_field(engine, folders, content,
     assert expected in failure.message and failure.traceback == ""
 
 
+@pytest.mark.parametrize("linked", [False, True])
+def test_load_latent_reads_a_replaced_file_again(engine, folders, linked):
+    """The cache knows the file (or, for a name that comes through a link, the input folder)."""
+    nodes = {"load": {"type": "LoadLatent", "inputs": {"latent": "@name.value" if linked else "x.latent"}}}
+    nodes["name"] = {"type": "PrimitiveString", "inputs": {"value": "x.latent"}}
+    for size in (2, 3):
+        write_latent(folders / "in" / "x.latent", latents(1, 4, size, size).float())
+        result = engine.run({"version": 1, "nodes": nodes}, outputs=["load"])
+        assert result.ok and result.outputs["load"]["latent"].samples.shape == (1, 4, size, size)
+
+
 def test_load_latent_reads_only_where_a_confined_workflow_may(folders):
     write_latent(folders / "x.latent", latents(1, 4, 2, 2).float())
     engine = Engine(Settings(device="cpu", output_dir=str(folders / "out"), read_roots=[str(folders / "in")]))

@@ -288,10 +288,11 @@ class LoadLatent(Node):
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
-        """The file's identity (size and mtime), so a replaced file is read again."""
+        """The file's identity (size and mtime), so a replaced file is read again; for a name that
+        comes through a link, that of every file in the input folder."""
         name = literals.get("latent")
         if not isinstance(name, str):
-            return ""
+            return "input:" + file_fingerprint(ctx.settings.input_dir)
         found = next((p for p in latent_file_candidates(name, ctx) if p.is_file()), None)
         return file_fingerprint(found) if found is not None else f"missing:{name}"
 
