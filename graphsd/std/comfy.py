@@ -10,6 +10,7 @@ classes, unsupported samplers, dangling links) is reported at once in one Workfl
 | ComfyUI class | graphsd node(s) |
 | --- | --- |
 | CheckpointLoaderSimple | CheckpointLoader |
+| CheckpointLoader | CheckpointLoader (``config_name`` is ignored: graphsd reads the model's layout from the file) |
 | CLIPTextEncode | TextEncode |
 | EmptyLatentImage | EmptyLatent |
 | KSampler | LatentNoise + UNetDenoiseLoop |
@@ -19,6 +20,7 @@ classes, unsupported samplers, dangling links) is reported at once in one Workfl
 | LoadImage | LoadImage |
 | SaveImage | SaveImage |
 | LoraLoader | LoraLoader |
+| HypernetworkLoader | HypernetworkLoader |
 | PreviewImage | PreviewImage (writes into the output directory's ``temp/``) |
 | CLIPSetLastLayer | the ``clip_skip`` of the TextEncode nodes it feeds |
 | LatentUpscale / LatentUpscaleBy | LatentUpscale / LatentUpscaleBy |
@@ -104,6 +106,7 @@ RANGES: dict[str, dict[str, tuple[float, float]]] = {
     },
     "EmptyLatentImage": {"width": (16, MAX_RESOLUTION), "height": (16, MAX_RESOLUTION), "batch_size": (1, 4096)},
     "LoraLoader": {"strength_model": (-100.0, 100.0), "strength_clip": (-100.0, 100.0)},
+    "HypernetworkLoader": {"strength": (-10.0, 10.0)},
     "VAEDecodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
     "CLIPSetLastLayer": {"stop_at_clip_layer": (-24, -1)},
     "LatentUpscale": {"width": (0, MAX_RESOLUTION), "height": (0, MAX_RESOLUTION)},
@@ -130,6 +133,8 @@ counterpart (Noise, ...) keep their graphsd names."""
 
 INPUT_NAMES: dict[str, dict[str, str]] = {
     "CheckpointLoaderSimple": {"path": "ckpt_name"},
+    "CheckpointLoader": {"path": "ckpt_name"},
+    "HypernetworkLoader": {"unet": "model", "hypernetwork": "hypernetwork_name", "strength": "strength"},
     "CLIPTextEncode": {"clip": "clip", "text": "text", "clip_skip": "clip"},
     "EmptyLatentImage": {"width": "width", "height": "height", "batch_size": "batch_size"},
     "KSampler": {
@@ -352,7 +357,14 @@ def native_class(class_type: Any, nodes: dict[str, Any]) -> Any:
 
 
 def _checkpoint(c: _Conversion, cid: str, gid: str) -> None:
+    """CheckpointLoaderSimple, and CheckpointLoader whose ``config_name`` (an original LDM config
+    file) graphsd does not need: it reads the model's layout from the checkpoint itself."""
     c.add(gid, "CheckpointLoader", {"path": c.file_name(cid, "ckpt_name", "checkpoint")})
+
+
+def _hypernetwork(c: _Conversion, cid: str, gid: str) -> None:
+    inputs = {"unet": c.value(cid, "model"), "hypernetwork": c.file_name(cid, "hypernetwork_name", "hypernetwork")}
+    c.add(gid, "HypernetworkLoader", inputs | {"strength": c.value(cid, "strength", default=1.0)})
 
 
 def _clip_skip(c: _Conversion, cid: str) -> int | None:
@@ -592,6 +604,8 @@ def _native(c: _Conversion, cid: str, gid: str, cls: Any) -> None:
 
 CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
     "CheckpointLoaderSimple": _checkpoint,
+    "CheckpointLoader": _checkpoint,
+    "HypernetworkLoader": _hypernetwork,
     "CLIPTextEncode": _text,
     "EmptyLatentImage": _empty_latent,
     "KSampler": _ksampler,
@@ -611,6 +625,8 @@ CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
 
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "CheckpointLoaderSimple": ("unet", "clip", "vae"),
+    "CheckpointLoader": ("unet", "clip", "vae"),
+    "HypernetworkLoader": ("unet",),
     "CLIPTextEncode": ("cond",),
     "EmptyLatentImage": ("latent",),
     "KSampler": ("latent",),
@@ -854,6 +870,12 @@ def checkpoint_names(models_dir: str | Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def config_names(models_dir: str | Path) -> list[str]:
+    """What CheckpointLoader's ``config_name`` offers: the LDM config files in the models folder's
+    ``configs/`` (graphsd ignores the choice)."""
+    return _files(Path(models_dir) / "configs", lambda p: p.is_file() and p.suffix.lower() in (".yaml", ".yml"))
+
+
 def image_names(input_dir: str | Path) -> list[str]:
     """What LoadImage's ``image`` offers: the image files in the input folder (not its subfolders,
     as in ComfyUI; a subfolder's file can still be named ``sub/name.png``)."""
@@ -907,6 +929,27 @@ def object_info(models_dir: str | Path, input_dir: str | Path) -> dict[str, dict
             "Loads a diffusion model checkpoint (graphsd: CheckpointLoader).",
             {"ckpt_name": [ckpts, {"tooltip": "The checkpoint (model) to load."}]},
             ["MODEL", "CLIP", "VAE"],
+        ),
+        "CheckpointLoader": entry(
+            "CheckpointLoader",
+            "Load Checkpoint With Config (DEPRECATED)",
+            "advanced/loaders",
+            "Loads a checkpoint; the config file is not needed and ignored (graphsd: CheckpointLoader).",
+            {"config_name": [config_names(models_dir), {}], "ckpt_name": [ckpts, {}]},
+            ["MODEL", "CLIP", "VAE"],
+        )
+        | {"deprecated": True},
+        "HypernetworkLoader": entry(
+            "HypernetworkLoader",
+            "HypernetworkLoader",
+            "loaders",
+            "Applies an A1111 hypernetwork to the model (graphsd: HypernetworkLoader).",
+            {
+                "model": ["MODEL"],
+                "hypernetwork_name": [available("hypernetworks", models_dir), {}],
+                "strength": ["FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}],
+            },
+            ["MODEL"],
         ),
         "CLIPTextEncode": entry(
             "CLIPTextEncode",
