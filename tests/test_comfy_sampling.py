@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import sd_tiny
 import torch
+from reference import assert_same
 from scipy.special import betaincinv
 from test_samplers_comfy import SD, expected, sd_sigmas
 
@@ -32,6 +33,7 @@ from graphsd.std.nodes.comfy_sampling import (
     ExponentialScheduler,
     FlipSigmas,
     KarrasScheduler,
+    ModelSamplingDiscrete,
     PolyexponentialScheduler,
     Sampler,
     SamplerCustom,
@@ -40,6 +42,7 @@ from graphsd.std.nodes.comfy_sampling import (
     SplitSigmas,
     SplitSigmasDenoise,
 )
+from graphsd.std.sampling.kdiffusion import model_sigma_table
 from graphsd.types import Conditioning, Latent, UNet
 
 U32 = 2.0**-24
@@ -556,3 +559,159 @@ def test_denoised_output_is_the_estimate_at_the_last_steps_start(engine, sd1):
     assert not torch.allclose(left, denoised)
     full = graph(custom_nodes("dpmpp_2m", "karras", 3))
     assert torch.equal(latent_of(engine, full, output="output"), latent_of(engine, full, output="denoised_output"))
+
+
+# ---------------------------------------------------------------- ModelSamplingDiscrete
+
+
+def patched(sampling: str, zsnr: bool = False) -> UNet:
+    return run(ModelSamplingDiscrete, model=sd_handle(), sampling=sampling, zsnr=zsnr).model
+
+
+def zsnr_sigmas() -> np.ndarray:
+    """Lin et al. 2024, Alg. 1 on SD's table: sqrt(alpha_bar) shifted to end at 0 and scaled to
+    keep its start; the last alpha_bar then set to ComfyUI's 4.8973451890853435e-08."""
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000) ** 2
+    root = np.sqrt(np.cumprod(1 - betas))
+    abar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+    abar[-1] = 4.8973451890853435e-08
+    return np.sqrt((1 - abar) / abar)
+
+
+def test_zsnr_rescales_the_table_to_zero_terminal_snr():
+    s, n = zsnr_sigmas(), 10
+    assert s[-1] == pytest.approx(4518.6, rel=1e-4)
+    ours = values(run(BasicScheduler, model=patched("v_prediction", zsnr=True), scheduler="simple", steps=n).sigmas)
+    close(ours, [s[999 - int(i * 1000 / n)] for i in range(n)] + [0.0])
+    assert patched("eps").info.scheduler_config["rescale_betas_zero_snr"] is False
+
+
+def test_lcm_samples_the_50_distilled_timesteps():
+    """ComfyUI's ModelSamplingDiscreteDistilled: the table's entries at timesteps 19, 39, ..., 999;
+    a timestep t maps to entry (t - 19) / 20, log-linear between entries (the normal scheduler)."""
+    distilled = sd_sigmas()[19::20]
+    lcm = patched("lcm")
+    close(
+        values(run(BasicScheduler, model=lcm, scheduler="simple", steps=4).sigmas),
+        [distilled[49 - int(i * 50 / 4)] for i in range(4)] + [0.0],
+    )
+
+    def at(t):
+        k = (t - 19) / 20
+        lo, hi = math.floor(k), math.ceil(k)
+        return math.exp((1 - (k - lo)) * math.log(distilled[lo]) + (k - lo) * math.log(distilled[hi]))
+
+    close(values(run(BasicScheduler, model=lcm, scheduler="normal", steps=4).sigmas), [at(t) for t in np.linspace(999, 19, 4)] + [0.0])
+    table = model_sigma_table(lcm, "model")
+    assert [int(table.timestep(s)) for s in (distilled[0], distilled[24], distilled[49], sd_sigmas()[500])] == [19, 499, 999, 499]
+
+
+@pytest.mark.parametrize("sampling", ["eps", "v_prediction", "x0", "lcm"])
+def test_model_sampling_turns_the_unet_output_into_the_denoised_estimate(sampling):
+    """Karras et al. 2022, table 1 (VP) for eps; Salimans & Ho 2022 for v; x0 is the output; an LCM
+    adds the consistency boundary condition at 10 x its timestep (Luo et al. 2023, sigma_data 0.5)."""
+    table = model_sigma_table(patched(sampling), "model")
+    x, out = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    sigma = float(table.sigmas[24])
+    ours = table.denoised(x, out, sigma)
+    if sampling == "eps":
+        reference = x - sigma * out
+    elif sampling == "v_prediction":
+        reference = x / (sigma**2 + 1) - sigma / math.sqrt(sigma**2 + 1) * out
+    elif sampling == "x0":
+        reference = out
+    else:
+        s = 10 * 499  # entry 24 of the distilled table is timestep 499
+        reference = 0.25 / (s**2 + 0.25) * x + s / math.sqrt(s**2 + 0.25) * (x - sigma * out)
+    torch.testing.assert_close(ours, reference, rtol=4 * 2.0**-52, atol=4 * 2.0**-52 * float(x.abs().max() + sigma * out.abs().max()))
+
+
+def test_model_sampling_discrete_imports_by_name_and_refuses_other_samplings(engine):
+    prompt = graph(custom_nodes("euler", "karras", 3))
+    prompt["20"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["4", 0], "sampling": "lcm", "zsnr": True}}
+    prompt["3"]["inputs"]["model"] = prompt["11"]["inputs"]["model"] = ["20", 0]
+    doc = comfy_to_workflow(prompt, engine.nodes)
+    assert doc["nodes"]["20"] == {"type": "ModelSamplingDiscrete", "inputs": {"model": "@4.unet", "sampling": "lcm", "zsnr": True}}
+    assert doc["nodes"]["3"]["inputs"]["model"] == "@20.model"
+    engine.load(doc)
+    prompt["20"]["inputs"]["sampling"] = "edm"
+    assert any(node == "20" and field == "sampling" for node, field, _ in comfy_issues(engine, prompt))
+
+
+def unet_reference(folder, x: torch.Tensor, sigma: float, timestep: int) -> torch.Tensor:
+    """The tiny model's U-Net output on x / sqrt(sigma^2 + 1) at ``timestep`` with the prompt "a red
+    circle" encoded as diffusers' encode_prompt encodes it (CLIP's last hidden state), in float64."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).double()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).double()
+    ids = tokenizer("a red circle", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = encoder(ids)[0]
+        return unet(x / math.sqrt(sigma**2 + 1), timestep, encoder_hidden_states=context).sample
+
+
+def model_sampling_nodes(sampling: str, zsnr: bool, sigma: float | None) -> dict:
+    """graphsd's nodes in float64: one Euler step from ``sigma`` (None: the table's largest) to 0 with
+    the patched model and no guidance, from an empty latent with the noise of seed 5."""
+    schedule = (
+        {"type": "BasicScheduler", "inputs": {"model": "@patch.model", "scheduler": "normal", "steps": 1}}
+        if sigma is None
+        else {"type": "ExponentialScheduler", "inputs": {"steps": 1, "sigma_max": sigma, "sigma_min": sigma}}
+    )
+    return {
+        "version": 1,
+        "nodes": {
+            "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1", "dtype": "fp64"}},
+            "patch": {"type": "ModelSamplingDiscrete", "inputs": {"model": "@model.unet", "sampling": sampling, "zsnr": zsnr}},
+            "pos": {"type": "TextEncode", "inputs": {"clip": "@model.clip", "text": "a red circle"}},
+            "empty": {"type": "EmptyLatent", "inputs": {"width": 64, "height": 64}},
+            "sigmas": schedule,
+            "sampler": {"type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "guider": {"type": "BasicGuider", "inputs": {"model": "@patch.model", "conditioning": "@pos.cond"}},
+            "noise": {"type": "RandomNoise", "inputs": {"noise_seed": 5}},
+            "run": {
+                "type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": "@noise.noise",
+                    "guider": "@guider.guider",
+                    "sampler": "@sampler.sampler",
+                    "sigmas": "@sigmas.sigmas",
+                    "latent_image": "@empty.latent",
+                },
+            },
+        },
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sampling,zsnr,at,timestep",
+    [("v_prediction", True, None, 999), ("x0", False, 300, 300), ("eps", False, None, 999), ("lcm", False, 500, 499)],
+)
+def test_model_sampling_discrete_reaches_the_sampler(engine, sd1, sampling, zsnr, at, timestep):
+    """One Euler step to 0 lands on D(x, sigma): graphsd's latent against D computed here from the
+    U-Net called directly, x = noise * sqrt(1 + sigma^2) at the table's largest sigma (zsnr: about
+    4519) or noise * sigma below it, the U-Net at the timestep the model's table gives (an LCM's
+    nearest distilled one: 499 for sigma_500), and the formula of the sampling type."""
+    sigma_at = None if at is None else float(sd_sigmas()[at])
+    result = engine.run(model_sampling_nodes(sampling, zsnr, sigma_at), outputs=["run", "sigmas"])
+    assert result.ok, [str(e) for e in result.errors]
+    sigma = float(result.outputs["sigmas"]["sigmas"].values[0])
+    if at is None:
+        assert sigma == pytest.approx((zsnr_sigmas() if zsnr else sd_sigmas())[-1], rel=1e-5)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)).double()
+    x = noise * (math.sqrt(1 + sigma**2) if at is None else sigma)
+    out = unet_reference(sd1, x, sigma, timestep)
+    if sampling == "v_prediction":
+        reference = x / (sigma**2 + 1) - sigma / math.sqrt(sigma**2 + 1) * out
+    elif sampling == "x0":
+        reference = out
+    else:
+        reference = x - sigma * out
+        if sampling == "lcm":
+            s = 10.0 * timestep
+            reference = 0.25 / (s**2 + 0.25) * x + s / math.sqrt(s**2 + 0.25) * reference
+    assert_same(result.outputs["run"]["output"].samples, reference, sampling)

@@ -27,7 +27,7 @@ whole batch from one generator: the same for a batch of one).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -45,6 +45,7 @@ from graphsd.std.sampling.ksamplers import KSAMPLERS, NOT_SUPPORTED
 from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings
 from graphsd.std.sampling.sigmas import (
     COMFY_SCHEDULERS,
+    LCM_KEY,
     SigmaTable,
     basic_sigmas,
     beta,
@@ -411,6 +412,41 @@ class CFGGuider(Node):
         return self.Outputs(guider=Guider(inputs.model, inputs.positive, inputs.negative, inputs.cfg))
 
 
+# ---- the model's sampling ---------------------------------------------------------------------------
+class ModelSamplingDiscrete(Node):
+    type = "ModelSamplingDiscrete"
+    category = "sampling"
+    description = (
+        "Say how the model is to be sampled (ComfyUI's ModelSamplingDiscrete): what its U-Net predicts (eps, "
+        "v_prediction, x0), or a latent consistency model (lcm: the 50 distilled timesteps and the consistency "
+        "boundary condition), and whether its noise table has zero terminal SNR (zsnr, Lin et al. 2024). A patch "
+        "on the handle: the weights are shared. The comfyui convention (KSampler, SamplerCustom) uses all of it; "
+        "the diffusers convention takes the prediction type and zsnr, where diffusers' scheduler has them."
+    )
+
+    class Inputs(NodeIO):
+        model: UNet = Field(description="The model to patch")
+        sampling: Literal["eps", "v_prediction", "lcm", "x0"] = Field("eps", description="What the U-Net's output is")
+        zsnr: bool = Field(False, description="Rescale the noise table to zero terminal SNR (for models trained that way)")
+
+    class Outputs(NodeIO):
+        model: UNet = Field(description="The patched model")
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        info = model_info(inputs.model, "model")
+        config = dict(info.scheduler_config)
+        config["prediction_type"] = PREDICTIONS[inputs.sampling]
+        config["rescale_betas_zero_snr"] = inputs.zsnr
+        config[LCM_KEY] = inputs.sampling == "lcm"
+        patched = replace(inputs.model, info=replace(info, scheduler_config=config))
+        _table(patched, "model")  # a noise table this cannot describe is refused here, not in the sampler
+        return self.Outputs(model=patched)
+
+
+PREDICTIONS = {"eps": "epsilon", "lcm": "epsilon", "v_prediction": "v_prediction", "x0": "sample"}
+"""ModelSamplingDiscrete's ``sampling`` → the diffusers ``prediction_type`` (an LCM predicts the noise)."""
+
+
 # ---- the samplers -------------------------------------------------------------------------------
 def custom_sample(
     ctx: Context, guider: Guider, noise: NoiseGenerator, sampler: Sampler, sigmas: Sigmas, latent: Latent, fields: dict[str, str]
@@ -556,6 +592,7 @@ def graphsd_register_nodes() -> list[type[Node]]:
         PolyexponentialScheduler,
         SDTurboScheduler,
         BetaSamplingScheduler,
+        ModelSamplingDiscrete,
         SplitSigmas,
         SplitSigmasDenoise,
         FlipSigmas,

@@ -7,7 +7,9 @@ With ``convention: comfyui`` UNetDenoiseLoop runs the sampler named by ComfyUI's
 - the model is a denoiser ``D(x, sigma)`` (Karras et al. 2022, EDM, table 1 for a VP model):
   the U-Net sees ``x / sqrt(sigma^2 + 1)`` at the timestep whose table sigma is nearest in log
   space, and its output gives ``D = x - sigma * eps`` (epsilon prediction) or
-  ``D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v`` (v prediction, Salimans & Ho 2022);
+  ``D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v`` (v prediction, Salimans & Ho 2022),
+  or x0 itself, or an LCM's boundary condition (``SigmaTable.denoised``, which ComfyUI's
+  ModelSamplingDiscrete switches);
 - classifier-free guidance on the denoised estimates: ``D = D_uncond + cfg (D_cond - D_uncond)``
   (equal to guiding eps, since D is affine in eps); CFG++ samplers also use ``D_uncond``;
 - the start: ``x = noise * sqrt(1 + sigma_0^2)`` when the schedule starts at the model's largest
@@ -92,16 +94,10 @@ class BrownianNoise(GaussianNoise):
 
 
 class Denoiser:
-    """``D(x, sigma)`` of a discrete eps- or v-prediction U-Net with classifier-free guidance;
-    returns the guided and the unguided estimate."""
+    """``D(x, sigma)`` of a discrete U-Net (its parameterisation: ``SigmaTable.denoised``) with
+    classifier-free guidance; returns the guided and the unguided estimate."""
 
     def __init__(self, unet, table: SigmaTable, context, added, cfg: float, guidance: bool, work: torch.dtype):
-        if table.prediction_type not in ("epsilon", "v_prediction"):
-            raise DenoiseError(
-                f"ComfyUI-style sampling needs an epsilon or v_prediction model, this one predicts {table.prediction_type!r}; "
-                "use convention 'diffusers'",
-                "convention",
-            )
         self.unet, self.table, self.context, self.added = unet, table, context, added
         self.cfg, self.guidance, self.work = cfg, guidance, work
 
@@ -114,10 +110,7 @@ class Denoiser:
         out = self.unet(
             model_input.to(self.unet.dtype), t, encoder_hidden_states=self.context, added_cond_kwargs=self.added, return_dict=False
         )[0].to(self.work)
-        if self.table.prediction_type == "v_prediction":
-            denoised = x.repeat(out.shape[0] // x.shape[0], 1, 1, 1) * c_in**2 - out * (sigma * c_in)
-        else:
-            denoised = x.repeat(out.shape[0] // x.shape[0], 1, 1, 1) - out * sigma
+        denoised = self.table.denoised(x.repeat(out.shape[0] // x.shape[0], 1, 1, 1), out, sigma)
         if not self.guidance:
             return denoised, denoised
         uncond, cond = denoised.chunk(2)

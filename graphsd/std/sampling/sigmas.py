@@ -46,8 +46,37 @@ COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_unif
 """ComfyUI's ``scheduler`` names, all of which graphsd computes."""
 
 
+LCM_KEY = "_comfy_lcm"
+"""Scheduler-config key that ModelSamplingDiscrete ``lcm`` sets: the model is a latent consistency
+model (ComfyUI's LCM sampling). Keys starting with ``_`` are private to diffusers' configs, so
+diffusers' schedulers ignore it."""
+
+ZERO_SNR_ALPHA_BAR = 4.8973451890853435e-08
+"""The last alpha_bar of a zero-terminal-SNR table as ComfyUI keeps it: a tiny positive value
+instead of 0, so that sigma_max stays finite (about 4519)."""
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""What the U-Net predicts (diffusers' names): the noise, v (Salimans & Ho 2022), or x0."""
+
+
+def zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps Are Flawed", Alg. 1):
+    ``sqrt(alpha_bar)`` shifted so its last value is 0 and scaled so its first is unchanged; the
+    last alpha_bar then becomes :data:`ZERO_SNR_ALPHA_BAR` (ComfyUI's
+    ``rescale_zero_terminal_snr_sigmas``)."""
+    root = np.sqrt(alphas_cumprod)
+    first, last = root[0], root[-1]
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    rescaled[-1] = ZERO_SNR_ALPHA_BAR
+    return rescaled
+
+
 class SigmaTable:
-    """The noise levels of a discrete model, from its (diffusers) scheduler config."""
+    """The noise levels of a discrete model and how its U-Net's output becomes ``D(x, sigma)``,
+    from its (diffusers) scheduler config (ComfyUI's ``model_sampling``): betas, ``prediction_type``,
+    ``rescale_betas_zero_snr`` (:func:`zero_terminal_snr`) and :data:`LCM_KEY`. An LCM table holds
+    only the 50 timesteps the model was distilled on (19, 39, ..., 999: ComfyUI's
+    ``ModelSamplingDiscreteDistilled``); timesteps map to and from its entries."""
 
     def __init__(self, scheduler_config: dict[str, Any]):
         n = int(scheduler_config.get("num_train_timesteps", 1000))
@@ -68,12 +97,23 @@ class SigmaTable:
             raise ValueError(
                 f"unsupported beta_schedule {kind!r} for ComfyUI-style sampling (use scaled_linear, linear or squaredcos_cap_v2)"
             )
-        if scheduler_config.get("rescale_betas_zero_snr"):
-            raise ValueError("zero-terminal-SNR models have an infinite sigma_max; use convention 'diffusers' for this model")
-        alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
-        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        self.log_sigmas = self.sigmas.log()
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"ComfyUI-style sampling needs an epsilon, v_prediction or sample (x0) model, this one predicts "
+                f"{self.prediction_type!r}; use convention 'diffusers'"
+            )
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+        alphas_cumprod = torch.tensor(alphas_cumprod, dtype=torch.float32)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.lcm = bool(scheduler_config.get(LCM_KEY))
+        # timestep = stride * index + offset: every timestep, or the 50 an LCM was distilled on
+        self.stride = max(len(sigmas) // 50, 1) if self.lcm else 1
+        self.offset = self.stride - 1
+        self.sigmas = sigmas[self.offset :: self.stride]
+        self.log_sigmas = self.sigmas.log()
 
     @property
     def sigma_min(self) -> float:
@@ -85,7 +125,7 @@ class SigmaTable:
 
     def sigma(self, t: float) -> float:
         """Noise level at a (fractional) timestep: log-linear between the table's entries."""
-        t = min(max(float(t), 0.0), len(self.sigmas) - 1.0)
+        t = min(max((float(t) - self.offset) / self.stride, 0.0), len(self.sigmas) - 1.0)
         low, high = math.floor(t), math.ceil(t)
         w = t - low
         return float(((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp())
@@ -93,7 +133,25 @@ class SigmaTable:
     def timestep(self, sigma: float | torch.Tensor) -> torch.Tensor:
         """The timestep whose sigma is nearest in log space (what the U-Net is conditioned on)."""
         log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log().reshape(-1)
-        return (log_sigma[None, :] - self.log_sigmas[:, None]).abs().argmin(dim=0)
+        return (log_sigma[None, :] - self.log_sigmas[:, None]).abs().argmin(dim=0) * self.stride + self.offset
+
+    def denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: float) -> torch.Tensor:
+        """``D(x, sigma)`` from the U-Net's output ``out`` on ``x / sqrt(sigma^2 + 1)`` (Karras et
+        al. 2022, table 1, VP): ``x - sigma eps`` (epsilon); ``x / (sigma^2 + 1) - sigma /
+        sqrt(sigma^2 + 1) v`` (v_prediction, Salimans & Ho 2022); the output itself (sample);
+        for an LCM, the consistency model's boundary condition ``c_skip x + c_out x0`` with
+        ``c_skip = 0.25 / (s^2 + 0.25)``, ``c_out = s / sqrt(s^2 + 0.25)``, ``s`` = 10 x the
+        timestep (Luo et al. 2023, sigma_data 0.5, as ComfyUI's LCM sampling)."""
+        if self.prediction_type == "v_prediction":
+            c_in = 1 / math.sqrt(sigma * sigma + 1)
+            return x * c_in**2 - out * (sigma * c_in)
+        if self.prediction_type == "sample":
+            return out
+        x0 = x - out * sigma
+        if not self.lcm:
+            return x0
+        scaled = 10.0 * float(self.timestep(sigma))
+        return x0 * (scaled / math.sqrt(scaled**2 + 0.25)) + x * (0.25 / (scaled**2 + 0.25))
 
 
 def _with_zero(values: list[float]) -> torch.Tensor:
