@@ -22,6 +22,10 @@ samplers is seeded with the noise seed (DisableNoise: seed 0). Both return the l
 denoised estimate of the last step (``denoised_output``, the latent itself when no step ran).
 RandomNoise draws batch item *i* with seed + i, as graphsd's LatentNoise does (ComfyUI draws a
 whole batch from one generator: the same for a batch of one).
+
+ModelSamplingDiscrete patches a U-Net handle's scheduler config with what its U-Net predicts
+(eps, v_prediction, x0), LCM sampling, and a zero-terminal-SNR table
+(:class:`graphsd.std.sampling.sigmas.SigmaTable` reads them). docs/samplers.md documents all of it.
 """
 
 from __future__ import annotations
