@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from graphsd import Engine, Settings, WorkflowError
 from graphsd.std.comfy import comfy_to_workflow
+from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
 from graphsd.std.models.loading import builtin_models_dir
 from graphsd.std.models.single_file import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, component_tensors
 from graphsd.std.text.tokenizer import clip_tokenizer_dir
@@ -407,3 +408,47 @@ def test_component_loaders_give_the_checkpoints_image(tmp_path):
     with engine.models.use(both, "unet") as m:
         assert all(torch.equal(p, ours[n]) for n, p in m.named_parameters())
     assert any(not torch.equal(p, ours[n]) for n, p in unet.named_parameters())
+
+
+def test_ui_format_widgets_map_onto_the_loader_merge_and_upscale_classes():
+    """The editor's file stores widget values in the class's widget order (optional ones, like
+    CLIPLoader's device, last): they land on ComfyUI's input names."""
+    widgets = {
+        1: ("CheckpointLoader", ["v1-inference.yaml", "graphsd-tiny"]),
+        2: ("VAELoader", ["sdxl_vae.safetensors"]),
+        3: ("UNETLoader", ["u.safetensors", "default"]),
+        4: ("CLIPLoader", ["c.safetensors", "stable_diffusion", "cpu"]),
+        5: ("DualCLIPLoader", ["l.safetensors", "g.safetensors", "sdxl", "default"]),
+        6: ("LoraLoaderModelOnly", ["night.safetensors", 0.5]),
+        7: ("HypernetworkLoader", ["night.pt", 0.7]),
+        8: ("ModelMergeBlocks", [0.1, 0.2, 0.3]),
+        9: ("UpscaleModelLoader", ["4x.pth"]),
+    }
+    links = [[1, 1, 0, 6, 0, "MODEL"], [2, 6, 0, 7, 0, "MODEL"], [3, 3, 0, 8, 0, "MODEL"], [4, 7, 0, 8, 1, "MODEL"]]
+    inputs = {6: [("model", 1)], 7: [("model", 2)], 8: [("model1", 3), ("model2", 4)]}
+    ui = {
+        "last_node_id": 9,
+        "nodes": [
+            {
+                "id": i,
+                "type": t,
+                "mode": 0,
+                "widgets_values": w,
+                "inputs": [{"name": n, "type": "MODEL", "link": k} for n, k in inputs.get(i, [])],
+            }
+            for i, (t, w) in widgets.items()
+        ],
+        "links": links,
+    }
+    prompt = ui_to_prompt(ui, class_definitions(Engine(Settings(device="cpu")).registry.nodes))
+    assert {i: prompt[str(i)]["inputs"] for i in widgets} == {
+        1: {"config_name": "v1-inference.yaml", "ckpt_name": "graphsd-tiny"},
+        2: {"vae_name": "sdxl_vae.safetensors", "scale": "auto"},
+        3: {"unet_name": "u.safetensors", "weight_dtype": "default"},
+        4: {"clip_name": "c.safetensors", "type": "stable_diffusion", "device": "cpu"},
+        5: {"clip_name1": "l.safetensors", "clip_name2": "g.safetensors", "type": "sdxl", "device": "default"},
+        6: {"lora_name": "night.safetensors", "strength_model": 0.5, "model": ["1", 0]},
+        7: {"hypernetwork_name": "night.pt", "strength": 0.7, "model": ["6", 0]},
+        8: {"input": 0.1, "middle": 0.2, "out": 0.3, "model1": ["3", 0], "model2": ["7", 0]},
+        9: {"model_name": "4x.pth"},
+    }
