@@ -166,6 +166,23 @@ def test_add_difference_merge_chains_and_model2s_own_patches_are_merged_in(engin
     assert_weights(merged(engine, nodes, "m"), {n: wc[n] + (wa[n] - wb[n]) for n in wa})
 
 
+@pytest.mark.slow
+def test_a_merge_saved_with_checkpoint_save_loads_back_merged(engine, models):
+    """ComfyUI's merge-and-save: the saved checkpoint holds the merged weights."""
+    nodes = {
+        **loaders("a", "b"),
+        "m": {"type": "ModelMergeSimple", "inputs": {"model1": "@a.unet", "model2": "@b.unet", "ratio": 0.4}},
+        "save": {"type": "CheckpointSave", "inputs": {"unet": "@m.model", "clip": "@a.clip", "vae": "@a.vae", "filename": "merged"}},
+    }
+    result = engine.run({"version": 1, "nodes": nodes}, outputs=["save"])
+    assert result.ok, [str(e) for e in result.errors]
+    saved = {"back": {"type": "CheckpointLoader", "inputs": {"path": result.outputs["save"]["path"], "dtype": "fp64"}}}
+    w1, w2 = weights(models, "a"), weights(models, "b")
+    back = engine.run({"version": 1, "nodes": saved}, outputs=["back"]).outputs["back"]["unet"]
+    ours = {n: p.detach() for n, p in engine.models.get(back.keys["unet"]).named_parameters()}
+    assert_weights(ours, {n: 0.4 * w1[n] + 0.6 * w2[n] for n in w1})
+
+
 # ---- patches: shared weights stay intact -------------------------------------------------------
 @pytest.mark.slow
 def test_model1_is_restored_after_use_and_unmerged_branches_see_it_unchanged(engine, models):
