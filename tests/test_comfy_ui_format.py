@@ -3,8 +3,10 @@
 The reference is the real ComfyUI frontend: tests/fixtures/comfy_ui/ holds, for each graph, the file
 the frontend 1.58.1 saves (``<name>.json``, ``app.graph.serialize()``) and the API prompt it sends
 for it (``<name>.api.json``, ``app.graphToPrompt()``), both written by the frontend in Chromium
-(make_fixtures.py, run by hand). graphsd's conversion of each file must equal the frontend's prompt,
-and the files run on graphsd-tiny."""
+(make_fixtures.py, run by hand); ``group_node.json`` is an older editor's group node, which the
+frontend opened. graphsd's conversion of each file must equal the frontend's prompt (for the group
+node, whose inner nodes the frontend renumbers, the same graph under other ids), and the files run
+on graphsd-tiny."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "comfy_ui"
 NAMES = sorted(p.name.removesuffix(".api.json") for p in FIXTURES.glob("*.api.json"))
+SAME_IDS = [name for name in NAMES if name != "group_node"]  # the frontend renumbers a group node's inside
 
 
 def load(name: str) -> dict[str, Any]:
@@ -38,6 +41,22 @@ def frontend_prompt(name: str) -> dict[str, Any]:
 
 def without_meta(prompt: dict[str, Any]) -> dict[str, Any]:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+def shape(prompt: dict[str, Any]) -> list[str]:
+    """A prompt without its ids: each node as its class, its values and, for each link, the shape
+    of the node it comes from (prompts are acyclic), sorted."""
+    memo: dict[str, str] = {}
+
+    def describe(nid: str) -> str:
+        if nid not in memo:
+            node = prompt[nid]
+            inputs = {k: [describe(str(v[0])), v[1]] if isinstance(v, list) and len(v) == 2 and str(v[0]) in prompt else v
+                      for k, v in node["inputs"].items()}
+            memo[nid] = json.dumps({"class_type": node["class_type"], "inputs": inputs}, sort_keys=True)
+        return memo[nid]
+
+    return sorted(describe(nid) for nid in prompt)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +73,36 @@ def test_the_fixtures_cover_what_the_frontend_resolves():
     """The fixtures hold the cases the conversion must get right (a guard against a regenerated set
     that silently lost one)."""
     assert {"txt2img", "img2img", "lora", "muted", "bypassed", "reroute_primitive", "native", "mixed"} <= set(NAMES)
+    assert {"subgraph", "subgraph_nested", "subgraph_modes", "group_node"} <= set(NAMES)
     modes = {name: {(n["type"], n.get("mode", 0)) for n in load(name)["nodes"]} for name in NAMES}
     assert {("SaveImage", 0), ("SaveImage", 2)} <= modes["muted"]
     assert ("LoraLoader", 4) in modes["bypassed"]
     assert {("Reroute", 0), ("PrimitiveNode", 0), ("Note", 0), ("MarkdownNote", 0)} <= modes["reroute_primitive"]
+    subgraphs = {name: {s["id"]: s for s in (load(name).get("definitions") or {}).get("subgraphs") or []} for name in NAMES}
+    # two instances of one definition; an instance inside a definition inside a definition; a PrimitiveNode on an instance
+    instances = [n["type"] for n in load("subgraph_nested")["nodes"] if n["type"] in subgraphs["subgraph_nested"]]
+    assert len(instances) == 2 and len(set(instances)) == 2
+    nested = [n for s in subgraphs["subgraph_nested"].values() for n in s["nodes"] if n["type"] in subgraphs["subgraph_nested"]]
+    assert any(n["type"] in {m["type"] for s in subgraphs["subgraph_nested"].values() for m in s["nodes"]} for n in nested)
+    assert {(subgraphs["subgraph_modes"].get(t) is not None, mode) for t, mode in modes["subgraph_modes"]} >= {(True, 2), (True, 4)}
+    assert ("workflow>Sample and decode", 0) in modes["group_node"] and "groupNodes" in load("group_node")["extra"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SAME_IDS)
 def test_a_ui_file_converts_to_the_prompt_the_frontend_sends(name, classes):
     assert without_meta(ui_to_prompt(load(name), classes)) == without_meta(frontend_prompt(name))
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_a_group_node_unpacks_into_the_graph_the_frontend_sends(classes):
+    """The frontend unpacks an older editor's group node into a subgraph of its own numbering;
+    graphsd numbers the inner nodes <instance>:<index>, as the older editors did: the same graph."""
+    ours, theirs = ui_to_prompt(load("group_node"), classes), frontend_prompt("group_node")
+    assert shape(ours) == shape(theirs)
+    assert set(ours) == {"4", "5", "6", "7", "9", "10:0", "10:1"}
+    assert shape(ours) == shape(frontend_prompt("txt2img"))  # the graph it was packed from
+
+
+@pytest.mark.parametrize("name", SAME_IDS)
 def test_a_ui_file_reads_as_the_same_graphsd_workflow_as_the_frontends_prompt(name, engine):
     ui, api = engine.load(load(name)), engine.load(frontend_prompt(name))
     assert {nid: (n.cls.type, n.literals, n.links) for nid, n in ui.nodes.items()} == {
@@ -111,26 +148,59 @@ def error_text(excinfo: pytest.ExceptionInfo[WorkflowError]) -> str:
 
 def test_an_unknown_class_is_named_with_its_node_id_and_title(engine):
     ui = load("txt2img")
-    ui["nodes"].append({"id": 42, "type": "UpscaleModelLoader", "title": "my upscaler", "mode": 0, "widgets_values": ["x.pth"]})
+    ui["nodes"].append({"id": 42, "type": "SUPIR_Upscale", "title": "my upscaler", "mode": 0, "widgets_values": ["x.pth"]})
     with pytest.raises(WorkflowError) as excinfo:
         engine.load(ui)
     text = error_text(excinfo)
     assert "ComfyUI UI-format workflow" in text
-    assert "node 42" in text and "'my upscaler'" in text and "'UpscaleModelLoader', which graphsd lacks" in text
+    assert "node 42" in text and "'my upscaler'" in text and "'SUPIR_Upscale', which graphsd lacks" in text
     assert "KSampler" in text  # the hint lists what graphsd reads
     # muted and bypassed nodes never reach the prompt: an unknown class there is no problem
     ui["nodes"][-1]["mode"] = 4
     engine.load(ui)
 
 
-def test_a_subgraph_is_refused_with_what_to_do(engine):
-    ui = load("txt2img")
-    ui["definitions"] = {"subgraphs": [{"id": "0d3c5a2e-1111-4222-8333-444455556666", "nodes": [], "links": []}]}
-    ui["nodes"].append({"id": 50, "type": "0d3c5a2e-1111-4222-8333-444455556666", "mode": 0})
+def test_an_unknown_class_inside_subgraphs_is_named_with_each_flattened_id(engine):
+    """Inside subgraphs a node is named as the prompt would name it (instance:inner, nested too),
+    with the subgraphs it sits in."""
+    ui = load("subgraph_nested")
+    [prompts] = [s for s in ui["definitions"]["subgraphs"] if any(n["type"] == "CLIPTextEncode" for n in s["nodes"])]
+    renamed = prompts["nodes"][0]
+    renamed["type"] = "FancyTextEncode"
+    expected = [nid for nid, n in frontend_prompt("subgraph_nested").items() if nid.endswith(f":{renamed['id']}")]
+    assert len(expected) == 2 and any(nid.count(":") == 2 for nid in expected)  # two instances, one nested
     with pytest.raises(WorkflowError) as excinfo:
         engine.load(ui)
     text = error_text(excinfo)
-    assert "ComfyUI UI-format workflow" in text and "node 50" in text and "subgraph" in text and "Unpack Subgraph" in text
+    for nid in expected:
+        assert f"node {nid} in subgraph '{prompts['name']}'{' in subgraph ' if nid.count(':') == 2 else ' is'}" in text
+    assert "'FancyTextEncode', which graphsd lacks" in text
+
+
+def test_a_subgraph_that_contains_itself_and_an_undefined_group_node_are_explained(classes):
+    ui = load("subgraph")
+    [definition] = ui["definitions"]["subgraphs"]
+    definition["nodes"].append({"id": 99, "type": definition["id"], "mode": 0})
+    ui["nodes"].append({"id": 98, "type": "workflow>Nowhere", "mode": 0})
+    ui["extra"]["groupNodes"] = {"Elsewhere": {"nodes": []}}
+    with pytest.raises(WorkflowError) as excinfo:
+        ui_to_prompt(ui, classes)
+    text = error_text(excinfo)
+    assert f"subgraph '{definition['name']}' contains itself" in text
+    assert "node 98 is an instance of group node 'Nowhere', which the file does not define" in text
+
+
+def test_a_group_nodes_widgets_map_onto_its_inner_nodes(classes):
+    """The instance's values (the KSampler's seed, control_after_generate, steps, ...) go to the
+    inner nodes by the group's widget order, whatever the inner nodes saved."""
+    ui = load("group_node")
+    [instance] = [n for n in ui["nodes"] if n["type"].startswith("workflow>")]
+    instance["widgets_values"][0] = 1234
+    instance["widgets_values"][2] = 3
+    [sampler] = [n for n in ui["extra"]["groupNodes"]["Sample and decode"]["nodes"] if n["type"] == "KSampler"]
+    sampler["widgets_values"][0] = 1  # the inner node's own value gives way to the instance's
+    inputs = ui_to_prompt(ui, classes)[f"{instance['id']}:0"]["inputs"]
+    assert (inputs["seed"], inputs["steps"], inputs["cfg"]) == (1234, 3, 7.5)
 
 
 def test_a_malformed_ui_file_says_what_it_is_and_what_is_wrong(engine):
@@ -217,15 +287,28 @@ def ran(engine, tmp_path_factory):
 def test_every_fixture_runs_and_writes_its_image(ran):
     assert set(ran) == set(NAMES) - {"txt2img_example"}
     for name, written in ran.items():
-        assert [i.shape for i in written] == [(64, 64, 3)], name
+        assert [i.shape for i in written] == [(64, 64, 3)] * (2 if name == "subgraph_nested" else 1), name
 
 
 @pytest.mark.slow
 def test_muted_and_bypassed_nodes_change_nothing_and_a_lora_does(ran):
     """ "muted" and "bypassed" are the same text-to-image (seed 5) plus a muted branch, resp. a
-    bypassed LoRA: they make the same pixels; "lora" (the LoRA applied) does not."""
+    bypassed LoRA: they make the same pixels; "lora" (the LoRA applied) does not. So does
+    "subgraph_modes", where the muted branch and the bypassed LoRA are subgraphs."""
     assert np.array_equal(ran["muted"][0], ran["bypassed"][0])
     assert not np.array_equal(ran["lora"][0], ran["bypassed"][0])
+    assert np.array_equal(ran["subgraph_modes"][0], ran["bypassed"][0])
+
+
+@pytest.mark.slow
+def test_packing_nodes_into_subgraphs_and_group_nodes_changes_no_pixel(ran):
+    """The group node is the txt2img file with its sampler and decoder packed; the nested file's
+    first branch is the "subgraph" file's graph (same texts, seed 5) inside two more levels, its
+    second branch another text and seed."""
+    assert np.array_equal(ran["group_node"][0], ran["txt2img"][0])
+    first, second = ran["subgraph_nested"]
+    assert any(np.array_equal(image, ran["subgraph"][0]) for image in (first, second))
+    assert not np.array_equal(first, second)
 
 
 @pytest.mark.slow
@@ -258,11 +341,11 @@ def test_graphsd_run_takes_a_ui_file(tmp_path):
 @pytest.mark.slow
 def test_graphsd_validate_names_the_unknown_class_of_a_ui_file_without_a_traceback(tmp_path):
     ui = load("txt2img")
-    ui["nodes"].append({"id": 42, "type": "UpscaleModelLoader", "mode": 0})
+    ui["nodes"].append({"id": 42, "type": "SUPIR_Upscale", "mode": 0})
     (tmp_path / "ui.json").write_text(json.dumps(ui))
     done = cli("validate", "ui.json", cwd=tmp_path)
     assert done.returncode == 2
-    assert "ComfyUI UI-format workflow" in done.stderr and "'UpscaleModelLoader', which graphsd lacks" in done.stderr
+    assert "ComfyUI UI-format workflow" in done.stderr and "'SUPIR_Upscale', which graphsd lacks" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -274,6 +357,41 @@ def test_converting_does_not_modify_the_file_read(classes):
 
 
 WRONG_VALUES = [None, 7, "x", [], {}, [None], {"a": 1}, -1, True]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["subgraph_nested", "group_node"])
+def test_wrongly_typed_subgraph_and_group_node_fields_give_a_workflow_error_never_a_crash(name, classes):
+    """As below, inside subgraph definitions (their fields, nodes and links), group node
+    definitions (their fields and inner nodes) and the instances."""
+    base = load(name)
+    node_keys = ("id", "type", "mode", "index", "inputs", "outputs", "widgets_values", "widgets_values_named")
+    places: list[tuple[Any, ...]] = []
+    for d, definition in enumerate((base.get("definitions") or {}).get("subgraphs") or []):
+        places += [("subgraph", d, key) for key in ("id", "name", "nodes", "links", "inputs", "outputs")]
+        places += [("subgraph node", d, n, key) for n in range(len(definition["nodes"])) for key in node_keys]
+        places += [("subgraph link", d, k, key) for k, link in enumerate(definition["links"]) for key in link]
+    for group, definition in ((base.get("extra") or {}).get("groupNodes") or {}).items():
+        places += [("group", group, key) for key in ("nodes", "links", "external", "config")]
+        places += [("group node", group, n, key) for n in range(len(definition["nodes"])) for key in node_keys]
+    places += [("node", n, key) for n in range(len(base["nodes"])) for key in node_keys]
+    for place in places:
+        for value in WRONG_VALUES:
+            ui = copy.deepcopy(base)
+            kind, *path = place
+            if kind.startswith("subgraph"):
+                target = ui["definitions"]["subgraphs"][path[0]]
+                target = target if kind == "subgraph" else target["nodes" if kind == "subgraph node" else "links"][path[1]]
+            elif kind.startswith("group"):
+                target = ui["extra"]["groupNodes"][path[0]]
+                target = target if kind == "group" else target["nodes"][path[1]]
+            else:
+                target = ui["nodes"][path[0]]
+            target[path[-1]] = value
+            try:
+                ui_to_prompt(ui, classes)
+            except WorkflowError:
+                pass
 
 
 def test_a_ui_file_with_wrongly_typed_fields_gives_a_workflow_error_never_a_crash(classes):
