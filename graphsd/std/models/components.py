@@ -165,7 +165,7 @@ def _diffusers_vae_config(path: Path, vae: dict[str, torch.Tensor], field: str) 
     return config
 
 
-def _build_state(cls: type, config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, field: str) -> Any:
+def _build_state(cls: Any, config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, field: str) -> Any:
     """A diffusers model from ``config``, filled with ``state`` (its own names), strictly."""
     with torch.device("meta"):
         module = cls.from_config(config)

@@ -39,7 +39,7 @@ import logging
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from pydantic import Field
@@ -54,6 +54,7 @@ from graphsd.std.models.single_file import UNET_PREFIX, unet_rule
 from graphsd.types import Clip, ModelRef, UNet, working_dtype
 
 log = logging.getLogger("graphsd.merge")
+Handle = TypeVar("Handle", bound=ModelRef)
 
 CATEGORY = "advanced/model_merging"
 TEXT_ROLES = ("text_encoder", "text_encoder_2")
@@ -168,7 +169,7 @@ def _shared(first: ModelRef, second: ModelRef, roles: list[str], ctx: Context) -
 
 
 def merge(
-    first: ModelRef,
+    first: Handle,
     second: ModelRef,
     roles: list[str],
     weights: tuple[float, float],
@@ -176,7 +177,7 @@ def merge(
     ctx: Context,
     fields: tuple[str, str],
     per_name: Mapping[str, tuple[float, float]] | None = None,
-) -> ModelRef:
+) -> Handle:
     """``first`` with a :class:`MergePatch` of ``second`` over ``roles`` recorded on it; a clear
     NodeError (on ``fields``: the two inputs) when the models share no parameter."""
     if not roles:
@@ -205,10 +206,10 @@ def merge(
         )
     ctx.progress(1, 1, merged=same, kept=len(differ), kept_names=differ[:20])
     other = _separate(first, second, roles, ctx, fields[1])
-    return first.with_patches(MergePatch(other, weights, label, dict(per_name or {})))
+    return cast(Handle, first.with_patches(MergePatch(other, weights, label, dict(per_name or {}))))
 
 
-def block_ratios(unet: torch.nn.Module, ratios: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+def block_ratios(unet: Any, ratios: Mapping[str, float]) -> dict[str, tuple[float, float]]:
     """(a, b) of each U-Net parameter for ModelMergeBlocks: the ratio of the longest input name
     (``input``, ``middle``, ``out``) its LDM name starts with, else ``input``'s."""
     rule = unet_rule(dict(unet.config))
