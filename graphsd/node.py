@@ -135,6 +135,14 @@ class Node:
         loader reads, so that replacing the file invalidates the cache. Default: nothing."""
         return ""
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        """The names a text input that names a file can take right now, ``{input: [names]}``:
+        the model files under ``models_dir`` or the images in ``input_dir``. Editors show these as
+        lists (``graphsd serve``'s ``/object_info``); validation is unchanged, so any other value
+        (a path) is still checked as usual. Default: none."""
+        return {}
+
     # ---- introspection -------------------------------------------------------------------
     @classmethod
     def input_fields(cls) -> dict[str, FieldInfo]:

@@ -257,6 +257,23 @@ def test_interrupt_and_cancel_end_in_the_history(server):
     assert server.json("GET", f"/api/jobs/{uuid.uuid4()}")[0] == 404
 
 
+def test_object_info_lists_the_model_files_a_native_loader_can_name(server):
+    """A graphsd node's file-name input (Node.input_choices) is a list of the files that are
+    there now, as ComfyUI lists its models; a file added later appears on the next request."""
+    vae_dir, lora_dir = server.dirs["models"] / "vae", server.dirs["models"] / "loras"
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    (vae_dir / "first.safetensors").write_bytes(b"")
+    first = server.json("GET", "/object_info/VAELoader")[1]["VAELoader"]["input"]["required"]["vae_name"][0]
+    (vae_dir / "second.safetensors").write_bytes(b"")
+    (lora_dir / "style.safetensors").write_bytes(b"")
+    info = server.json("GET", "/api/object_info")[1]
+    assert first == ["first.safetensors"]
+    assert info["VAELoader"]["input"]["required"]["vae_name"][0] == ["first.safetensors", "second.safetensors"]
+    assert "style.safetensors" in info["graphsd.LoraLoader"]["input"]["required"]["lora"][0]
+    assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == []  # no U-Net files: an empty list, still a choice
+
+
 def test_an_uploaded_image_is_read_by_loadimage_and_listed(server):
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")

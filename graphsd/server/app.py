@@ -383,7 +383,13 @@ class Server:
             modules[node_type] = f"custom_nodes.{pack}"
         comfy = self._comfy_nodes()
         self._remember_comfy(comfy)
-        return objectinfo.build(self.engine.nodes, modules, comfy, comfy_types)
+        choices = {}
+        for node_type, cls in self.engine.nodes.items():
+            try:
+                choices[node_type] = cls.input_choices(self.config.models_dir, str(self.input_dir))
+            except Exception as exc:  # a plugin's listing must not break /object_info for every node
+                log.warning("%s.input_choices failed: %s", node_type, exc)
+        return objectinfo.build(self.engine.nodes, modules, comfy, comfy_types, choices)
 
     def delete_files(self, files: list[str]) -> int:
         """Delete files a crashed or stopped attempt wrote (only regular files inside the output

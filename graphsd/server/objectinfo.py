@@ -103,12 +103,17 @@ def output_type(f: FieldInfo, comfy_types: dict[str, str]) -> str:
     return {int: "INT", float: "FLOAT", str: "STRING", bool: "BOOLEAN"}.get(inner, type_label(f.annotation).rstrip("?"))
 
 
-def native_entry(cls: type[Node], name: str, module: str, comfy_types: dict[str, str]) -> dict[str, Any]:
-    """The ``/object_info`` entry of one graphsd node class."""
+def native_entry(
+    cls: type[Node], name: str, module: str, comfy_types: dict[str, str], choices: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """The ``/object_info`` entry of one graphsd node class. ``choices`` (the node's
+    :meth:`~graphsd.node.Node.input_choices`) turns those text inputs into lists to pick from."""
     required: dict[str, Any] = {}
     optional: dict[str, Any] = {}
     for field_name, f in cls.input_fields().items():
         spec, is_optional = input_spec(field_name, f, comfy_types)
+        if choices and field_name in choices and spec[0] == "STRING":
+            spec = [list(choices[field_name]), {k: v for k, v in spec[1].items() if k not in ("default", "multiline")}]
         (optional if is_optional else required)[field_name] = spec
     outputs = cls.output_fields()
     return {
@@ -136,11 +141,15 @@ def native_name(node_type: str, comfy_names: set[str] | dict[str, Any]) -> str:
 
 
 def build(
-    nodes: dict[str, type[Node]], modules: dict[str, str], comfy: dict[str, dict[str, Any]], comfy_types: dict[str, str]
+    nodes: dict[str, type[Node]],
+    modules: dict[str, str],
+    comfy: dict[str, dict[str, Any]],
+    comfy_types: dict[str, str],
+    choices: dict[str, dict[str, list[str]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The whole ``/object_info``: ``comfy`` (the plugins' ComfyUI classes, completed where a
     plugin left out a field the frontend needs) and an entry per graphsd node type (``modules``
-    gives each type's ``python_module``)."""
+    gives each type's ``python_module``, ``choices`` the file names its inputs offer)."""
     info: dict[str, dict[str, Any]] = {}
     for name, entry in comfy.items():
         entry = dict(entry)
@@ -155,5 +164,7 @@ def build(
         info[name] = entry
     for node_type in sorted(nodes):
         name = native_name(node_type, comfy)
-        info[name] = native_entry(nodes[node_type], name, modules.get(node_type, "custom_nodes.graphsd"), comfy_types)
+        info[name] = native_entry(
+            nodes[node_type], name, modules.get(node_type, "custom_nodes.graphsd"), comfy_types, (choices or {}).get(node_type)
+        )
     return info

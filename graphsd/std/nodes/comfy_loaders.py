@@ -37,6 +37,7 @@ from graphsd.std.models.formats import WEIGHT_SUFFIXES
 from graphsd.std.models.loading import _component_loader
 from graphsd.std.models.single_file import bundled_config
 from graphsd.std.nodes.patches import LoraLoader
+from graphsd.std.nodes.patches import available as patch_files
 from graphsd.types import Clip, UNet, Vae
 
 #: Sub-folders of the models folder each kind of file is looked up in, in order (ComfyUI's).
@@ -144,6 +145,10 @@ class VAELoader(Node):
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return file_identity(literals.get("vae_name"), "vae", ctx, folders_ok=True)
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"vae_name": available("vae", models_dir)}
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = require_file(inputs.vae_name, "vae", ctx, "vae_name", folders_ok=True)
         allow_pickle = bool(ctx.settings.allow_pickle)
@@ -201,6 +206,10 @@ class LoraLoaderModelOnly(Node):
         name = literals.get("lora_name")
         return LoraLoader.fingerprint({"lora": name.replace("\\", "/") if isinstance(name, str) else name}, ctx)
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"lora_name": patch_files("loras", models_dir)}
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         no_clip = Clip(ctx.models, {}, inputs.model.info)
         lora = LoraLoader.Inputs(
@@ -246,6 +255,10 @@ class UNETLoader(Node):
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return file_identity(literals.get("unet_name"), "unet", ctx)
+
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"unet_name": available("unet", models_dir)}
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = require_file(inputs.unet_name, "unet", ctx, "unet_name")
@@ -330,6 +343,10 @@ class CLIPLoader(Node):
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return file_identity(literals.get("clip_name"), "clip", ctx)
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"clip_name": available("clip", models_dir)}
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = require_file(inputs.clip_name, "clip", ctx, "clip_name")
         return self.Outputs(clip=load_clip(ctx, [(path, components.default_slot(*_layout(path, ctx, "clip_name")), "clip_name")]))
@@ -362,6 +379,10 @@ class DualCLIPLoader(Node):
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return ",".join(file_identity(literals.get(n), "clip", ctx) for n in ("clip_name1", "clip_name2"))
+
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return dict.fromkeys(("clip_name1", "clip_name2"), available("clip", models_dir))
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         fields = ["clip_name1", "clip_name2"]

@@ -114,6 +114,10 @@ class LoraLoader(Node):
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return _file_identity(str(literals.get("lora", "")), "loras", ctx)
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"lora": available("loras", models_dir)}
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _require_file(inputs.lora, "loras", ctx, "lora")
         allow_pickle = _allow_pickle(ctx, path, "lora")
@@ -171,6 +175,10 @@ class HypernetworkLoader(Node):
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return _file_identity(str(literals.get("hypernetwork", "")), "hypernetworks", ctx)
+
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"hypernetwork": available("hypernetworks", models_dir)}
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _require_file(inputs.hypernetwork, "hypernetworks", ctx, "hypernetwork")

@@ -87,6 +87,10 @@ class UpscaleModelLoader(Node):
         path = find_upscaler(name, ctx.models_dir) if isinstance(name, str) else None
         return file_fingerprint(path) if path is not None else "missing"
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"model_name": upscaler_names(models_dir)}
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = find_upscaler(inputs.model_name, ctx.models_dir)
         if path is None:
