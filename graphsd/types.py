@@ -54,7 +54,10 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
 class Latent(Socket):
     """Latents ``[B, C, H/8, W/8]`` in the model's scaled latent space (already × scale factor).
 
-    ``noise_mask`` (optional, ``[B, 1, h, w]``) marks where denoising may change the latent.
+    ``noise_mask`` (optional, ``[B, 1, h, w]``, 1 = denoise here, 0 = keep) marks where denoising
+    may change the latent (inpainting). Like ComfyUI's, it may have any size (the picture's, as
+    ComfyUI's inpainting nodes make it, or the latent's): the denoise loops resize it to the
+    latent's size.
     """
 
     samples: torch.Tensor
@@ -63,6 +66,9 @@ class Latent(Socket):
     def check(self) -> str | None:
         if not isinstance(self.samples, torch.Tensor) or self.samples.ndim != 4:
             return "a latent must be a 4-D tensor [batch, channels, height, width]"
+        mask = self.noise_mask
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[1] != 1):
+            return "a latent's noise_mask must be a tensor [batch, 1, height, width]"
         return None
 
     def nbytes(self) -> int:
@@ -118,25 +124,73 @@ class Mask(Socket):
         return _tensor_bytes(self.values)
 
 
+@dataclass(frozen=True)
+class Area:
+    """A rectangle of the latent that a conditioning applies to (ComfyUI's conditioning
+    ``area``): ``height`` × ``width`` latent cells whose top-left cell is row ``y``, column
+    ``x``; with ``relative``, the four numbers are fractions of the latent's height and width."""
+
+    height: float
+    width: float
+    y: float = 0
+    x: float = 0
+    relative: bool = False
+
+
 @dataclass(eq=False)
 class Conditioning(Socket):
     """Text conditioning: the cross-attention context ``[B, tokens, width]`` plus extras.
 
-    ``pooled`` is SDXL's pooled text embedding; ``extras`` holds model-specific additions
-    (e.g. SDXL ``time_ids``) that the denoise loop forwards to the U-Net.
+    ``pooled`` is SDXL's pooled text embedding; ``extras`` holds model-specific additions that
+    the denoise loops forward to the U-Net: SDXL's ``original_size``, ``crop_top_left``,
+    ``target_size``, ``aesthetic_score``, and for inpainting U-Nets ``concat_latent_image``
+    (the masked picture's latent) and ``concat_mask`` (ComfyUI's InpaintModelConditioning).
+
+    Where and how much it counts (ComfyUI's conditioning keys of the same meaning): ``area``
+    restricts it to a rectangle of the latent, ``strength`` weighs its prediction against the
+    others of the same side, ``mask`` (``[B, H, W]``, any size, resized to the latent's) weighs
+    it per cell, times ``mask_strength``; ``mask_bounds`` makes the mask's bounding box its area.
+
+    ``combined`` holds further conditionings evaluated beside this one (ComfyUI's
+    ConditioningCombine, which makes a list of them): :meth:`entries` lists them all, this one
+    first. A plain conditioning is a list of one, read through its own fields as before.
     """
 
     embeddings: torch.Tensor
     pooled: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    area: Area | None = None
+    strength: float = 1.0
+    mask: torch.Tensor | None = None
+    mask_strength: float = 1.0
+    mask_bounds: bool = False
+    combined: tuple[Conditioning, ...] = ()
+
+    def entries(self) -> list[Conditioning]:
+        """Every conditioning this value stands for, in order (itself first, without ``combined``)."""
+        first = replace(self, combined=()) if self.combined else self
+        return [first] + [e for c in self.combined for e in c.entries()]
+
+    @staticmethod
+    def of_entries(entries: list[Conditioning]) -> Conditioning:
+        """The value standing for ``entries`` (the inverse of :meth:`entries`)."""
+        if not entries:
+            raise ValueError("a conditioning needs at least one entry")
+        return replace(entries[0], combined=tuple(entries[1:]))
 
     def check(self) -> str | None:
-        if not isinstance(self.embeddings, torch.Tensor) or self.embeddings.ndim != 3:
-            return "conditioning must be a tensor [batch, tokens, width]"
+        for entry in self.entries():
+            if not isinstance(entry.embeddings, torch.Tensor) or entry.embeddings.ndim != 3:
+                return "conditioning must be a tensor [batch, tokens, width]"
+            if entry.mask is not None and (not isinstance(entry.mask, torch.Tensor) or entry.mask.ndim != 3):
+                return "a conditioning's mask must be a tensor [batch, height, width]"
         return None
 
     def nbytes(self) -> int:
-        return _tensor_bytes(self.embeddings, self.pooled)
+        return sum(
+            _tensor_bytes(e.embeddings, e.pooled, e.mask, *(v for v in e.extras.values() if isinstance(v, torch.Tensor)))
+            for e in self.entries()
+        )
 
 
 @dataclass(eq=False)

@@ -22,6 +22,8 @@ from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
 from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
 from graphsd.std.models.loading import load_checkpoint, resolve_model_path
+from graphsd.std.sampling.guidance import max_passes
+from graphsd.std.sampling.inpaint import is_inpainting_unet
 from graphsd.std.sampling.kdiffusion import denoise_comfy
 from graphsd.std.sampling.ksamplers import KSAMPLERS, NOT_SUPPORTED
 from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise
@@ -182,7 +184,10 @@ class UNetDenoiseLoop(Node):
         )
         noise: Noise = Field(description="Initial noise (LatentNoise); its generators also feed ancestral/SDE samplers")
         latent: Latent | None = Field(
-            None, description="Start latent for image-to-image or to continue a partly denoised latent; none = text-to-image"
+            None,
+            description="Start latent for image-to-image or to continue a partly denoised latent; none = text-to-image. With a "
+            "noise_mask (SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning) only the masked part is "
+            "denoised and the rest kept (inpainting)",
         )
         steps: int = Field(20, ge=1, le=1000, description="Steps of the full schedule")
         cfg: float = Field(7.0, ge=0.0, le=100.0, description="Classifier-free guidance scale (1 = no guidance)")
@@ -245,17 +250,19 @@ class UNetDenoiseLoop(Node):
         for field, message, hint in sampler_problems(inputs.sampler, inputs.schedule, inputs.convention, ctx.samplers):
             raise NodeError(f"{message}; {hint}", field=field)
         info = model_info(inputs.unet, "unet")
-        channels = info.unet_in_channels
-        if inputs.noise.samples.shape[1] != channels:
+        channels, noise_channels = info.unet_in_channels, inputs.noise.samples.shape[1]
+        if noise_channels != channels and not is_inpainting_unet(channels, noise_channels):
+            inpainting = f" (or {(channels - 1) // 2} for an inpainting U-Net)" if channels % 2 else ""
             raise NodeError(
-                f"the noise has {inputs.noise.samples.shape[1]} channels but this U-Net takes {channels}; set LatentNoise channels to {channels}",
+                f"the noise has {noise_channels} channels but this U-Net takes {channels}; set LatentNoise channels to {channels}"
+                f"{inpainting}, or make the noise from the start latent",
                 field="noise",
             )
         batch, _, h, w = inputs.noise.samples.shape
         guided = inputs.negative is not None and inputs.cfg != 1.0
         width, dtype = _first_channels(ctx, inputs.unet, "unet")
         require_memory(
-            ctx.device, feature_map_bytes(batch * (2 if guided else 1), width, h, w, dtype),
+            ctx.device, feature_map_bytes(batch * max_passes(inputs.positive, inputs.negative, guided), width, h, w, dtype),
             f"the U-Net on a batch of {batch} latent(s) of {w}x{h}", "lower the size or the batch", field="noise",
         )
         settings = DenoiseSettings(
@@ -337,16 +344,24 @@ class VAEEncode(Node):
                 f"{width // down * down}x{height // down * down})",
                 field="image",
             )
-        if pixels.shape[-1] == 1:
-            pixels = pixels.expand(-1, -1, -1, 3)
-        channels, dtype = _first_channels(ctx, inputs.vae, "vae")
-        require_memory(ctx.device, feature_map_bytes(pixels.shape[0], channels, height, width, dtype),
-                       f"encoding {pixels.shape[0]} image(s) of {width}x{height}", "use a smaller image", field="image")
-        with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
-            x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
-            z = vae.encode(x).latent_dist.mode()
-        samples = (z.to(working_dtype(z.dtype)) - info.shift_factor) * info.scaling_factor
-        return self.Outputs(latent=Latent(samples.cpu()))
+        return self.Outputs(latent=Latent(encode_pixels(ctx, inputs.vae, pixels, "image")))
+
+
+def encode_pixels(ctx: Context, vae_ref: Vae, pixels: torch.Tensor, field: str) -> torch.Tensor:
+    """``pixels`` ``[B, H, W, C]`` (sides multiples of the VAE's downscale; grey expanded, alpha
+    dropped) as scaled latents on the CPU: the mode of the VAE's posterior, deterministic. Too
+    little memory is a mistake in ``field``."""
+    info = model_info(vae_ref, "vae")
+    height, width = pixels.shape[1:3]
+    if pixels.shape[-1] == 1:
+        pixels = pixels.expand(-1, -1, -1, 3)
+    channels, dtype = _first_channels(ctx, vae_ref, "vae")
+    require_memory(ctx.device, feature_map_bytes(pixels.shape[0], channels, height, width, dtype),
+                   f"encoding {pixels.shape[0]} image(s) of {width}x{height}", "use a smaller image", field=field)
+    with ctx.models.use(vae_ref, "vae") as vae, torch.no_grad():
+        x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.mode()
+    return ((z.to(working_dtype(z.dtype)) - info.shift_factor) * info.scaling_factor).cpu()
 
 
 class VAEDecode(Node):
@@ -372,7 +387,9 @@ class VAEDecode(Node):
         info = model_info(inputs.vae, "vae")
         down = info.latent_downscale
         if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
-            raise NodeError(f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap")
+            raise NodeError(
+                f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap"
+            )
         batch, _, h, w = inputs.latent.samples.shape
         channels, dtype = _first_channels(ctx, inputs.vae, "vae")
         full = (min(inputs.tile_size, h * down), min(inputs.tile_size, w * down)) if inputs.tiled else (h * down, w * down)

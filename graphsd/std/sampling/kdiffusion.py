@@ -17,7 +17,11 @@ With ``convention: comfyui`` UNetDenoiseLoop runs the sampler named by ComfyUI's
 - ``steps`` / ``denoise`` / ``start_step`` / ``end_step`` cut the sigma list as they cut the
   diffusers schedule (``end_step`` stops at that sigma, leaving noise for a refiner, or with
   ``leftover_noise`` off makes that last step go to sigma 0, as ComfyUI's KSamplerAdvanced);
-- SamplerCustom gives the sigmas itself (:func:`sample_sigmas`, which both share).
+- SamplerCustom gives the sigmas itself (:func:`sample_sigmas`, which both share);
+- a start latent with a ``noise_mask`` is inpainted by ComfyUI's rule (``KSamplerX0Inpaint``:
+  :mod:`~graphsd.std.sampling.inpaint`), an inpainting U-Net gets ComfyUI's mask and
+  masked-picture channels, and several conditionings per side (ConditioningCombine, areas,
+  masks) are averaged as ComfyUI averages them (:mod:`~graphsd.std.sampling.guidance`).
 
 **Seeds.** The initial noise is the ``noise`` input (LatentNoise: ``torch.Generator().manual_seed
 (seed)`` per batch item). Ancestral and SDE samplers draw their per-step noise from one CPU
@@ -32,13 +36,16 @@ from __future__ import annotations
 
 import bisect
 import math
+from functools import partial
 
 import torch
 
 from graphsd.context import Context
 from graphsd.std.models.family import model_info
+from graphsd.std.sampling.guidance import Cells, Guidance, UNetBatch, crop, plan_guidance
+from graphsd.std.sampling.inpaint import KeepOutsideMask, inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.ksamplers import BROWNIAN, DISCARD_PENULTIMATE, KSAMPLERS
-from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, check_start_latent, prepare_conditioning
+from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, check_start_latent
 from graphsd.std.sampling.preview import Previewer
 from graphsd.std.sampling.sigmas import SigmaTable, comfy_sigmas
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
@@ -95,26 +102,55 @@ class BrownianNoise(GaussianNoise):
 
 class Denoiser:
     """``D(x, sigma)`` of a discrete U-Net (its parameterisation: ``SigmaTable.denoised``) with
-    classifier-free guidance; returns the guided and the unguided estimate."""
+    classifier-free guidance; returns the guided and the unguided estimate. ``context`` /
+    ``added`` are one plain conditioning per side (stacked ``[uncond, cond]`` when ``guidance``)
+    unless ``plan`` gives the conditionings; ``keep`` applies ComfyUI's inpainting rule around
+    each evaluation."""
 
-    def __init__(self, unet, table: SigmaTable, context, added, cfg: float, guidance: bool, work: torch.dtype):
-        self.unet, self.table, self.context, self.added = unet, table, context, added
+    def __init__(
+        self,
+        unet,
+        table: SigmaTable,
+        context,
+        added,
+        cfg: float,
+        guidance: bool,
+        work: torch.dtype,
+        plan: Guidance | None = None,
+        keep: KeepOutsideMask | None = None,
+    ):
+        self.unet, self.table = unet, table
         self.cfg, self.guidance, self.work = cfg, guidance, work
+        self.plan = plan if plan is not None else Guidance.single(context, added, guidance)
+        self.keep = keep
+
+    def unet_call(self, model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor) -> torch.Tensor:
+        """The U-Net call on one batch of (cropped) latents, already scaled by c_in."""
+        if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
+            model_input = torch.cat([model_input, batch.concat], dim=1)
+        out = self.unet(
+            model_input.to(self.unet.dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False
+        )[0]
+        return out.to(self.work)
 
     def __call__(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keep is not None:
+            x = self.keep.model_input(x, sigma)
         c_in = 1 / math.sqrt(sigma * sigma + 1)
         t = self.table.timestep(sigma).to(x.device)
-        model_input = x * c_in
+
+        def finish(out: torch.Tensor, area: Cells | None) -> torch.Tensor:
+            return self.table.denoised(crop(x, area), out, sigma)
+
+        predictions = self.plan.predict(x * c_in, partial(self.unet_call, t=t), finish)
         if self.guidance:
-            model_input = torch.cat([model_input, model_input])
-        out = self.unet(
-            model_input.to(self.unet.dtype), t, encoder_hidden_states=self.context, added_cond_kwargs=self.added, return_dict=False
-        )[0].to(self.work)
-        denoised = self.table.denoised(x.repeat(out.shape[0] // x.shape[0], 1, 1, 1), out, sigma)
-        if not self.guidance:
-            return denoised, denoised
-        uncond, cond = denoised.chunk(2)
-        return uncond + self.cfg * (cond - uncond), uncond
+            uncond, cond = predictions
+            denoised = uncond + self.cfg * (cond - uncond)
+        else:
+            denoised = uncond = predictions[0]
+        if self.keep is not None:
+            denoised = self.keep.denoised(denoised)
+        return denoised, uncond
 
 
 def sigma_window(sigmas: torch.Tensor, settings: DenoiseSettings, img2img: bool) -> list[float]:
@@ -214,14 +250,18 @@ def sample_sigmas(
         step_noise = GaussianNoise(noise.seed, shape, work, device)
 
     guidance = negative is not None and settings.cfg != 1.0
-    size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
+    keep = None
+    if latent is not None and latent.noise_mask is not None:
+        keep = KeepOutsideMask(latent_mask(latent.noise_mask, shape, "comfyui", device, work), latent.samples.to(device, work), samples)
+    concat = None
+    if is_inpainting_unet(info.unet_in_channels, shape[1]):
+        concat = partial(inpaint_channels, latent=latent, shape=shape, convention="comfyui", device=device, dtype=work)
     total = len(sigmas) - 1
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet:
-        context, added = prepare_conditioning(
-            info, positive, negative if guidance else None, x.shape[0], size, settings, device, unet.dtype
-        )
-        model = Denoiser(unet, table, context, added, settings.cfg, guidance, work)
+        scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
+        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet.dtype, concat)
+        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep)
         last: list[torch.Tensor] = []  # the denoised estimate the sampler reported for its last step
 
         def step_done(i: int, denoised: torch.Tensor) -> None:

@@ -17,10 +17,15 @@ that with the same scheduler, conditioning and seed the latents are the same:
   embedding, ``time_ids`` = original size + crop top-left + target size, or for the refiner
   original size + crop + aesthetic score;
 - ancestral / SDE samplers draw their per-step noise from the CPU generator(s) that drew the
-  initial noise, continued from ``Noise.generator_state``.
+  initial noise, continued from ``Noise.generator_state``;
+- inpainting (a start latent with a ``noise_mask``, or an inpainting U-Net) as diffusers'
+  ``StableDiffusionInpaintPipeline`` does it (:mod:`~graphsd.std.sampling.inpaint`);
+- several conditionings per side (ConditioningCombine, areas, masks) evaluated and averaged as
+  ComfyUI does (:mod:`~graphsd.std.sampling.guidance`).
 
-Per step there is one ``scale_model_input``, one U-Net call, one guidance combination and one
-``scheduler.step``; everything else is prepared before the loop.
+Per step there is one ``scale_model_input``, one U-Net call per conditioning size (one in all
+for a plain negative + positive), one guidance combination and one ``scheduler.step``;
+everything else is prepared before the loop.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from graphsd.context import Context
 from graphsd.std.models.family import ModelInfo, model_info
+from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, batched_context, plan_guidance, sdxl_time_ids
+from graphsd.std.sampling.inpaint import inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.preview import Previewer
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
@@ -53,14 +61,6 @@ class DenoiseSettings:
     negative_aesthetic_score: float = 2.5
 
 
-class DenoiseError(ValueError):
-    """The inputs do not make a valid denoise run; the message says how to fix them."""
-
-    def __init__(self, message: str, field: str | None = None):
-        self.field = field
-        super().__init__(message)
-
-
 def generators_from(noise: Noise) -> list[torch.Generator] | None:
     """CPU generators continuing the ones that drew ``noise`` (one per batch item)."""
     if noise.generator_state is None:
@@ -75,15 +75,12 @@ def generators_from(noise: Noise) -> list[torch.Generator] | None:
 
 
 def check_start_latent(latent: Latent | None, noise: Noise) -> None:
-    """Refuse a start latent the loops cannot use: one whose shape differs from the noise's, or
-    one carrying an inpainting mask."""
+    """Refuse a start latent the loops cannot use: one whose shape differs from the noise's."""
     if latent is not None and latent.samples.shape != noise.samples.shape:
         raise DenoiseError(
             f"latent {tuple(latent.samples.shape)} and noise {tuple(noise.samples.shape)} differ in shape; make the noise from this latent",
             "noise",
         )
-    if latent is not None and latent.noise_mask is not None:
-        raise DenoiseError("masked latents (noise_mask) are not supported by this node; remove the mask", "latent")
 
 
 def step_window(scheduler: Any, settings: DenoiseSettings, img2img: bool) -> tuple[int, int]:
@@ -110,34 +107,6 @@ def step_window(scheduler: Any, settings: DenoiseSettings, img2img: bool) -> tup
     return first * order, min(last * order, len(scheduler.timesteps))
 
 
-def _batched(cond: Conditioning, batch: int, tokens: int, device: torch.device, dtype: torch.dtype):
-    """The conditioning repeated to ``batch`` items and ``tokens`` tokens. Repeating the whole
-    token sequence k times leaves cross-attention unchanged (each repeated key gets 1/k of the
-    weight), which lets prompts of different lengths share one U-Net call (as ComfyUI does)."""
-    emb = cond.embeddings
-    if emb.shape[0] not in (1, batch):
-        raise DenoiseError(f"conditioning has batch {emb.shape[0]} but the noise has batch {batch}; use batch 1 or the same batch")
-    emb = emb.repeat(batch // emb.shape[0], tokens // emb.shape[1], 1)
-    pooled = cond.pooled
-    if pooled is not None:
-        pooled = pooled.repeat(batch // pooled.shape[0], 1).to(device, dtype)
-    return emb.to(device, dtype), pooled
-
-
-def sdxl_time_ids(info: ModelInfo, cond: Conditioning, height: int, width: int, aesthetic_score: float) -> list[float]:
-    """SDXL micro-conditioning for one conditioning: ``original_size + crop_top_left +
-    target_size`` (base) or ``original_size + crop_top_left + (aesthetic_score,)`` (refiner,
-    whose U-Net expects 5 ids instead of 6). Sizes are in pixels, (height, width); a
-    conditioning may override them in ``extras`` (``original_size``, ``crop_top_left``,
-    ``target_size``, ``aesthetic_score``)."""
-    n_ids = info.time_id_count(cond.pooled.shape[-1])
-    original = list(cond.extras.get("original_size", (height, width)))
-    crop = list(cond.extras.get("crop_top_left", (0, 0)))
-    if n_ids == 5:
-        return original + crop + [float(cond.extras.get("aesthetic_score", aesthetic_score))]
-    return original + crop + list(cond.extras.get("target_size", (height, width)))
-
-
 def prepare_conditioning(
     info: ModelInfo,
     positive: Conditioning,
@@ -152,18 +121,25 @@ def prepare_conditioning(
     ``added_cond_kwargs`` (for a U-Net that takes them, as ``info`` says)."""
     conds = [positive] if negative is None else [negative, positive]
     tokens = math.lcm(*(c.embeddings.shape[1] for c in conds))
-    parts = [_batched(c, batch, tokens, device, dtype) for c in conds]
+    parts = [batched_context(c, batch, tokens, device, dtype) for c in conds]
     context = torch.cat([emb for emb, _ in parts])
     if not info.takes_time_ids:
         return context, None
     if any(pooled is None for _, pooled in parts):
         raise DenoiseError("this SDXL model needs pooled text embeddings: encode the prompt with the model's own clip", "positive")
     scores = [settings.aesthetic_score] if negative is None else [settings.negative_aesthetic_score, settings.aesthetic_score]
-    time_ids = torch.tensor(
-        [sdxl_time_ids(info, c, size[0], size[1], score) for c, score in zip(conds, scores)], dtype=dtype
-    )
+    time_ids = torch.tensor([sdxl_time_ids(info, c, size[0], size[1], score) for c, score in zip(conds, scores, strict=True)], dtype=dtype)
     time_ids = time_ids.repeat_interleave(batch, dim=0).to(device)
     return context, {"text_embeds": torch.cat([pooled for _, pooled in parts]), "time_ids": time_ids}
+
+
+def keep_start(scheduler: Any, x: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, noise: torch.Tensor, upcoming: int):
+    """``x`` where ``mask`` is 1, the start latent noised to the schedule's timestep ``upcoming``
+    elsewhere (the start latent itself after the schedule's end), as diffusers'
+    ``StableDiffusionInpaintPipeline`` does after each step for a 4-channel U-Net."""
+    t = scheduler.timesteps[upcoming : upcoming + 1]
+    kept = scheduler.add_noise(start, noise, t) if len(t) else start
+    return (1 - mask) * kept + mask * x
 
 
 @torch.no_grad()
@@ -185,6 +161,8 @@ def denoise(
     samples = noise.samples.to(device, work)
     check_start_latent(latent, noise)
     guidance = negative is not None and settings.cfg != 1.0
+    inpaint_unet = is_inpainting_unet(info.unet_in_channels, samples.shape[1])
+    masked = latent is not None and latent.noise_mask is not None
 
     scheduler.set_timesteps(settings.steps, device=device)
     first, last = step_window(scheduler, settings, img2img=latent is not None)
@@ -192,8 +170,8 @@ def denoise(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(first)
 
-    if latent is None:
-        x = samples * scheduler.init_noise_sigma
+    if latent is None or (settings.add_noise and first == 0 and (masked or inpaint_unet)):
+        x = samples * scheduler.init_noise_sigma  # text-to-image, or inpainting at full strength
     elif settings.add_noise:
         x = scheduler.add_noise(latent.samples.to(device, work), samples, timesteps[:1])
     else:
@@ -203,25 +181,37 @@ def denoise(
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generators_from(noise)
 
-    batch = x.shape[0]
-    size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
+    shape = tuple(x.shape)
+    keep = None  # where the latent may change, when the start latent's other part is kept (4-channel U-Net)
+    if masked and not inpaint_unet:
+        keep = latent_mask(latent.noise_mask, shape, "diffusers", device, work)
+        start = latent.samples.to(device, work)
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet:
         dtype = unet.dtype
-        context, added = prepare_conditioning(
-            info, positive, negative if guidance else None, batch, size, settings, device, dtype
-        )
+        scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
+        concat = partial(inpaint_channels, latent=latent, shape=shape, convention="diffusers", device=device, dtype=work)
+        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None)
+
+        def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor) -> torch.Tensor:
+            """The loop's U-Net call on one batch of (cropped) latents, as the scheduler scaled them."""
+            if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
+                model_input = torch.cat([model_input, batch.concat], dim=1)
+            eps = unet(model_input.to(dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False)[0]
+            return eps.to(work)
+
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(x, t)
+            predictions = plan.predict(model_input, partial(unet_call, t=t))
             if guidance:
-                model_input = torch.cat([model_input, model_input])
-            eps = unet(model_input.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
-            eps = eps.to(work)
-            if guidance:
-                eps_uncond, eps_cond = eps.chunk(2)
+                eps_uncond, eps_cond = predictions
                 eps = eps_uncond + settings.cfg * (eps_cond - eps_uncond)
+            else:
+                eps = predictions[0]
             step = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)
             x = step[0]
+            if keep is not None:
+                x = keep_start(scheduler, x, keep, start, samples, first + i + 1)
             if previewer is not None:
                 previewer.show(step)
             ctx.progress(i + 1, len(timesteps), step=i + first)
