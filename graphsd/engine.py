@@ -23,6 +23,7 @@ from graphsd.events import EventCallback, ModelEvent
 from graphsd.executor import Execution, RunResult, plan
 from graphsd.graph import Graph, build_graph
 from graphsd.memory import KeepOnDevice, ModelManager, ModelOffload
+from graphsd.node import Node
 from graphsd.paths import check_output_dir
 from graphsd.plugins import load_plugins
 from graphsd.workflow import read_document
@@ -67,7 +68,7 @@ class Engine:
         warnings.warn(message, stacklevel=2)
 
     @property
-    def nodes(self) -> dict[str, type]:
+    def nodes(self) -> dict[str, type[Node]]:
         return self.registry.nodes
 
     def load(self, workflow: str | Path | dict, params: dict[str, Any] | None = None) -> Graph:
