@@ -28,7 +28,7 @@ from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "comfy_ui"
 NAMES = sorted(p.name.removesuffix(".api.json") for p in FIXTURES.glob("*.api.json"))
-SAME_IDS = [name for name in NAMES if name != "group_node"]  # the frontend renumbers a group node's inside
+SAME_IDS = [name for name in NAMES if not name.startswith("group_node")]  # the frontend renumbers a group node's inside
 
 
 def load(name: str) -> dict[str, Any]:
@@ -86,6 +86,8 @@ def test_the_fixtures_cover_what_the_frontend_resolves():
     assert any(n["type"] in {m["type"] for s in subgraphs["subgraph_nested"].values() for m in s["nodes"]} for n in nested)
     assert {(subgraphs["subgraph_modes"].get(t) is not None, mode) for t, mode in modes["subgraph_modes"]} >= {(True, 2), (True, 4)}
     assert ("workflow>Sample and decode", 0) in modes["group_node"] and "groupNodes" in load("group_node")["extra"]
+    [group] = load("group_node_reroute")["extra"]["groupNodes"].values()
+    assert {"PrimitiveNode", "Reroute", "KSampler"} <= {n["type"] for n in group["nodes"]}
 
 
 @pytest.mark.parametrize("name", SAME_IDS)
@@ -100,6 +102,20 @@ def test_a_group_node_unpacks_into_the_graph_the_frontend_sends(classes):
     assert shape(ours) == shape(theirs)
     assert set(ours) == {"4", "5", "6", "7", "9", "10:0", "10:1"}
     assert shape(ours) == shape(frontend_prompt("txt2img"))  # the graph it was packed from
+
+
+def test_a_group_node_with_a_primitive_and_reroutes_inside_is_the_graph_it_was_packed_from(classes):
+    """The seed from a PrimitiveNode and the VAE through two Reroutes, all inside the group: the
+    prompt is the frontend's for the unpacked graph. (The frontend 1.58, unpacking the group into
+    a subgraph, loses the link coming into the group's first Reroute, so its prompt lacks the
+    decoder's vae; graphsd keeps it.)"""
+    ours = ui_to_prompt(load("group_node_reroute"), classes)
+    assert shape(ours) == shape(frontend_prompt("reroute_primitive"))
+    [decode] = [n for n in ours.values() if n["class_type"] == "VAEDecode"]
+    without_vae = copy.deepcopy(ours)
+    for node in without_vae.values():
+        node["inputs"].pop("vae", None)
+    assert shape(without_vae) == shape(frontend_prompt("group_node_reroute")) and decode["inputs"]["vae"] == ["1", 2]
 
 
 @pytest.mark.parametrize("name", SAME_IDS)
@@ -306,6 +322,7 @@ def test_packing_nodes_into_subgraphs_and_group_nodes_changes_no_pixel(ran):
     first branch is the "subgraph" file's graph (same texts, seed 5) inside two more levels, its
     second branch another text and seed."""
     assert np.array_equal(ran["group_node"][0], ran["txt2img"][0])
+    assert np.array_equal(ran["group_node_reroute"][0], ran["reroute_primitive"][0])
     first, second = ran["subgraph_nested"]
     assert any(np.array_equal(image, ran["subgraph"][0]) for image in (first, second))
     assert not np.array_equal(first, second)
@@ -360,7 +377,7 @@ WRONG_VALUES = [None, 7, "x", [], {}, [None], {"a": 1}, -1, True]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["subgraph_nested", "group_node"])
+@pytest.mark.parametrize("name", ["subgraph_nested", "group_node_reroute"])
 def test_wrongly_typed_subgraph_and_group_node_fields_give_a_workflow_error_never_a_crash(name, classes):
     """As below, inside subgraph definitions (their fields, nodes and links), group node
     definitions (their fields and inner nodes) and the instances."""

@@ -397,10 +397,10 @@ class _GroupNodes:
         inner = [n if isinstance(n, dict) else {} for n in group["nodes"]]
         config = group.get("config") if isinstance(group.get("config"), dict) else {}
         links = [link for link in _list(group.get("links")) if isinstance(link, list) and len(link) >= 4]
-        internal = [link for link in links if _index(link[0]) is not None and _index(link[2]) is not None]
+        internal = [link for link in links if None not in (_index(link[0]), _index(link[1]), _index(link[2]), _index(link[3]))]
         linked_to = {(_index(link[2]), link[3]) for link in internal}
         linked_from = {(_index(link[0]), link[1]) for link in internal}
-        external = {(_index(e[0]), e[1]) for e in _list(group.get("external")) if isinstance(e, list) and len(e) >= 2}
+        external = {(_index(e[0]), _index(e[1])) for e in _list(group.get("external")) if isinstance(e, list) and len(e) >= 2}
 
         def shown(index: int, kind: str, name: Any) -> Any:
             node_config = config.get(str(index))
@@ -413,7 +413,7 @@ class _GroupNodes:
         converted: list[tuple[int, str]] = []
         outputs: list[tuple[int, int]] = []  # the instance's outputs
         for index, node in enumerate(inner):
-            entry = self.definition(node)
+            entry = self.definition(node, (index, 0) in linked_from)
             if entry is None:
                 continue
             node_inputs = [i if isinstance(i, dict) else {} for i in _list(node.get("inputs"))]
@@ -475,7 +475,7 @@ class _GroupNodes:
             target["link"] = outer["link"]
         values = read_widget_values(instance.get("widgets_values"), [(f"{i}\0{n}", c, d) for i, n, c, d in widgets], defaults=False)
         for index, node in copies.items():
-            entry = self.definition(inner[index]) or {}
+            entry = self.definition(inner[index], (index, 0) in linked_from) or {}
             own = read_widget_values(node.get("widgets_values"), widget_inputs(entry))
             own |= {key.split("\0", 1)[1]: value for key, value in values.items() if key.startswith(f"{index}\0")}
             node["widgets_values"] = own if node["type"] != "PrimitiveNode" else [own.get("value")]
@@ -487,14 +487,19 @@ class _GroupNodes:
         del root.nodes[gid]
         root.nodes.update({str(node["id"]): node for node in copies.values()})
 
-    def definition(self, node: dict[str, Any]) -> dict[str, Any] | None:
-        """The class definition GroupNodeConfig reads an inner node by; a Reroute has one
-        link input and one output, a PrimitiveNode one widget named ``value``."""
+    def definition(self, node: dict[str, Any], used: bool) -> dict[str, Any] | None:
+        """The class definition GroupNodeConfig reads an inner node by: a Reroute has its one
+        link input and one output; a PrimitiveNode, when its output is ``used`` inside the group,
+        one widget ``value`` followed by a control_after_generate value (GroupNodeConfig gives
+        every primitive it links one)."""
         kind = node.get("type")
         if kind == "PrimitiveNode":
-            return {"input": {"required": {"value": ["*", {}]}}, "input_order": {"required": ["value"]}, "output": ["*"]}
+            required: dict[str, Any] = {"value": ["COMBO", {"control_after_generate": True}]}
+            return {"input": {"required": required}, "input_order": {"required": ["value"]}, "output": ["*"]} if used else None
         if kind == "Reroute":
-            return {"input": {"required": {"*": ["*", {"forceInput": True}]}}, "input_order": {"required": ["*"]}, "output": ["*"]}
+            first = _list(node.get("inputs"))[:1]
+            name = first[0].get("name") if first and isinstance(first[0], dict) and isinstance(first[0].get("name"), str) else ""
+            return {"input": {"required": {name: ["*", {"forceInput": True}]}}, "input_order": {"required": [name]}, "output": ["*"]}
         entry = self.conversion.classes.get(kind) if isinstance(kind, str) else None
         return entry if isinstance(entry, dict) else None
 
