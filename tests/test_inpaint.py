@@ -259,7 +259,7 @@ def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(engine, models, pict
     assert_same(out["grey"]["latent"].samples, reference)
 
 
-def test_set_latent_noise_mask_and_the_mask_nodes(engine):
+def test_set_latent_noise_mask_and_the_mask_nodes():
     from graphsd.std.nodes.inpaint import ImageToMask, InvertMask, SetLatentNoiseMask
     from graphsd.types import Image, Latent, Mask
 
