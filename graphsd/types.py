@@ -154,6 +154,10 @@ class Conditioning(Socket):
     ``combined`` holds further conditionings evaluated beside this one (ComfyUI's
     ConditioningCombine, which makes a list of them): :meth:`entries` lists them all, this one
     first. A plain conditioning is a list of one, read through its own fields as before.
+
+    ``control`` is the ControlNet applied to it (ComfyUI's ``control``), which the denoise loops
+    run beside the U-Net: an object of the plugin that applied it (graphsd.std's ControlNetApply
+    records a ``graphsd.std.models.controlnet.Control``, whose ``nbytes()`` counts here), or None.
     """
 
     embeddings: torch.Tensor
@@ -165,6 +169,7 @@ class Conditioning(Socket):
     mask_strength: float = 1.0
     mask_bounds: bool = False
     combined: tuple[Conditioning, ...] = ()
+    control: Any = None
 
     def entries(self) -> list[Conditioning]:
         """Every conditioning this value stands for, in order (itself first, without ``combined``)."""
@@ -189,6 +194,7 @@ class Conditioning(Socket):
     def nbytes(self) -> int:
         return sum(
             _tensor_bytes(e.embeddings, e.pooled, e.mask, *(v for v in e.extras.values() if isinstance(v, torch.Tensor)))
+            + (e.control.nbytes() if e.control is not None else 0)
             for e in self.entries()
         )
 

@@ -18,8 +18,9 @@ Both denoise loops (:mod:`~graphsd.std.sampling.loop`, the diffusers convention,
   side which is the smallest to contain it (or its first conditioning without an area), so that
   guidance compares predictions of the same area (ComfyUI's ``create_cond_with_same_area_if_none``).
 
-Conditionings whose crops have one size share one U-Net call, their text contexts repeated to a
-common token count (which leaves cross-attention unchanged). A plain negative + positive pair is
+Conditionings whose crops have one size and that carry the same ControlNet (or none) share one
+U-Net call, their text contexts repeated to a common token count (which leaves cross-attention
+unchanged); the ControlNets run beside it as :mod:`~graphsd.std.sampling.control` says. A plain negative + positive pair is
 the classic single call on the batch ``[uncond, cond]``, and its predictions are the U-Net's
 outputs as they are, so a run without combined conditionings computes exactly what it did before
 they existed.
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graphsd.std.models.controlnet import share_with_uncond
 from graphsd.types import Conditioning
 
 COUNT_FLOOR = 1e-37
@@ -117,6 +119,8 @@ class UNetBatch:
     context: torch.Tensor
     added: dict[str, torch.Tensor] | None = None
     concat: torch.Tensor | None = None
+    #: The ControlNet the passes share (a :class:`~graphsd.std.models.controlnet.Control`), or None.
+    control: Any = None
 
 
 #: A loop's U-Net call: (the batch's stacked latent crops as the U-Net takes them, the batch) →
@@ -184,6 +188,7 @@ class _Entry:
     mask: torch.Tensor | None  # [B, h, w] at the latent's size
     strength: float
     mask_strength: float
+    control: Any = None  # the ControlNet applied, which a same-area copy keeps (as in ComfyUI)
 
 
 def _resolve(cond: Conditioning, h: int, w: int) -> _Entry:
@@ -206,7 +211,7 @@ def _resolve(cond: Conditioning, h: int, w: int) -> _Entry:
             else:
                 y, x = int(rows.min()), int(cols.min())
                 area = (max(MIN_BOUNDS_CELLS, int(rows.max()) - y + 1), max(MIN_BOUNDS_CELLS, int(cols.max()) - x + 1), y, x)
-    return _Entry(cond, area, mask, cond.strength, cond.mask_strength)
+    return _Entry(cond, area, mask, cond.strength, cond.mask_strength, cond.control)
 
 
 def _inside(inner: Cells, outer: Cells) -> bool:
@@ -227,7 +232,7 @@ def _add_same_area(others: list[_Entry], entry: _Entry) -> None:
                 smallest = o
     if smallest is None or smallest.area == entry.area:
         return
-    others.append(_Entry(smallest.what, entry.area, entry.mask, entry.strength, entry.mask_strength))
+    others.append(_Entry(smallest.what, entry.area, entry.mask, entry.strength, entry.mask_strength, entry.control))
 
 
 def _ramp(weight: torch.Tensor, area: Cells, h: int, w: int) -> None:
@@ -308,15 +313,17 @@ def plan_guidance(
                 if other != name:
                     _add_same_area(other_entries, entries[i])
             i += 1
+    if negative is not None:
+        share_with_uncond(resolved["positive"], resolved["negative"])
 
     sides = ["negative", "positive"] if guided else ["positive"]
     score = {"negative": scores[0], "positive": scores[1]}
-    groups: dict[tuple[int, int], list[tuple[Pass, str, _Entry]]] = {}
+    groups: dict[tuple[int, int, int], list[tuple[Pass, str, _Entry]]] = {}
     for index, name in enumerate(sides):
         for entry in resolved[name]:
             p = _pass(entry, index, name, shape, device, dtype)
             crop_size = (p.area[0], p.area[1]) if p.area else (h, w)
-            groups.setdefault(crop_size, []).append((p, name, entry))
+            groups.setdefault((*crop_size, id(entry.control)), []).append((p, name, entry))
 
     extra: dict[int, torch.Tensor] = {}
     batches = []
@@ -337,5 +344,5 @@ def plan_guidance(
                 if id(e.what) not in extra:
                     extra[id(e.what)] = concat(e.what)
             channels = torch.cat([crop(extra[id(e.what)], p.area) for p, _, e in members])
-        batches.append(UNetBatch([p for p, _, _ in members], context, added, channels))
+        batches.append(UNetBatch([p for p, _, _ in members], context, added, channels, members[0][2].control))
     return Guidance(batches, len(sides))
