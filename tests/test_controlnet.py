@@ -45,6 +45,7 @@ from reference import U32, assert_same, diffusers_noise_in_float32, tolerance
 from safetensors.torch import save_file
 
 from graphsd import Engine, Settings
+from graphsd.server.objectinfo import native_entry
 from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
 from graphsd.std.models.controlnet import Control, ControlNet
 from graphsd.std.models.family import ModelInfo
@@ -676,3 +677,28 @@ def test_ui_format_widgets_map_onto_the_controlnet_classes(engines):
         3: {"strength": 0.8, "control_net": ["1", 0]},
         4: {"strength": 0.9, "start_percent": 0.1, "end_percent": 0.6, "control_net": ["2", 0]},
     }
+
+
+def test_object_info_entries_have_comfyuis_types_ranges_and_the_files(root, engines):
+    """What ``graphsd serve`` lists for the classes: CONTROL_NET sockets (so the frontend links them
+    to ComfyUI's nodes), ComfyUI's input order and ranges, the files in <models>/controlnet."""
+    engine = engines[False]
+    types = {k: v for result in engine.pm.hook.graphsd_comfy_types() for k, v in (result or {}).items()}
+    save_file({"x": torch.zeros(1)}, root / "controlnet" / "depth.safetensors")
+    entries = {
+        name: native_entry(engine.nodes[name], name, "nodes", types, engine.nodes[name].input_choices(str(root), ""))
+        for name in ("ControlNetLoader", "DiffControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced")
+    }
+    assert entries["ControlNetLoader"]["output"] == entries["DiffControlNetLoader"]["output"] == ["CONTROL_NET"]
+    assert "depth.safetensors" in entries["ControlNetLoader"]["input"]["required"]["control_net_name"][0]
+    assert "depth.safetensors" in entries["DiffControlNetLoader"]["input"]["required"]["control_net_name"][0]
+    advanced = entries["ControlNetApplyAdvanced"]
+    assert advanced["input_order"] == {
+        "required": ["positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent"],
+        "optional": ["vae"],
+    }
+    required = advanced["input"]["required"]
+    assert [required[k][0] for k in ("positive", "control_net", "image")] == ["CONDITIONING", "CONTROL_NET", "IMAGE"]
+    assert (required["strength"][1]["min"], required["strength"][1]["max"]) == (0.0, 10.0)
+    assert (required["end_percent"][1]["min"], required["end_percent"][1]["max"], required["end_percent"][1]["default"]) == (0.0, 1.0, 1.0)
+    assert advanced["output"] == ["CONDITIONING", "CONDITIONING"] and entries["ControlNetApply"]["output"] == ["CONDITIONING"]

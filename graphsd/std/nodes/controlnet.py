@@ -135,6 +135,10 @@ class ControlNetLoader(Node):
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return _identity(literals, ctx)
 
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"control_net_name": available(models_dir)}
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         return self.Outputs(control_net=_load(ctx, _require(inputs.control_net_name, ctx), inputs.dtype))
 
@@ -159,6 +163,10 @@ class DiffControlNetLoader(Node):
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return _identity(literals, ctx)
+
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"control_net_name": available(models_dir)}
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         return self.Outputs(control_net=_load(ctx, _require(inputs.control_net_name, ctx), inputs.dtype, base=inputs.model))
