@@ -234,6 +234,25 @@ def test_comfyui_convention_inpaints_by_comfyuis_rule(engine, models, picture, m
     assert_same(out["denoise"]["latent"].samples, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("convention", ["diffusers", "comfyui"])
+def test_continuing_without_added_noise_keeps_the_unmasked_part_as_it_is(engine, picture, convention):
+    """add_noise off (KSamplerAdvanced's add_noise disable): the kept part is never noised, as
+    ComfyUI's sampler then gets zero noise; it stays the start latent at every step."""
+    nodes = {
+        **base("sd1", picture),
+        "masked": {"type": "SetLatentNoiseMask", "inputs": {"samples": "@encode.latent", "mask": "@load.mask"}},
+        "noise": {"type": "LatentNoise", "inputs": {"seed": SEED, "latent": "@encode.latent"}},
+        "denoise": loop("@masked.latent", steps=6, start_step=3, add_noise=False, sampler="euler", convention=convention),
+    }
+    out = run(engine, nodes, "denoise", "encode", "load")
+    start, ours = out["encode"]["latent"].samples.double(), out["denoise"]["latent"].samples
+    kept = (F.interpolate(pixel_mask(out), size=(8, 8), mode="bilinear") == 0).expand_as(ours)
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert torch.equal(ours[kept], start[kept])
+    assert not torch.allclose(ours[~kept], start[~kept])
+
+
 # ---- the nodes --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(engine, models, picture):
