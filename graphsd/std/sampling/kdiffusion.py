@@ -21,7 +21,8 @@ With ``convention: comfyui`` UNetDenoiseLoop runs the sampler named by ComfyUI's
 - a start latent with a ``noise_mask`` is inpainted by ComfyUI's rule (``KSamplerX0Inpaint``:
   :mod:`~graphsd.std.sampling.inpaint`), an inpainting U-Net gets ComfyUI's mask and
   masked-picture channels, and several conditionings per side (ConditioningCombine, areas,
-  masks) are averaged as ComfyUI averages them (:mod:`~graphsd.std.sampling.guidance`).
+  masks) are averaged as ComfyUI averages them (:mod:`~graphsd.std.sampling.guidance`), and the
+  ControlNets applied to them act in their windows of noise levels (:mod:`~graphsd.std.sampling.control`).
 
 **Seeds.** The initial noise is the ``noise`` input (LatentNoise: ``torch.Generator().manual_seed
 (seed)`` per batch item). Ancestral and SDE samplers draw their per-step noise from one CPU
@@ -36,12 +37,14 @@ from __future__ import annotations
 
 import bisect
 import math
+from contextlib import ExitStack
 from functools import partial
 
 import torch
 
 from graphsd.context import Context
 from graphsd.std.models.family import model_info
+from graphsd.std.sampling.control import ControlRun, sigma_position
 from graphsd.std.sampling.guidance import Cells, Guidance, UNetBatch, crop, plan_guidance
 from graphsd.std.sampling.inpaint import KeepOutsideMask, inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.ksamplers import BROWNIAN, DISCARD_PENULTIMATE, KSAMPLERS
@@ -118,18 +121,26 @@ class Denoiser:
         work: torch.dtype,
         plan: Guidance | None = None,
         keep: KeepOutsideMask | None = None,
+        controls: ControlRun | None = None,
     ):
         self.unet, self.table = unet, table
         self.cfg, self.guidance, self.work = cfg, guidance, work
         self.plan = plan if plan is not None else Guidance.single(context, added, guidance)
         self.keep = keep
+        self.controls = controls  # the ControlNets of the plan's conditionings, running
 
-    def unet_call(self, model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor) -> torch.Tensor:
-        """The U-Net call on one batch of (cropped) latents, already scaled by c_in."""
+    def unet_call(self, model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+        """The U-Net call on one batch of (cropped) latents, already scaled by c_in, at noise level ``sigma``."""
+        residuals = self.controls.residuals(batch, model_input, t, sigma) if self.controls is not None else {}
         if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
             model_input = torch.cat([model_input, batch.concat], dim=1)
         out = self.unet(
-            model_input.to(self.unet.dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False
+            model_input.to(self.unet.dtype),
+            t,
+            encoder_hidden_states=batch.context,
+            added_cond_kwargs=batch.added,
+            return_dict=False,
+            **residuals,
         )[0]
         return out.to(self.work)
 
@@ -142,7 +153,7 @@ class Denoiser:
         def finish(out: torch.Tensor, area: Cells | None) -> torch.Tensor:
             return self.table.denoised(crop(x, area), out, sigma)
 
-        predictions = self.plan.predict(x * c_in, partial(self.unet_call, t=t), finish)
+        predictions = self.plan.predict(x * c_in, partial(self.unet_call, t=t, sigma=sigma), finish)
         if self.guidance:
             uncond, cond = predictions
             denoised = uncond + self.cfg * (cond - uncond)
@@ -261,10 +272,11 @@ def sample_sigmas(
         concat = partial(inpaint_channels, latent=latent, shape=shape, convention="comfyui", device=device, dtype=work)
     total = len(sigmas) - 1
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
-    with ctx.models.use(unet_ref, "unet") as unet:
+    with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet.dtype, concat)
-        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep)
+        controls = stack.enter_context(ControlRun(ctx, plan, unet, sigma_position(table.sigma, len(table.sigmas))))
+        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep, controls=controls)
         last: list[torch.Tensor] = []  # the denoised estimate the sampler reported for its last step
 
         def step_done(i: int, denoised: torch.Tensor) -> None:

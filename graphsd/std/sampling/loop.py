@@ -21,7 +21,10 @@ that with the same scheduler, conditioning and seed the latents are the same:
 - inpainting (a start latent with a ``noise_mask``, or an inpainting U-Net) as diffusers'
   ``StableDiffusionInpaintPipeline`` does it (:mod:`~graphsd.std.sampling.inpaint`);
 - several conditionings per side (ConditioningCombine, areas, masks) evaluated and averaged as
-  ComfyUI does (:mod:`~graphsd.std.sampling.guidance`).
+  ComfyUI does (:mod:`~graphsd.std.sampling.guidance`);
+- ControlNets applied to the conditionings run beside the U-Net as ComfyUI runs them
+  (:mod:`~graphsd.std.sampling.control`), so that ControlNetApply gives diffusers'
+  ``StableDiffusionControlNetPipeline``'s latents.
 
 Per step there is one ``scale_model_input``, one U-Net call per conditioning size (one in all
 for a plain negative + positive), one guidance combination and one ``scheduler.step``;
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -40,6 +44,7 @@ import torch
 
 from graphsd.context import Context
 from graphsd.std.models.family import ModelInfo, model_info
+from graphsd.std.sampling.control import ControlRun, timestep_position
 from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, batched_context, plan_guidance, sdxl_time_ids
 from graphsd.std.sampling.inpaint import inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.preview import Previewer
@@ -188,17 +193,21 @@ def denoise(
         keep = latent_mask(latent.noise_mask, shape, "diffusers", device, work)
         start = latent.samples.to(device, work)
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
-    with ctx.models.use(unet_ref, "unet") as unet:
+    with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
         dtype = unet.dtype
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         concat = partial(inpaint_channels, latent=latent, shape=shape, convention="diffusers", device=device, dtype=work)
         plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None)
+        controls = stack.enter_context(ControlRun(ctx, plan, unet, timestep_position(scheduler.config.num_train_timesteps)))
 
         def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor) -> torch.Tensor:
             """The loop's U-Net call on one batch of (cropped) latents, as the scheduler scaled them."""
+            residuals = controls.residuals(batch, model_input, t, float(t))  # ControlNets acting at this timestep
             if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
                 model_input = torch.cat([model_input, batch.concat], dim=1)
-            eps = unet(model_input.to(dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False)[0]
+            eps = unet(
+                model_input.to(dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False, **residuals
+            )[0]
             return eps.to(work)
 
         for i, t in enumerate(timesteps):
