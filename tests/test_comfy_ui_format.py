@@ -204,6 +204,12 @@ def test_a_subgraph_that_contains_itself_and_an_undefined_group_node_are_explain
     text = error_text(excinfo)
     assert f"subgraph '{definition['name']}' contains itself" in text
     assert "node 98 is an instance of group node 'Nowhere', which the file does not define" in text
+    # without any extra.groupNodes, and inside a subgraph
+    ui = load("subgraph")
+    [definition] = ui["definitions"]["subgraphs"]
+    definition["nodes"].append({"id": 97, "type": "workflow/Gone", "mode": 0})
+    with pytest.raises(WorkflowError, match=f"node 97 of subgraph '{definition['name']}' is an instance of group node 'Gone'"):
+        ui_to_prompt(ui, classes)
 
 
 def test_a_group_nodes_widgets_map_onto_its_inner_nodes(classes):

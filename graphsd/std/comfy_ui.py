@@ -219,8 +219,7 @@ class _UIConversion:
                 self.subgraph_names[sub["id"]] = name
         extra = workflow.get("extra")
         groups = extra.get("groupNodes") if isinstance(extra, dict) else None
-        if isinstance(groups, dict) and groups:
-            _GroupNodes(self, groups).expand()
+        _GroupNodes(self, groups if isinstance(groups, dict) else {}).expand()
 
     # ---- links ----------------------------------------------------------------------------
     def graph_of(self, scope: _Scope) -> _Graph:
@@ -379,21 +378,27 @@ class _GroupNodes:
         self.groups = groups
 
     def expand(self) -> None:
-        root = self.conversion.root
-        for node_id, node in list(root.nodes.items()):
-            name = next((node["type"][len(p) :] for p in GROUP_PREFIXES if node["type"].startswith(p)), None)
-            if name is None or node.get("mode") in (MUTED, BYPASSED):
-                continue  # a bypassed group node passes its inputs through like any node
-            group = self.groups.get(name)
-            if not isinstance(group, dict) or not isinstance(group.get("nodes"), list):
-                self.conversion.issues.append(
-                    Issue(f"{FORMAT}; node {node_id} is an instance of group node '{name}', which the file does not define", node=node_id)
-                )
-                continue
-            self.unpack(node_id, node, group)
+        """Unpack every group node instance, in the root graph and in subgraph definitions."""
+        graphs = [("", self.conversion.root)]
+        graphs += [(f" of subgraph '{self.conversion.subgraph_names[sid]}'", graph) for sid, graph in self.conversion.subgraphs.items()]
+        for where, graph in graphs:
+            for node_id, node in list(graph.nodes.items()):
+                name = next((node["type"][len(p) :] for p in GROUP_PREFIXES if node["type"].startswith(p)), None)
+                if name is None or node.get("mode") in (MUTED, BYPASSED):
+                    continue  # a bypassed group node passes its inputs through like any node
+                group = self.groups.get(name)
+                if not isinstance(group, dict) or not isinstance(group.get("nodes"), list):
+                    self.conversion.issues.append(
+                        Issue(
+                            f"{FORMAT}; node {node_id}{where} is an instance of group node '{name}', which the file does not define",
+                            node=node_id,
+                            hint="the file's extra.groupNodes must hold it: save the workflow again from the editor that made it",
+                        )
+                    )
+                    continue
+                self.unpack(graph, node_id, node, group)
 
-    def unpack(self, gid: str, instance: dict[str, Any], group: dict[str, Any]) -> None:
-        root = self.conversion.root
+    def unpack(self, root: _Graph, gid: str, instance: dict[str, Any], group: dict[str, Any]) -> None:
         inner = [n if isinstance(n, dict) else {} for n in group["nodes"]]
         config = group.get("config") if isinstance(group.get("config"), dict) else {}
         links = [link for link in _list(group.get("links")) if isinstance(link, list) and len(link) >= 4]
@@ -554,7 +559,7 @@ def ui_to_prompt(workflow: dict[str, Any], classes: dict[str, dict[str, Any]]) -
         title = f" ('{node['title']}')" if node.get("title") and node.get("title") != class_type else ""
         inside = "".join(f" in subgraph '{conversion.subgraph_names[instance['type']]}'" for _, instance in reversed(scope))
         if class_type.startswith(GROUP_PREFIXES):
-            continue  # an instance of an undefined group node, reported when unpacking
+            continue  # an instance of a group node the file does not define, reported when unpacking
         if class_type not in classes:
             issues.append(
                 Issue(
