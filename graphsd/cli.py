@@ -243,6 +243,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if target.is_dir() or (target.exists() and not args.overwrite):
         what = "is a folder" if target.is_dir() else "exists (pass --overwrite to replace it)"
         raise GraphsdError(f"{target} {what}; nothing was written")
+
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
