@@ -303,11 +303,6 @@ def comfy_issues(engine, prompt: dict) -> list[tuple[str, str | None, str]]:
         ({"end_at_step": 10001}, "end_at_step", "bigger than max"),
         ({"add_noise": "yes"}, "add_noise", "'enable' or 'disable'"),
         ({"sampler_name": "dpm_adaptive"}, "sampler_name", "adaptive step-size"),
-        (
-            {"sampler_name": "uni_pc", "scheduler": "normal", "return_with_leftover_noise": "disable", "end_at_step": 5},
-            "return_with_leftover_noise",
-            "needs convention comfyui",
-        ),
     ],
 )
 def test_ksampler_advanced_refuses_what_cannot_run_on_its_own_inputs(engine, change, field, says):

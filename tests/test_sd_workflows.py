@@ -146,7 +146,7 @@ def test_comfy_conversion_maps_links_and_nodes():
     assert nodes["3_noise"] == {"type": "LatentNoise", "inputs": {"seed": 42, "latent": "@5.latent"}}
     loop = nodes["3"]["inputs"]
     assert loop["unet"] == "@12.unet" and loop["noise"] == "@3_noise.noise" and "latent" not in loop
-    assert (loop["sampler"], loop["schedule"], loop["steps"]) == ("unipc", "karras", 4)
+    assert (loop["sampler"], loop["schedule"], loop["convention"], loop["steps"]) == ("uni_pc", "karras", "comfyui", 4)
     assert nodes["9"] == {"type": "SaveImage", "inputs": {"image": "@8.image", "prefix": "ComfyUI"}}
 
 

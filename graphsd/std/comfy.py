@@ -77,18 +77,10 @@ from graphsd.std.nodes.comfy_core import UPSCALE_METHODS
 from graphsd.std.sampling.ksamplers import COMFY_SAMPLER_NAMES, KSAMPLERS, NOT_SUPPORTED
 from graphsd.std.sampling.sigmas import COMFY_SCHEDULERS
 
-DIFFUSERS_SAMPLERS = {"uni_pc": "unipc"}
-"""ComfyUI samplers graphsd has no ComfyUI-sigma version of, run with a diffusers scheduler instead
-(UNetDenoiseLoop ``convention: diffusers``), with scheduler normal (the model's own spacing, not
-ComfyUI's normal) or karras only: ``uni_pc`` is diffusers' UniPC (Zhao et al. 2023)."""
-
-SAMPLER_NAMES = {
-    name: DIFFUSERS_SAMPLERS.get(name, name) for name in COMFY_SAMPLER_NAMES if name in KSAMPLERS or name in DIFFUSERS_SAMPLERS
-}
-"""ComfyUI ``sampler_name`` → graphsd sampler: every name graphsd runs, in ComfyUI's order. All but
-:data:`DIFFUSERS_SAMPLERS` run as UNetDenoiseLoop ``convention: comfyui`` under their ComfyUI
-name; the others (:data:`graphsd.std.sampling.ksamplers.NOT_SUPPORTED`) are refused on import
-with the reason."""
+SAMPLER_NAMES = {name: name for name in COMFY_SAMPLER_NAMES if name in KSAMPLERS}
+"""ComfyUI ``sampler_name`` → graphsd sampler: every name graphsd runs, in ComfyUI's order, as
+UNetDenoiseLoop ``convention: comfyui`` under its ComfyUI name; the others
+(:data:`graphsd.std.sampling.ksamplers.NOT_SUPPORTED`) are refused on import with the reason."""
 
 SCHEDULER_NAMES = {name: name for name in COMFY_SCHEDULERS}
 """ComfyUI ``scheduler`` → graphsd schedule (all nine, with ComfyUI's sigmas)."""
@@ -453,24 +445,12 @@ def _ksampler(c: _Conversion, cid: str, gid: str) -> None:
 
 def _sampler_inputs(c: _Conversion, cid: str) -> dict[str, Any]:
     """UNetDenoiseLoop's sampler, schedule and convention for a KSampler's sampler_name and
-    scheduler: ComfyUI's sigmas, or diffusers' scheduler for :data:`DIFFUSERS_SAMPLERS`."""
-    inputs = {
+    scheduler: ComfyUI's samplers on ComfyUI's sigmas."""
+    return {
         "sampler": _choice(c, cid, "sampler_name", SAMPLER_NAMES),
         "schedule": _choice(c, cid, "scheduler", SCHEDULER_NAMES),
         "convention": "comfyui",
     }
-    sampler_name, scheduler = c.value(cid, "sampler_name"), c.value(cid, "scheduler")
-    if sampler_name in DIFFUSERS_SAMPLERS:
-        inputs["convention"] = "diffusers"
-        if isinstance(scheduler, str) and scheduler in SCHEDULER_NAMES and scheduler not in ("normal", "karras"):
-            c.issue(
-                cid,
-                f"sampler_name '{sampler_name}' runs as diffusers' sampler, which has no scheduler '{scheduler}'",
-                field="scheduler",
-                hint="use scheduler normal or karras with it, or another sampler_name (all others take every scheduler)",
-                code="unsupported",
-            )
-    return inputs
 
 
 def _switch(c: _Conversion, cid: str, name: str, default: str) -> bool | None:

@@ -37,6 +37,7 @@ step's start (what k-diffusion reports to ComfyUI's callback: its previews and S
 | ipndm | improved PNDM: Adams–Bashforth up to order 4 with constant-step coefficients | Zhang & Chen 2022 (DEIS), iPNDM |
 | res_multistep (_cfg_pp, _ancestral, _ancestral_cfg_pp) | RES 2nd-order multistep exponential integrator | Zhang et al. 2023 |
 | gradient_estimation (_cfg_pp) | Euler with gradient estimation, gamma = 2 | Permenter & Yuan 2023 |
+| uni_pc, uni_pc_bh2 | UniPC multistep predictor-corrector, B(h) = h or e^h - 1 (ComfyUI's port) | Zhao et al. 2023 |
 
 The ``_gpu`` variants differ in ComfyUI only in where the Brownian noise is drawn; graphsd
 draws it on the CPU for both, so they are the same function here.
@@ -495,6 +496,97 @@ def gradient_estimation(
     return x
 
 
+UNIPC_LAST_SIGMA = 0.001
+"""ComfyUI's UniPC cannot step to sigma 0 (log sigma is infinite there): it stops at this sigma."""
+
+
+def uni_pc(model: Model, x: torch.Tensor, sigmas: list[float], noise: Noise, callback: Callback, variant: str = "bh1") -> torch.Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling
+    of Diffusion Models", Algorithms 2 and 3), multistep, data prediction, as ComfyUI runs it on
+    its sigmas: in the variance-preserving scale ``x / sqrt(1 + sigma^2)`` with ``lambda = -log
+    sigma``, order ``min(3, steps - 1)`` (lower orders for the first and last steps), the
+    corrector UniC after every step but the last (it reuses the model's value at the predicted
+    point, so one model call per step), a last sigma of 0 replaced by
+    :data:`UNIPC_LAST_SIGMA`. ``variant`` is the paper's B(h): ``bh1`` = h (ComfyUI's
+    ``uni_pc``), ``bh2`` = e^h - 1 (``uni_pc_bh2``). As in ComfyUI, the first call only evaluates
+    the model and the last call takes two steps, so one step (two sigmas) leaves ``x`` as it is
+    (rescaled to the last sigma)."""
+    sig = [float(s) for s in sigmas]
+    if len(sig) < 2:
+        return x
+    if sig[-1] == 0:
+        sig[-1] = UNIPC_LAST_SIGMA
+    steps = len(sig) - 1
+    order = min(3, steps - 1)
+
+    def alpha(s: float) -> float:
+        return 1.0 / math.sqrt(1.0 + s * s)
+
+    def denoise(xv: torch.Tensor, s: float) -> torch.Tensor:
+        return model(xv / alpha(s), s)[0]
+
+    xv = x * alpha(sig[0])
+    history = [(sig[0], denoise(xv, sig[0]))]  # (sigma, D) of the last `order` points
+    callback(0, history[-1][1])
+    for i in range(1, steps):
+        for k in (i, steps) if i == steps - 1 else (i,):
+            step_order = k if k < order else min(order, steps + 1 - k)
+            xv, at_new = _unipc_step(denoise, xv, history, sig[k], step_order, k < steps, variant, alpha)
+            if at_new is not None:
+                history = [*history, (sig[k], at_new)][-order:]
+        callback(i, history[-1][1])
+    return xv / alpha(sig[-1])
+
+
+def _unipc_step(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
+    xv: torch.Tensor,
+    history: list[tuple[float, torch.Tensor]],
+    s: float,
+    order: int,
+    corrector: bool,
+    variant: str,
+    alpha: Callable[[float], float],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One UniPC step from the last point of ``history`` to ``s``: the predictor UniP of
+    ``order`` (the exponential-integrator step of DPM-Solver++ plus ``order - 1`` differences of
+    earlier D values), then, with ``corrector``, UniC of ``order`` with the model's value at the
+    predicted point. Returns x and that value (None without the corrector). The coefficients solve
+    ``R rho = b`` with ``R[i][m] = r_m^i`` and ``b_i = i! phi_{i+1}(-h) (-h) / B(h)`` (paper,
+    eq. 10); order 2's predictor and order 1's corrector use rho = 1/2, as the paper's code does."""
+    s0, d0 = history[-1]
+    h = math.log(s0) - math.log(s)  # lambda(s) - lambda(s0), lambda = -log sigma
+    rks, diffs = [], []
+    for j in range(1, order):
+        sj, dj = history[-(j + 1)]
+        rk = (math.log(s0) - math.log(sj)) / h
+        rks.append(rk)
+        diffs.append((dj - d0) / rk)
+    rks.append(1.0)
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    powers = np.array([[rk ** (i - 1) for rk in rks] for i in range(1, order + 1)])
+    rhs = np.array(b)
+    a_t = alpha(s)
+    base = xv * (s * a_t / (s0 * alpha(s0))) - d0 * (a_t * h_phi_1)
+    x_t = base
+    if diffs:
+        rhos_p = [0.5] if order == 2 else np.linalg.solve(powers[:-1, :-1], rhs[:-1]).tolist()
+        x_t = base - sum(r * d for r, d in zip(rhos_p, diffs, strict=True)) * (a_t * b_h)
+    if not corrector:
+        return x_t, None
+    at_t = denoise(x_t, s)
+    rhos_c = [0.5] if order == 1 else np.linalg.solve(powers, rhs).tolist()
+    correction = sum((r * d for r, d in zip(rhos_c[:-1], diffs, strict=True)), rhos_c[-1] * (at_t - d0))
+    return base - correction * (a_t * b_h), at_t
+
+
 KSAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": euler,
     "euler_cfg_pp": partial(euler, cfg_pp=True),
@@ -528,6 +620,8 @@ KSAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "gradient_estimation": gradient_estimation,
     "gradient_estimation_cfg_pp": partial(gradient_estimation, cfg_pp=True),
     "ddim": euler,
+    "uni_pc": uni_pc,
+    "uni_pc_bh2": partial(uni_pc, variant="bh2"),
 }
 """ComfyUI ``sampler_name`` → sampler function, for every name graphsd runs."""
 
@@ -555,9 +649,6 @@ NOT_SUPPORTED = {
     "seeds_3": "SEEDS is not implemented",
     "sa_solver": "SA-Solver is not implemented",
     "sa_solver_pece": "SA-Solver is not implemented",
-    "uni_pc": "ComfyUI's UniPC (its own port, with its own timestep handling) is not implemented; convention diffusers has "
-    "diffusers' UniPC (sampler unipc), which the ComfyUI import uses for uni_pc with scheduler normal or karras",
-    "uni_pc_bh2": "ComfyUI's UniPC (its own port, with its own timestep handling) is not implemented",
 }
 """ComfyUI names graphsd refuses (at validation), and why."""
 
