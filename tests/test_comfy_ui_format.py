@@ -142,6 +142,16 @@ def test_widgets_map_by_the_class_widget_order_skipping_control_after_generate(c
     }
 
 
+@pytest.mark.parametrize("control", [True, False])
+def test_an_older_editors_boolean_control_after_generate_is_skipped_too(classes, control):
+    """Older editors (and ComfyUI's default graph in its templates) saved the seed's control widget
+    as a boolean: [seed, true, steps, ...] must read as the frontend's [seed, "randomize", steps, ...]."""
+    ui = load("img2img")
+    [sampler] = [n for n in ui["nodes"] if n["type"] == "KSampler"]
+    sampler["widgets_values"][1] = control
+    assert without_meta(ui_to_prompt(ui, classes)) == without_meta(frontend_prompt("img2img"))
+
+
 def test_a_file_of_an_older_frontend_without_widget_input_slots_converts_the_same(classes):
     """Frontends before 1.16 saved only the link inputs (and converted widgets) in ``inputs``."""
     for name in ("reroute_primitive", "native", "img2img"):

@@ -52,7 +52,9 @@ IGNORED_CLASSES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 """Frontend-only nodes: they never reach the API prompt."""
 
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-"""The values of the frontend-only ``control_after_generate`` widget."""
+"""The values of the frontend-only ``control_after_generate`` widget. Files of older editors (and
+ComfyUI's own default graph as shipped in its templates) hold a boolean there instead (true:
+randomize); it is skipped the same way."""
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -123,7 +125,7 @@ def read_widget_values(values: Any, specs: list[tuple[str, bool, Any]], defaults
         if index < len(values):
             named[name] = values[index]
             index += 1
-            if control and index < len(values) and values[index] in CONTROL_VALUES:
+            if control and index < len(values) and (values[index] in CONTROL_VALUES or isinstance(values[index], bool)):
                 index += 1
         elif defaults and default is not ...:
             named[name] = default
