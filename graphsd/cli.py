@@ -56,6 +56,7 @@ def _engine(args: argparse.Namespace):
         ram_budget_mb=getattr(args, "ram_budget", None),
         max_image_pixels=int(getattr(args, "max_image_megapixels", 0) * 1e6) or Settings.max_image_pixels,
         read_roots=_read_roots(args),
+        compile=getattr(args, "compile", "off"),
     )
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -369,6 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input-dir", default="input", metavar="DIR", help=INPUT_DIR_HELP)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--vram-budget", type=float, metavar="MB", help="keep at most this much model weight on the GPU (model offload)")
+    run.add_argument(
+        "--compile",
+        nargs="?",
+        const="reduce-overhead",
+        default="off",
+        metavar="MODE",
+        choices=("off", "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs"),  # = context.COMPILE_MODES
+        help="compile the U-Net and VAE decoder with torch.compile (alone: reduce-overhead; also default, max-autotune, "
+        "max-autotune-no-cudagraphs; default off). The first image of each shape pays the compile; later ones run faster",
+    )
     run.add_argument(
         "--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM (least recently used models are dropped)"
     )

@@ -13,6 +13,10 @@ import torch
 from graphsd.errors import RunInterrupted
 from graphsd.events import EventCallback, Preview, Progress
 
+#: ``Settings.compile`` values: off, or one of torch.compile's modes
+COMPILE_MODES = ("off", "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
 
 @dataclass
 class Settings:
@@ -34,6 +38,22 @@ class Settings:
     # When set, nodes read files only under these folders (and graphsd's built-in models): the
     # command line sets it for a workflow taken from a PNG, which may come from anyone.
     read_roots: list[str] | None = None
+    # The compiled fast path for the U-Net and the VAE decoder (graphsd.std.models.compile):
+    # "off" or a torch.compile mode (COMPILE_MODES). Off by default on every device: a first
+    # compile costs about a minute per model and shape, which pays only over many images.
+    compile: str = "off"
+    # where compiled artefacts persist across processes (default: $TORCHINDUCTOR_CACHE_DIR when
+    # set, else ~/.cache/graphsd/torch-compile)
+    compile_cache_dir: str | None = None
+    # torch.compile backend: "inductor" (the fast path), or "eager" / "aot_eager" to check the
+    # compiled path's tracing and guards quickly (tests, debugging)
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; use one of: {', '.join(COMPILE_MODES)}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"unknown compile backend {self.compile_backend!r}; use one of: {', '.join(COMPILE_BACKENDS)}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -103,6 +103,8 @@ class ModelManager:
         self.in_use: dict[str, int] = {}
         # sees every decision; the engine forwards it to the run in progress, which sets run_id
         self.listener: Callable[[ModelEvent], None] | None = None
+        # objects made from a component (see derived), dropped with it
+        self._derived: dict[str, dict[Hashable, Any]] = {}
         self._lock = threading.RLock()
 
     # ---- events ---------------------------------------------------------------------------
@@ -154,7 +156,20 @@ class ModelManager:
             if other != keep and other not in self.in_use:
                 nbytes = self.entries.pop(other).nbytes
                 self.on_device.pop(other, None)
+                self._derived.pop(other, None)
                 self._emit("evict", other, nbytes)
+
+    def derived(self, key: str, tag: Hashable, build: Callable[[Any], Any]) -> tuple[Any, bool]:
+        """An object made from the component ``key`` by ``build(module)`` (a compiled wrapper,
+        say), made once per ``tag`` and kept while the component stays loaded; returns it and
+        whether this call made it. ``build`` may change the module (e.g. its memory layout), but
+        never its values."""
+        with self._lock:
+            made = self._derived.setdefault(key, {})
+            if tag in made:
+                return made[tag], False
+            made[tag] = build(self.entries[key].module)
+            return made[tag], True
 
     # ---- placement ------------------------------------------------------------------------
     def device_bytes(self) -> int:

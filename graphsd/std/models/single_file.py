@@ -672,4 +672,5 @@ def save_single_file(
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs)}
     if stored := tokenizer_files(components):
         metadata[TOKENIZER_KEY] = json.dumps(stored)
+    tensors = {name: t.contiguous() for name, t in tensors.items()}  # safetensors stores dense row-major data (not channels-last)
     return write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)

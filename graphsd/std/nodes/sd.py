@@ -20,6 +20,7 @@ from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
+from graphsd.std.models.compile import fast
 from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
 from graphsd.std.models.loading import load_checkpoint, resolve_model_path
 from graphsd.std.sampling.guidance import max_passes
@@ -401,7 +402,7 @@ class VAEDecode(Node):
             if inputs.tiled:
                 x = decode_tiled(vae, z, inputs.tile_size // down, inputs.tile_overlap // down, down)
             else:
-                x = vae.decode(z, return_dict=False)[0]
+                x = fast(ctx, inputs.vae, "vae", vae).decode(z, return_dict=False)[0]  # compiled when Settings.compile asks
         if not torch.isfinite(x).all():
             if not torch.isfinite(inputs.latent.samples).all():
                 raise NodeError("the latent to decode holds NaN or infinite values; the node that made it went wrong", field="latent")

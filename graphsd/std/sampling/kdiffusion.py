@@ -43,6 +43,7 @@ from functools import partial
 import torch
 
 from graphsd.context import Context
+from graphsd.std.models.compile import fast
 from graphsd.std.models.family import model_info
 from graphsd.std.sampling.control import ControlRun, sigma_position
 from graphsd.std.sampling.guidance import Cells, Guidance, UNetBatch, crop, plan_guidance
@@ -148,7 +149,7 @@ class Denoiser:
         if self.keep is not None:
             x = self.keep.model_input(x, sigma)
         c_in = 1 / math.sqrt(sigma * sigma + 1)
-        t = self.table.timestep(sigma).to(x.device)
+        t = self.table.timestep(sigma).to(x.device, non_blocking=True)  # a blocking copy would wait for the GPU every step
 
         def finish(out: torch.Tensor, area: Cells | None) -> torch.Tensor:
             return self.table.denoised(crop(x, area), out, sigma)
@@ -273,6 +274,7 @@ def sample_sigmas(
     total = len(sigmas) - 1
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
+        unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet.dtype, concat)
         controls = stack.enter_context(ControlRun(ctx, plan, unet, sigma_position(table.sigma, len(table.sigmas))))

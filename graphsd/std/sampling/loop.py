@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from graphsd.context import Context
+from graphsd.std.models.compile import fast
 from graphsd.std.models.family import ModelInfo, model_info
 from graphsd.std.sampling.control import ControlRun, timestep_position
 from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, batched_context, plan_guidance, sdxl_time_ids
@@ -194,15 +195,16 @@ def denoise(
         start = latent.samples.to(device, work)
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
+        unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
         dtype = unet.dtype
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         concat = partial(inpaint_channels, latent=latent, shape=shape, convention="diffusers", device=device, dtype=work)
         plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None)
         controls = stack.enter_context(ControlRun(ctx, plan, unet, timestep_position(scheduler.config.num_train_timesteps)))
 
-        def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor) -> torch.Tensor:
+        def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor, position: float) -> torch.Tensor:
             """The loop's U-Net call on one batch of (cropped) latents, as the scheduler scaled them."""
-            residuals = controls.residuals(batch, model_input, t, float(t))  # ControlNets acting at this timestep
+            residuals = controls.residuals(batch, model_input, t, position)  # ControlNets acting at this timestep
             if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
                 model_input = torch.cat([model_input, batch.concat], dim=1)
             eps = unet(
@@ -210,9 +212,10 @@ def denoise(
             )[0]
             return eps.to(work)
 
+        positions = timesteps.tolist()  # read once: float(t) in the loop would wait for the GPU at every step
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(x, t)
-            predictions = plan.predict(model_input, partial(unet_call, t=t))
+            predictions = plan.predict(model_input, partial(unet_call, t=t, position=positions[i]))
             if guidance:
                 eps_uncond, eps_cond = predictions
                 eps = eps_uncond + settings.cfg * (eps_cond - eps_uncond)
