@@ -1,0 +1,411 @@
+"""GPU benchmark of the compiled fast path: diffusers and graphsd, eager and compiled, on
+SD1.5-shaped (512x512) and SDXL-shaped (1024x1024) models with random weights and the real
+architectures, fp16, batch 1, 20 euler steps, CFG 7.5.
+
+    python bench/gpu.py [--models sd15,sdxl] [--runs 5] [--json results.json]
+
+Each configuration runs in its own process, all in one invocation on the same GPU:
+
+- ``diffusers``: ``StableDiffusion(XL)Pipeline`` on the GPU, eager;
+- ``diffusers_compiled``: the same with fused QKV projections, channels-last U-Net and VAE,
+  inductor's ``conv_1x1_as_mm``, and ``torch.compile(mode="reduce-overhead", fullgraph=True)``
+  on the U-Net and on ``vae.decode`` (diffusers' own recipe for speed);
+- ``graphsd``: ``Engine(Settings(device="cuda"))``, eager;
+- ``graphsd_fast``: ``Settings(compile="reduce-overhead")`` (``graphsd run --compile``), with an
+  empty compile cache folder;
+- ``graphsd_fast_2nd``: the same in a second process, with the cache folder the first one filled:
+  the warm-up a user pays after a restart.
+
+Printed per configuration: seconds per image (median of ``--runs`` after two warm-up images),
+peak GPU memory while timing, the warm-up (the first two images, compiles included; the model
+load is not in it), the host-device synchronisations during one image (``torch.cuda`` sync debug
+mode), and for the compiled rows the largest pixel difference (in [0, 1]) from the eager image of
+the same library and seed. Then the ratios the issue asks for. ``--smoke`` runs the same code on
+tiny models on the CPU (for checking the script, not for numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, CFG, PROMPT = 20, 7.5, "a red circle on a white background"
+CONFIGS = ("diffusers", "graphsd", "diffusers_compiled", "graphsd_fast", "graphsd_fast_2nd")
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def build_model(name: str, folder: Path, device: str) -> None:
+    """A diffusers folder with random weights of the real architecture (fp16 on CUDA)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from graphsd.std.text.tokenizer import clip_tokenizer_dir
+
+    torch.manual_seed(0)
+    tiny = name.startswith("tiny")
+    xl = name.endswith("xl")
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
+    with torch.device(device):
+        if tiny:
+            width = (32, 64)
+            unet_config = dict(
+                block_out_channels=width,
+                layers_per_block=1,
+                sample_size=8,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=4,
+                norm_num_groups=8,
+            )
+            vae_config = dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64)
+            l_config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+            g_config = l_config
+        else:
+            vae_config = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024 if xl else 512)
+            l_config = dict(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            )
+            g_config = dict(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_attention_heads=20,
+                num_hidden_layers=32,
+                projection_dim=1280,
+                hidden_act="gelu",
+            )
+            if xl:
+                unet_config = dict(
+                    sample_size=128,
+                    block_out_channels=(320, 640, 1280),
+                    layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10),
+                    attention_head_dim=(5, 10, 20),
+                )
+            else:
+                unet_config = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8)
+        clip_l = dict(l_config, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
+        te = CLIPTextModel(CLIPTextConfig(**clip_l))
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            force_upcast=False,
+            scaling_factor=0.13025 if xl else 0.18215,
+            **vae_config,
+        )
+        schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+        if xl:
+            clip_g = dict(g_config, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))
+            context = l_config["hidden_size"] + g_config["hidden_size"]
+            unet = UNet2DConditionModel(
+                cross_attention_dim=context,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8 if tiny else 256,
+                projection_class_embeddings_input_dim=(8 if tiny else 256) * 6 + g_config["projection_dim"],
+                **unet_config,
+            )
+            pipe = StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=te,
+                text_encoder_2=te2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=unet,
+                scheduler=EulerDiscreteScheduler(**schedule, timestep_spacing="leading"),
+                add_watermarker=False,
+            )
+        else:
+            unet = UNet2DConditionModel(cross_attention_dim=l_config["hidden_size"], **unet_config)
+            pipe = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=te,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=EulerDiscreteScheduler(**schedule),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    pipe.to(torch.float16 if device == "cuda" else torch.float32).save_pretrained(folder)
+
+
+# ---- one configuration (child process) --------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, runs: int, device: str) -> dict:
+    """Two warm-up images, then ``runs`` timed ones; peak memory while timing; the host syncs of
+    one more image."""
+    t0 = time.perf_counter()
+    first = fn(0)
+    fn(1)
+    synchronize(device)
+    warmup = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn(2 + i)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    syncs = None
+    if device == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn(100)
+                synchronize(device)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = sum("synchronizing" in str(w.message) for w in caught)
+    return {"s": statistics.median(times), "times": times, "gib": peak, "warmup": warmup, "syncs": syncs, "first": first}
+
+
+def run_graphsd(args, fast: bool) -> dict:
+    from graphsd import Engine, Settings
+
+    size = args.size
+    settings = Settings(
+        device=args.device,
+        output_dir=tempfile.mkdtemp(),
+        compile="reduce-overhead" if fast else "off",
+        compile_cache_dir=args.cache,
+        compile_backend=args.backend,
+    )
+    engine = Engine(settings)
+    doc = {
+        "version": 1,
+        "params": {"seed": 0},
+        "nodes": {
+            "m": {"type": "CheckpointLoader", "inputs": {"path": args.model, "dtype": "fp16" if args.device == "cuda" else "fp32"}},
+            "pos": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": PROMPT}},
+            "neg": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": ""}},
+            "noise": {"type": "LatentNoise", "inputs": {"seed": "${seed}", "width": size, "height": size}},
+            "d": {
+                "type": "UNetDenoiseLoop",
+                "inputs": {
+                    "unet": "@m.unet",
+                    "positive": "@pos.cond",
+                    "negative": "@neg.cond",
+                    "noise": "@noise.noise",
+                    "steps": args.steps,
+                    "cfg": CFG,
+                    "sampler": "euler",
+                },
+            },
+            "img": {"type": "VAEDecode", "inputs": {"vae": "@m.vae", "latent": "@d.latent"}},
+        },
+    }
+    t0 = time.perf_counter()
+    assert engine.run(doc, outputs=["m"]).ok
+    load = time.perf_counter() - t0
+
+    def once(seed: int) -> torch.Tensor:
+        res = engine.run(doc, params={"seed": seed}, outputs=["img"])
+        assert res.ok, [str(e) for e in res.errors]
+        return res.outputs["img"]["image"].pixels[0]
+
+    return {"load": load, **measure(once, args.runs, args.device)}
+
+
+def run_diffusers(args, compiled: bool) -> dict:
+    import diffusers
+    import torch._inductor.config
+
+    device = args.device
+    t0 = time.perf_counter()
+    index = json.loads((Path(args.model) / "model_index.json").read_text())
+    cls = getattr(diffusers, index["_class_name"])
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = cls.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if compiled:
+        pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        if args.backend == "inductor":
+            torch._inductor.config.conv_1x1_as_mm = True
+            options = dict(mode="reduce-overhead", fullgraph=True)
+        else:
+            options = dict(backend=args.backend, fullgraph=True)
+        pipe.unet = torch.compile(pipe.unet, **options)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, **options)
+    load = time.perf_counter() - t0
+
+    def once(seed: int) -> torch.Tensor:
+        out = pipe(
+            PROMPT,
+            negative_prompt="",
+            num_inference_steps=args.steps,
+            guidance_scale=CFG,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        )
+        return out.images[0].permute(1, 2, 0).float().cpu()
+
+    return {"load": load, **measure(once, args.runs, device)}
+
+
+def child(args) -> None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache  # each row compiles into its own folder (graphsd's rows share one)
+    result = {
+        "diffusers": lambda: run_diffusers(args, False),
+        "diffusers_compiled": lambda: run_diffusers(args, True),
+        "graphsd": lambda: run_graphsd(args, False),
+        "graphsd_fast": lambda: run_graphsd(args, True),
+        "graphsd_fast_2nd": lambda: run_graphsd(args, True),
+    }[args.config]()
+    torch.save(result.pop("first"), args.image)
+    print(json.dumps(result))
+
+
+# ---- the whole benchmark ----------------------------------------------------------------------
+
+
+def bench_model(name: str, args, tmp: Path, everything: dict) -> dict:
+    """Every configuration on model ``name``; ``everything[name]`` and ``--json`` are updated
+    after each, so an interrupted invocation keeps what it measured."""
+    folder = tmp / name
+    t0 = time.perf_counter()
+    build_model(name, folder, args.device)
+    print(f"[{name}] built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    size = {"sd15": 512, "sdxl": 1024}.get(name, 64)
+    results: dict[str, dict] = everything.setdefault(name, {})
+    for config in args.configs:
+        if args.json:
+            Path(args.json).write_text(json.dumps(everything, indent=1))
+        cache = tmp / f"cache-{name}-{'graphsd' if config.startswith('graphsd') else config}"
+        command = [
+            sys.executable,
+            __file__,
+            "--config",
+            config,
+            "--model",
+            str(folder),
+            "--size",
+            str(size),
+            "--steps",
+            str(args.steps),
+            "--runs",
+            str(args.runs),
+            "--device",
+            args.device,
+            "--backend",
+            args.backend,
+            "--cache",
+            str(cache),
+            "--image",
+            str(tmp / f"{name}-{config}.pt"),
+        ]
+        t0 = time.perf_counter()
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[config] = {"error": f"timed out after {args.timeout} s"}
+            print(f"[{name}] {config}: timed out", file=sys.stderr, flush=True)
+            continue
+        if out.returncode:
+            results[config] = {"error": out.stderr[-2000:]}
+            print(f"[{name}] {config} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
+        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[config]["process"] = time.perf_counter() - t0
+        print(f"[{name}] {config}: {json.dumps(results[config])}", file=sys.stderr, flush=True)
+    for fast, eager in (("diffusers_compiled", "diffusers"), ("graphsd_fast", "graphsd"), ("graphsd_fast_2nd", "graphsd")):
+        a, b = tmp / f"{name}-{fast}.pt", tmp / f"{name}-{eager}.pt"
+        if fast in results and "error" not in results[fast] and a.exists() and b.exists():
+            results[fast]["diff"] = float((torch.load(a) - torch.load(b)).abs().max())
+    return results
+
+
+def report(name: str, results: dict, runs: int) -> None:
+    print(f"\n{name}: median of {runs} after 2 warm-up images")
+    print(f"{'configuration':<22} {'s / image':>9} {'peak GiB':>9} {'warm-up s':>10} {'syncs/img':>9} {'max |Δpixel|':>12}")
+    for config, r in results.items():
+        if "error" in r:
+            print(f"{config:<22} failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+            continue
+        syncs = "-" if r.get("syncs") is None else str(r["syncs"])
+        diff = f"{r['diff']:.3g}" if "diff" in r else "-"
+        print(f"{config:<22} {r['s']:>9.3f} {r['gib']:>9.2f} {r['warmup']:>10.1f} {syncs:>9} {diff:>12}")
+
+    def ratio(a: str, b: str, what: str) -> None:
+        if all(c in results and "error" not in results[c] for c in (a, b)):
+            print(f"  {what}: {a} / {b} = {results[a]['s'] / results[b]['s']:.2f}")
+
+    ratio("graphsd_fast", "diffusers_compiled", "fast path vs compiled diffusers (issue: <= 0.66 SD1.5, <= 0.70 SDXL)")
+    ratio("graphsd", "diffusers", "eager vs eager (issue: <= 1.02)")
+    ratio("graphsd_fast", "graphsd", "graphsd fast path vs graphsd eager")
+    ratio("diffusers_compiled", "diffusers", "diffusers compiled vs eager")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (tiny, tinyxl with --smoke)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one configuration may take")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, aot_eager: checks the script, measures nothing")
+    for hidden in ("--config", "--model", "--cache", "--image"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="inductor", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.config:
+        child(args)
+        return
+    if args.smoke:
+        args.device, args.backend, args.steps, args.runs = "cpu", "aot_eager", 2, 1
+        args.models = args.models if args.models.startswith("tiny") else "tiny,tinyxl"
+    args.configs = args.configs.split(",")
+    everything = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            bench_model(name, args, Path(tmp), everything)
+    if args.device == "cuda":
+        print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; fp16, batch 1, {args.steps} euler steps, CFG {CFG}")
+    for name, results in everything.items():
+        report(name, results, args.runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
