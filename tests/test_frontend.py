@@ -100,7 +100,7 @@ BUILD_NATIVE = """() => {
     const link = (from, slot, to, input) => {
         if (!from.connect(slot, to, input)) throw new Error('cannot link ' + from.type + ' to ' + to.type + '.' + input);
     };
-    const ckpt = add('CheckpointLoader', [0, 0], {path: 'graphsd-tiny'});
+    const ckpt = add('graphsd.CheckpointLoader', [0, 0], {path: 'graphsd-tiny'});
     const text = add('TextEncode', [0, 170], {text: 'a red circle on a white background'});
     const noise = add('LatentNoise', [0, 440], {seed: 3, control_after_generate: 'fixed', width: 64, height: 64, batch_size: 4});
     const loop = add('UNetDenoiseLoop', [450, 0], {steps: 2, cfg: 1.0});
@@ -293,7 +293,7 @@ def test_a_graph_of_graphsd_nodes_built_with_the_frontends_graph_api_runs(served
     assert image["subfolder"] == "frontend" and image["type"] == "output"
     sent = frontend.prompts[-1]["prompt"]
     assert sorted(v["class_type"] for v in sent.values()) == sorted(
-        ["CheckpointLoader", "TextEncode", "LatentNoise", "UNetDenoiseLoop", "graphsd.VAEDecode", "ContactSheet", "graphsd.SaveImage"]
+        ["graphsd.CheckpointLoader", "TextEncode", "LatentNoise", "UNetDenoiseLoop", "graphsd.VAEDecode", "ContactSheet", "graphsd.SaveImage"]
     )
     # ContactSheet lays 4 images of 64 px in 2 columns with a 4 px gap around and between them
     on_disk = output_image(served, image)

@@ -184,10 +184,10 @@ def test_validation_errors_come_back_in_comfyui_node_errors_shape(server):
     assert err["extra_info"]["input_name"] == "positive" and "Vae" in err["message"] and "Conditioning" in err["message"]
 
     bad = txt2img()
-    bad["7"]["class_type"] = "CLIPTextEncodeSDXLRefiner"
+    bad["7"]["class_type"] = "CLIPTextEncodeFlux"
     body = refused(bad)
     assert body["node_errors"]["7"]["errors"][0]["type"] == "invalid_prompt"
-    assert "CLIPTextEncodeSDXLRefiner does not exist" in body["node_errors"]["7"]["errors"][0]["message"]
+    assert "CLIPTextEncodeFlux does not exist" in body["node_errors"]["7"]["errors"][0]["message"]
 
     bad = txt2img()
     bad["9"]["inputs"]["images"] = ["42", 0]
