@@ -23,6 +23,7 @@ RUN_BY = {
     "comfy_ui_txt2img.json": ["tests/test_comfy_ui_format.py"],
     "lora_style.yaml": ["tests/test_lora_style.py"],
     "hypernetwork_style.yaml": ["tests/test_lora_style.py"],
+    "ddim_inversion.yaml": ["tests/test_inversion.py"],
     "inpaint.yaml": ["tests/test_inpaint.py"],
     # needs the graphsd-train plugin, which CI installs with the dev tools
     "train_tiny.yaml": ["plugins/graphsd-train/tests/test_training_diffusion.py"],

@@ -12,7 +12,9 @@ The backward pass is diffusers' ``DDIMInverseScheduler`` built from the model's 
 forward ``DDIMScheduler``'s, in reverse, for the model's ``leading`` or ``trailing`` spacing.
 Each step evaluates the U-Net on the current latent at the *next* (noisier) timestep, as
 diffusers' inversion pipelines do; that approximation is the only source of reconstruction
-error besides the VAE's, and it shrinks as the steps get smaller.
+error besides the VAE's, and it shrinks as the steps get smaller. The guided prediction itself
+is made as UNetDenoiseLoop makes it (:func:`~graphsd.std.sampling.guidance.plan_guidance` for
+combined, area and masked conditionings, ControlNets, the compiled U-Net when asked for).
 
 The result is a :class:`~graphsd.types.Noise`: the denoise loop starts text-to-image from
 ``noise × init_noise_sigma``, and DDIM's ``init_noise_sigma`` is 1, so the inverted latent goes
@@ -22,6 +24,8 @@ too, which is approximately right, but only DDIM retraces the inverted path.)
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,9 +36,13 @@ from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.resources import feature_map_bytes, require_memory
+from graphsd.std.models.compile import fast
 from graphsd.std.models.family import model_info
 from graphsd.std.nodes.sd import MAX_SEED, _first_channels, _not_finite
-from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, prepare_conditioning
+from graphsd.std.sampling.control import ControlRun, timestep_position
+from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, max_passes, plan_guidance
+from graphsd.std.sampling.inpaint import is_inpainting_unet
+from graphsd.std.sampling.loop import DenoiseSettings
 from graphsd.std.sampling.preview import Previewer
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
 
@@ -106,6 +114,11 @@ class DDIMInversion(Node):
                 "this latent carries an inpainting mask, which inversion does not use; invert the latent without it", field="latent"
             )
         batch, channels, h, w = latent.samples.shape
+        if is_inpainting_unet(info.unet_in_channels, channels):
+            raise NodeError(
+                "this is an inpainting U-Net (it also takes a mask and a masked picture); invert with the base model's U-Net",
+                field="unet",
+            )
         if channels != info.unet_in_channels:
             raise NodeError(
                 f"the latent has {channels} channels but this U-Net takes {info.unet_in_channels}; "
@@ -116,14 +129,14 @@ class DDIMInversion(Node):
         width, weight_dtype = _first_channels(ctx, inputs.unet, "unet")
         require_memory(
             ctx.device,
-            feature_map_bytes(batch * (2 if guided else 1), width, h, w, weight_dtype),
+            feature_map_bytes(batch * max_passes(inputs.positive, inputs.negative, guided), width, h, w, weight_dtype),
             f"the U-Net on a batch of {batch} latent(s) of {w}x{h}",
             "use a smaller image or batch",
             field="latent",
         )
         try:
             scheduler = inverse_scheduler(dict(info.scheduler_config), inputs.steps)
-            samples = invert(ctx, inputs.unet, scheduler, inputs.positive, inputs.negative if guided else None, latent, inputs.cfg)
+            samples = invert(ctx, inputs.unet, scheduler, inputs.positive, inputs.negative, latent, inputs.cfg)
         except DenoiseError as e:
             raise NodeError(str(e), field=e.field) from None
         if not torch.isfinite(samples).all():
@@ -145,25 +158,41 @@ def invert(
 ) -> torch.Tensor:
     """The backward DDIM pass over ``scheduler.timesteps`` (increasing): at each timestep t the
     guided noise prediction ε(x, t) of the current latent x moves x from the previous timestep's
-    noise level to t's. ``negative`` None means no guidance. Returns the latent at the last
-    (noisiest) timestep on the CPU, in the U-Net's working precision."""
+    noise level to t's. The prediction is made as UNetDenoiseLoop makes it (the same guidance
+    plan for combined, area and masked conditionings, the same ControlNets, the same compiled
+    U-Net), so that the ddim sampler retraces the path. Guidance is on when ``negative`` is given
+    and ``cfg`` is not 1. Returns the latent at the last (noisiest) timestep on the CPU, in the
+    U-Net's working precision."""
     device = ctx.device
     info = model_info(unet_ref, "unet")
     work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
     x = latent.samples.to(device, work)
     timesteps = scheduler.timesteps.to(device)
-    size = (x.shape[2] * info.latent_downscale, x.shape[3] * info.latent_downscale)
+    guided = negative is not None and cfg != 1.0
+    defaults = DenoiseSettings()  # the loop's SDXL-refiner aesthetic scores
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
-    with ctx.models.use(unet_ref, "unet") as unet:
+    with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
+        unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
         dtype = unet.dtype
-        context, added = prepare_conditioning(info, positive, negative, x.shape[0], size, DenoiseSettings(cfg=cfg), device, dtype)
+        scores = (defaults.negative_aesthetic_score, defaults.aesthetic_score)
+        plan = plan_guidance(info, positive, negative, guided, tuple(x.shape), scores, device, dtype)
+        controls = stack.enter_context(ControlRun(ctx, plan, unet, timestep_position(scheduler.config.num_train_timesteps)))
+
+        def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor, position: float) -> torch.Tensor:
+            residuals = controls.residuals(batch, model_input, t, position)  # ControlNets acting at this timestep
+            eps = unet(
+                model_input.to(dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False, **residuals
+            )[0]
+            return eps.to(work)
+
+        positions = timesteps.tolist()
         for i, t in enumerate(timesteps):
-            model_input = x if negative is None else torch.cat([x, x])
-            eps = unet(model_input.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
-            eps = eps.to(work)
-            if negative is not None:
-                eps_uncond, eps_cond = eps.chunk(2)
+            predictions = plan.predict(x, partial(unet_call, t=t, position=positions[i]))  # DDIM does not scale its input
+            if guided:
+                eps_uncond, eps_cond = predictions
                 eps = eps_uncond + cfg * (eps_cond - eps_uncond)
+            else:
+                eps = predictions[0]
             x = scheduler.step(eps, t, x, return_dict=False)[0]
             if previewer is not None:
                 previewer.show_latent(x)
