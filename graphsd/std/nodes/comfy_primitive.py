@@ -21,9 +21,17 @@ LIMIT = sys.maxsize
 """ComfyUI's bounds of PrimitiveInt and PrimitiveFloat: ±(2**63 - 1)."""
 
 
-class PrimitiveInt(Node):
-    type = "PrimitiveInt"
+class _Primitive(Node):
+    """A node whose output ``value`` is its input ``value``."""
+
     category = "utils/primitive"
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        return self.Outputs(value=inputs.value)
+
+
+class PrimitiveInt(_Primitive):
+    type = "PrimitiveInt"
     description = "An integer (ComfyUI's Int primitive), to link into integer inputs."
 
     class Inputs(NodeIO):
@@ -32,13 +40,9 @@ class PrimitiveInt(Node):
     class Outputs(NodeIO):
         value: int = Field(description="The integer")
 
-    def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        return self.Outputs(value=inputs.value)
 
-
-class PrimitiveFloat(Node):
+class PrimitiveFloat(_Primitive):
     type = "PrimitiveFloat"
-    category = "utils/primitive"
     description = "A number (ComfyUI's Float primitive), to link into number inputs."
 
     class Inputs(NodeIO):
@@ -47,13 +51,9 @@ class PrimitiveFloat(Node):
     class Outputs(NodeIO):
         value: float = Field(description="The number")
 
-    def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        return self.Outputs(value=inputs.value)
 
-
-class PrimitiveString(Node):
+class PrimitiveString(_Primitive):
     type = "PrimitiveString"
-    category = "utils/primitive"
     description = "A line of text (ComfyUI's String primitive), to link into text inputs."
 
     class Inputs(NodeIO):
@@ -62,13 +62,9 @@ class PrimitiveString(Node):
     class Outputs(NodeIO):
         value: str = Field(description="The text")
 
-    def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        return self.Outputs(value=inputs.value)
 
-
-class PrimitiveStringMultiline(Node):
+class PrimitiveStringMultiline(_Primitive):
     type = "PrimitiveStringMultiline"
-    category = "utils/primitive"
     description = "Text of several lines (ComfyUI's String (Multiline) primitive), to link into text inputs."
 
     class Inputs(NodeIO):
@@ -77,13 +73,9 @@ class PrimitiveStringMultiline(Node):
     class Outputs(NodeIO):
         value: str = Field(description="The text")
 
-    def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        return self.Outputs(value=inputs.value)
 
-
-class PrimitiveBoolean(Node):
+class PrimitiveBoolean(_Primitive):
     type = "PrimitiveBoolean"
-    category = "utils/primitive"
     description = "True or false (ComfyUI's Boolean primitive), to link into on/off inputs."
 
     class Inputs(NodeIO):
@@ -91,9 +83,6 @@ class PrimitiveBoolean(Node):
 
     class Outputs(NodeIO):
         value: bool = Field(description="True or false")
-
-    def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        return self.Outputs(value=inputs.value)
 
 
 @hookimpl
