@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint, safe_output_path, write_numbered
 from graphsd.types import Image, Mask
 from graphsd.workflow import PNG_WORKFLOW_KEY
+
+T = TypeVar("T")
 
 
 def pil_to_image(im: PILImage.Image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,28 +59,34 @@ class LoadImage(Node):
         return file_fingerprint(literals.get("path", ""))
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        path = Path(inputs.path)
-        ctx.readable(path, "path")
-        if not path.is_file():
-            raise NodeError(f"image file '{path}' does not exist", field="path")
-        limit = ctx.settings.max_image_pixels
-        too_large = (
-            f"is larger than the limit of {limit / 1e6:g} megapixels (settings.max_image_pixels, "
-            "--max-image-megapixels); raise the limit if you trust the file and have the memory"
-        )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-                with PILImage.open(path) as im:  # reads the header only
-                    width, height = im.size
-                    if width * height > limit:
-                        raise NodeError(f"'{path}' is {width}x{height} pixels and {too_large}", field="path")
-                    pixels, mask = pil_to_image(im)
-        except PILImage.DecompressionBombError:
-            raise NodeError(f"'{path}' {too_large}", field="path") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise NodeError(f"'{path}' is not a readable image ({exc})", field="path") from None
+        pixels, mask = read_image_file(Path(inputs.path), ctx, "path", pil_to_image)
         return self.Outputs(image=Image(pixels), mask=Mask(mask))
+
+
+def read_image_file(path: Path, ctx: Context, field: str, convert: Callable[[PILImage.Image], T]) -> T:
+    """``convert`` applied to the image file at ``path``, after checking that the workflow may
+    read it (``ctx.readable``), that it exists, and, from its header, that it is within
+    ``settings.max_image_pixels``; every failure is a NodeError on ``field``."""
+    ctx.readable(path, field)
+    if not path.is_file():
+        raise NodeError(f"image file '{path}' does not exist", field=field)
+    limit = ctx.settings.max_image_pixels
+    too_large = (
+        f"is larger than the limit of {limit / 1e6:g} megapixels (settings.max_image_pixels, "
+        "--max-image-megapixels); raise the limit if you trust the file and have the memory"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(path) as im:  # reads the header only
+                width, height = im.size
+                if width * height > limit:
+                    raise NodeError(f"'{path}' is {width}x{height} pixels and {too_large}", field=field)
+                return convert(im)
+    except PILImage.DecompressionBombError:
+        raise NodeError(f"'{path}' {too_large}", field=field) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise NodeError(f"'{path}' is not a readable image ({exc})", field=field) from None
 
 
 class SaveImage(Node):
