@@ -435,6 +435,24 @@ def test_checkpoint_save_refuses_a_hypernetwork(tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.safetensors"))
 
 
+def test_checkpoint_save_after_the_text_encoder_has_run(tmp_path):
+    """Hooks that libraries add for their own bookkeeping (transformers captures outputs through
+    forward hooks once a text encoder has run) are no patch: the checkpoint is saved, unchanged."""
+    model = save_sd1(tmp_path / "tiny")
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path)))
+    workflow = {"version": 1, "nodes": {
+        "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
+        "text": {"type": "TextEncode", "inputs": {"clip": "@model.clip", "text": "a red circle"}},
+        "save": {"type": "CheckpointSave", "inputs": {"unet": "@model.unet", "clip": "@model.clip", "vae": "@model.vae"}},
+    }}
+    assert engine.run(workflow, outputs=["text"]).ok
+    result = engine.run(workflow, outputs=["save"])
+    assert result.ok, result.to_dict()
+    exported = load_single_file(Path(result.outputs["save"]["path"]))
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    assert_same_weights(pipe.text_encoder, exported["text_encoder"], "text encoder")
+
+
 @pytest.mark.parametrize("filename,message", [
     ("../escape.safetensors", "leaves the output directory"),
     ("/tmp/abs.safetensors", "absolute path"),

@@ -241,11 +241,18 @@ def attention_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
             and isinstance(getattr(m, "to_v", None), torch.nn.Linear)]
 
 
+ADDS_COMPUTATION = "graphsd_adds_computation"
+"""Attribute set on the forward hooks a patch adds to compute something the weights do not hold
+(a hypernetwork), so that code which must not lose them (CheckpointSave) can tell them from hooks
+other libraries add for their own bookkeeping (transformers' output capturing)."""
+
+
 def _pre_hook(net: torch.nn.Module, strength: float) -> Callable:
     def hook(_module: torch.nn.Module, args: tuple) -> tuple:
         ctx = args[0]
         return (ctx + net(ctx) * strength, *args[1:])
 
+    setattr(hook, ADDS_COMPUTATION, True)
     return hook
 
 

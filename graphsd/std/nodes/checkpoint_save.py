@@ -17,6 +17,7 @@ from graphsd.node import Node, NodeIO
 from graphsd.paths import safe_output_path
 from graphsd.std.models.family import TOKENIZER_OF_ENCODER, Family, model_info
 from graphsd.std.models.formats import PICKLE_SUFFIXES
+from graphsd.std.models.hypernetwork import ADDS_COMPUTATION
 from graphsd.std.models.single_file import FAMILIES, component_roles, save_single_file
 from graphsd.types import Clip, UNet, Vae
 
@@ -88,7 +89,8 @@ class CheckpointSave(Node):
 def _refuse_hooks(role: str, module: Any) -> None:
     """A patch that adds computation through forward hooks (a hypernetwork) has no place in a
     checkpoint; saving without it would silently write a different model."""
-    if any(m._forward_pre_hooks or m._forward_hooks for m in module.modules()):
+    hooks = (h for m in module.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
+    if any(getattr(h, ADDS_COMPUTATION, False) for h in hooks):
         raise NodeError(
             f"the {role} carries a patch that adds layers at run time (e.g. a hypernetwork); a checkpoint "
             "can only hold weights: save the model before applying it, and keep the patch as its own file",
