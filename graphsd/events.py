@@ -113,7 +113,9 @@ class CacheEvent(Event):
 @dataclass(frozen=True)
 class ModelEvent(Event):
     """A ModelManager decision: ``action`` is ``load``, ``reuse``, ``place`` (to the compute
-    device), ``offload`` (back to CPU), ``evict`` (dropped from RAM) or ``oom_retry``."""
+    device), ``offload`` (back to CPU), ``evict`` (dropped from RAM) or ``oom_retry``; with
+    ``Settings.compile``, ``compile`` (a component put on the compiled fast path) or
+    ``compile_skipped`` (it runs eagerly, e.g. because a hypernetwork's hooks patch it)."""
 
     kind: ClassVar[str] = "model"
     action: str = ""
