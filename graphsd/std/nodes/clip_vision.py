@@ -1,0 +1,142 @@
+"""ComfyUI's CLIP vision classes as graphsd nodes of the same names, inputs and outputs:
+CLIPVisionLoader and CLIPVisionEncode. A ComfyUI prompt naming them runs as is, and the
+``CLIP_VISION`` / ``CLIP_VISION_OUTPUT`` sockets (:class:`ClipVision`, :class:`ClipVisionOutput`)
+link to ComfyUI's nodes in the served frontend.
+
+Files are looked up in the models folder's ``clip_vision/`` (``--models-dir``; a name may also be a
+path of its own) and read as :mod:`graphsd.std.models.clip_vision` says; each is loaded once per
+engine, keyed by the file's fingerprint. Pickle files need ``--allow-pickle``, as everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from graphsd.context import Context
+from graphsd.errors import GraphsdError, NodeError
+from graphsd.hookspecs import hookimpl
+from graphsd.node import Node, NodeIO
+from graphsd.paths import file_fingerprint
+from graphsd.std.models.clip_vision import ClipVision, ClipVisionOutput, encode, load_clip_vision, preprocess
+from graphsd.std.models.formats import WEIGHT_SUFFIXES
+from graphsd.types import Image, Socket
+
+#: The models folder's sub-folder CLIP vision files are looked up in (ComfyUI's).
+FOLDER = "clip_vision"
+#: What the loaded weights are kept in (ComfyUI runs CLIP vision in float32 on the CPU too).
+DTYPE = torch.float32
+
+
+def find_clip_vision(name: str, models_dir: str | Path) -> Path | None:
+    """The file ``name`` refers to: in ``<models>/clip_vision``, then as a path; a name without a
+    weight suffix also tries them. Windows separators are accepted."""
+    name = name.replace("\\", "/").strip()
+    if not name:
+        return None
+    for base in (Path(models_dir) / FOLDER / name, Path(name)):
+        for candidate in (base, *(base.with_name(base.name + s) for s in WEIGHT_SUFFIXES)):
+            if candidate.is_file():
+                return candidate.resolve()
+    return None
+
+
+def available(models_dir: str | Path) -> list[str]:
+    """The weight files in ``<models>/clip_vision``."""
+    folder = Path(models_dir) / FOLDER
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+
+
+class CLIPVisionLoader(Node):
+    type = "CLIPVisionLoader"
+    category = "loaders"
+    description = (
+        "Load a CLIP vision encoder (ComfyUI's CLIPVisionLoader) from <models>/clip_vision: transformers' "
+        "CLIPVisionModelWithProjection layout (as ComfyUI, IP-Adapter and SD-unCLIP image encoders come) or OpenCLIP's "
+        "(visual.*). ViT-L/14, ViT-H/14, ViT-bigG/14 and smaller ones; the architecture is read from the file."
+    )
+
+    class Inputs(NodeIO):
+        clip_name: str = Field(description="CLIP vision file: a name in <models>/clip_vision, or a path")
+
+    class Outputs(NodeIO):
+        clip_vision: ClipVision = Field(description="The CLIP vision encoder")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
+        name = literals.get("clip_name")
+        path = find_clip_vision(name, ctx.models_dir) if isinstance(name, str) else None
+        return file_fingerprint(path) if path is not None else "missing"
+
+    @classmethod
+    def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
+        return {"clip_name": available(models_dir)}
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        path = find_clip_vision(inputs.clip_name, ctx.models_dir)
+        if path is None:
+            there = ", ".join(available(ctx.models_dir)[:20]) or "none"
+            raise NodeError(
+                f"CLIP vision file {inputs.clip_name!r} not found in {Path(ctx.models_dir) / FOLDER} (there: {there}), nor as a "
+                "path; put the file there or give its path",
+                field="clip_name",
+            )
+        path = ctx.readable(path, "clip_name")
+        allow_pickle = bool(ctx.settings.allow_pickle)
+        try:
+            key = ctx.models.load(
+                f"{file_fingerprint(path)}:clip_vision:fp32", lambda: load_clip_vision(path, DTYPE, allow_pickle, "clip_name")
+            )
+        except NodeError:
+            raise
+        except GraphsdError as exc:
+            raise NodeError(str(exc), field="clip_name") from None
+        return self.Outputs(clip_vision=ClipVision(ctx.models, {"clip_vision": key}))
+
+
+class CLIPVisionEncode(Node):
+    type = "CLIPVisionEncode"
+    category = "conditioning"
+    description = (
+        "Encode images with a CLIP vision encoder (ComfyUI's CLIPVisionEncode), preprocessed as ComfyUI does: the shortest "
+        "side resized to the encoder's size (224, bicubic, antialiased) and the centre cut out (crop center) or the whole "
+        "picture squeezed to the square (crop none), 8-bit levels, CLIP's mean and std. Gives the image embedding "
+        "(unCLIPConditioning) and the last two layers' hidden states."
+    )
+
+    class Inputs(NodeIO):
+        clip_vision: ClipVision = Field(description="The CLIP vision encoder (CLIPVisionLoader, unCLIPCheckpointLoader)")
+        image: Image = Field(description="The images to encode (a batch gives one embedding per image)")
+        crop: Literal["center", "none"] = Field(
+            "center", description="center: keep the centre square of the picture; none: squeeze the whole picture into the square"
+        )
+
+    class Outputs(NodeIO):
+        clip_vision_output: ClipVisionOutput = Field(description="The image embeddings and hidden states")
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        with ctx.models.use(inputs.clip_vision, "clip_vision") as model:
+            pixels = preprocess(inputs.image.pixels, int(model.config.image_size), inputs.crop == "center")
+            with torch.inference_mode():
+                out = encode(model, pixels)
+        return self.Outputs(clip_vision_output=out)
+
+
+@hookimpl
+def graphsd_register_types() -> list[type[Socket]]:
+    return [ClipVision, ClipVisionOutput]
+
+
+@hookimpl
+def graphsd_comfy_types() -> dict[str, str]:
+    return {"ClipVision": "CLIP_VISION", "ClipVisionOutput": "CLIP_VISION_OUTPUT"}
+
+
+@hookimpl
+def graphsd_register_nodes() -> list[type[Node]]:
+    return [CLIPVisionLoader, CLIPVisionEncode]
