@@ -40,7 +40,9 @@ KSamplerAdvanced keeps ComfyUI's meaning of its switches: ``add_noise`` disable 
 latent as it is (continuing a latent that still holds noise), ``return_with_leftover_noise``
 disable makes the step at ``end_at_step`` go to sigma 0 (a finished image), enable stops at that
 step's sigma (for a second sampler to continue). A window with no step in it (``start_at_step`` ≥
-``end_at_step`` or ≥ ``steps``), which ComfyUI answers with the latent unchanged, is refused.
+``end_at_step`` or ≥ ``steps``) returns ``latent_image`` unchanged, as in ComfyUI: such a node
+makes no graphsd node, and a link to its output is a link to its ``latent_image`` (its other
+inputs are still checked).
 
 KSampler's ``denoise`` < 1 follows ComfyUI: a schedule of ``int(steps / denoise)`` steps of
 which the last ``steps`` run (graphsd ``start_step``), so the numbers of steps agree. A
@@ -234,7 +236,7 @@ class _Conversion:
                 comfy_id, f"links to output {index} of '{source}', which has {len(outputs)} output(s)", field=name, code="missing_output"
             )
             return None
-        passthrough = PASSTHROUGH.get(self.prompt[source].get("class_type"))
+        passthrough = PASSTHROUGH.get(self.prompt[source].get("class_type")) or _unchanged_latent(self.prompt[source])
         if passthrough is None:
             return f"@{self.ids[source]}.{outputs[index]}"
         upstream = self.prompt[source].get("inputs", {}).get(passthrough)
@@ -463,23 +465,35 @@ def _switch(c: _Conversion, cid: str, name: str, default: str) -> bool | None:
     return None
 
 
+def _unchanged_latent(node: dict[str, Any]) -> str | None:
+    """``"latent_image"`` for a KSamplerAdvanced whose step window is empty (``start_at_step`` ≥
+    ``min(end_at_step, steps)``, given as numbers): ComfyUI's sampler then returns that input
+    unchanged. None for any other node."""
+    if node.get("class_type") != "KSamplerAdvanced":
+        return None
+    inputs = node.get("inputs", {})
+    steps, start, end = inputs.get("steps", 20), inputs.get("start_at_step", 0), inputs.get("end_at_step", 10000)
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, start, end))
+    return "latent_image" if numbers and start >= min(end, steps) else None
+
+
 def _ksampler_advanced(c: _Conversion, cid: str, gid: str) -> None:
     """KSamplerAdvanced → LatentNoise (noise_seed, shape of latent_image) + UNetDenoiseLoop with
-    start_step / end_step, add_noise and leftover_noise (see the module docstring)."""
+    start_step / end_step, add_noise and leftover_noise; nothing when its step window is empty
+    (see the module docstring)."""
+    if _unchanged_latent(c.prompt[cid]):  # checked as ComfyUI checks it, but no sampling: links lead to latent_image
+        for name in ("model", "positive", "negative", "latent_image"):
+            c.value(cid, name)
+        _sampler_inputs(c, cid)
+        _switch(c, cid, "add_noise", "enable")
+        _switch(c, cid, "return_with_leftover_noise", "disable")
+        return
     latent = c.value(cid, "latent_image")
     noise_id = c.fresh_id(f"{gid}_noise")
     c.add(noise_id, "LatentNoise", {"seed": c.value(cid, "noise_seed"), "latent": latent})
     steps = c.value(cid, "steps", default=20)
     start, end = c.value(cid, "start_at_step", default=0), c.value(cid, "end_at_step", default=10000)
     add_noise = _switch(c, cid, "add_noise", "enable")
-    ints = [v for v in (steps, start, end) if isinstance(v, int) and not isinstance(v, bool)]
-    if len(ints) == 3 and start >= min(end, steps):
-        c.issue(
-            cid,
-            f"no steps to run: start_at_step {start}, end_at_step {end}, steps {steps} (ComfyUI returns the latent unchanged)",
-            field="start_at_step",
-            hint="lower start_at_step below end_at_step and steps, or take this sampler out",
-        )
     if add_noise and start == 0 and c.source_class(cid, "latent_image") == "EmptyLatentImage":
         latent = None  # text-to-image: the empty latent only gives the noise its shape, as for KSampler
     loop = {
