@@ -176,3 +176,59 @@ def test_a_missing_or_foreign_file_is_a_clear_error(models):
         assert not result.ok
         message = str(result.errors[0])
         assert words in message and "clip_name" in message, message
+
+
+# ---- unCLIP ----------------------------------------------------------------------------------
+def diffusers_noised(embeds: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level: int, noise: torch.Tensor) -> torch.Tensor:
+    """StableUnCLIPImg2ImgPipeline's noise_image_embeddings, step by step with diffusers' parts."""
+    from diffusers import DDPMScheduler
+    from diffusers.models.embeddings import get_timestep_embedding
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=embeds.shape[-1])
+    normalizer.load_state_dict({"mean": mean.unsqueeze(0), "std": std.unsqueeze(0)})
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    levels = torch.tensor([level] * embeds.shape[0])
+    with torch.no_grad():
+        x = normalizer.unscale(scheduler.add_noise(normalizer.scale(embeds), timesteps=levels, noise=noise))
+    emb = get_timestep_embedding(levels, embeds.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0)
+    return torch.cat([x, emb], dim=1)
+
+
+def test_unclip_noise_augmentation_is_diffusers_stable_unclip_formula():
+    """One application: diffusers' normaliser + DDPM squared-cosine noising + level embedding,
+    × strength, with the noise ComfyUI draws (seed − 10). diffusers keeps ᾱ in float32 (a
+    cumulative product of up to 1000 factors, each rounding once), graphsd in float64."""
+    from graphsd.std.models.clip_vision import ClipVisionOutput, NoiseAugmentor, Unclip, unclip_class_labels
+
+    width, seed = 24, 123
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, width, generator=gen)
+    mean, std = torch.randn(width, generator=gen) * 0.1, torch.rand(width, generator=gen) + 0.5
+    output = ClipVisionOutput(embeds, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+    augmentor = NoiseAugmentor(mean.unsqueeze(0), std.unsqueeze(0))
+    for augmentation, strength in ((0.0, 1.0), (0.25, 0.7), (1.0, 1.5)):
+        ours = unclip_class_labels((Unclip(output, strength, augmentation),), augmentor, seed, width)
+        noise = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(seed - 10))
+        ref = diffusers_noised(embeds, mean, std, round(999 * augmentation), noise) * strength
+        bound = 4 * 1000 * U32 * float(ref.abs().max() + 1)
+        assert ours.shape == (1, 2 * width)
+        assert float((ours - ref).abs().max()) <= bound, (augmentation, float((ours - ref).abs().max()))
+    assert torch.equal(unclip_class_labels((), augmentor, seed, width), torch.zeros(1, 2 * width))
+
+
+def test_unclip_conditioning_records_each_application_on_every_entry():
+    """ComfyUI's unCLIPConditioning appends to the conditioning's list; strength 0 changes nothing."""
+    from graphsd.std.models.clip_vision import UNCLIP_KEY, ClipVisionOutput
+    from graphsd.std.nodes.clip_vision import unCLIPConditioning
+    from graphsd.types import Conditioning
+
+    output = ClipVisionOutput(torch.ones(1, 4), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+    cond = Conditioning.of_entries([Conditioning(torch.zeros(1, 2, 8)), Conditioning(torch.ones(1, 2, 8))])
+    node = unCLIPConditioning()
+    once = node.run(node.Inputs(conditioning=cond, clip_vision_output=output, strength=0.5, noise_augmentation=0.1), None).conditioning
+    twice = node.run(node.Inputs(conditioning=once, clip_vision_output=output, strength=1.0, noise_augmentation=0.0), None).conditioning
+    assert [[(u.strength, u.noise_augmentation) for u in e.extras[UNCLIP_KEY]] for e in twice.entries()] == [[(0.5, 0.1), (1.0, 0.0)]] * 2
+    assert UNCLIP_KEY not in cond.extras
+    same = node.run(node.Inputs(conditioning=cond, clip_vision_output=output, strength=0.0, noise_augmentation=0.5), None).conditioning
+    assert same is cond

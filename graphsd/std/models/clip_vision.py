@@ -215,3 +215,76 @@ def encode(model: Any, pixel_values: torch.Tensor) -> ClipVisionOutput:
         last_hidden_state=out.last_hidden_state.float().cpu(),
         penultimate_hidden_states=out.hidden_states[-2].float().cpu(),
     )
+
+
+# ---- unCLIP: the image embedding as the U-Net's class labels -----------------------------------
+#: ComfyUI's default noise level of the augmentation of several summed image embeddings.
+UNCLIP_MERGE_AUGMENTATION = 0.05
+#: ComfyUI draws the augmentation noise with the sampler's seed minus this.
+UNCLIP_SEED_OFFSET = 10
+#: The conditioning ``extras`` entry unCLIPConditioning records its applications under (a tuple of :class:`Unclip`).
+UNCLIP_KEY = "unclip"
+
+
+@dataclass(frozen=True)
+class Unclip:
+    """One unCLIPConditioning application recorded on a conditioning (ComfyUI's
+    ``unclip_conditioning`` entry): the encoder's output, its weight and its noise level (0..1)."""
+
+    output: ClipVisionOutput
+    strength: float
+    noise_augmentation: float
+
+
+@dataclass(eq=False)
+class NoiseAugmentor:
+    """SD2.1-unCLIP's noise augmentation of CLIP image embeddings (ComfyUI's and the original
+    code's ``CLIPEmbeddingNoiseAugmentation``; diffusers' ``StableUnCLIPImageNormalizer`` +
+    ``image_noising_scheduler``): the embedding normalised with the checkpoint's ``mean`` / ``std``,
+    noised as a DDPM sample at a level of a 1000-step squared-cosine schedule, unnormalised, then
+    followed by the sinusoidal embedding of the level (cos half first)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    max_noise_level: int = 1000
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ of the squared-cosine schedule (Nichol & Dhariwal 2021, eq. 17, s = 0.008, β ≤ 0.999)."""
+        n = self.max_noise_level
+        t = torch.arange(n + 1, dtype=torch.float64) / n
+        bar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - bar[1:] / bar[:-1]).clamp(max=0.999)
+        return torch.cumprod(1 - betas, dim=0)
+
+    def level_embedding(self, level: int, dim: int) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        args = torch.tensor([float(level)]) * freqs
+        emb = torch.cat([torch.cos(args), torch.sin(args)])
+        return torch.cat([emb, torch.zeros(dim % 2)]).unsqueeze(0)
+
+    def __call__(self, embeds: torch.Tensor, augmentation: float, seed: int) -> torch.Tensor:
+        """``[B, 2 × width]``: the noised embeddings and their noise level's embedding."""
+        level = round((self.max_noise_level - 1) * augmentation)
+        abar = float(self.alphas_cumprod()[level])
+        noise = torch.randn(embeds.shape, dtype=embeds.dtype, generator=torch.Generator().manual_seed(seed))
+        scaled = (embeds - self.mean) / self.std
+        noised = (math.sqrt(abar) * scaled + math.sqrt(1 - abar) * noise) * self.std + self.mean
+        return torch.cat([noised, self.level_embedding(level, embeds.shape[-1]).to(embeds).expand(embeds.shape[0], -1)], dim=1)
+
+
+def unclip_class_labels(unclips: tuple[Unclip, ...], augmentor: NoiseAugmentor, seed: int, width: int) -> torch.Tensor:
+    """The U-Net's class labels for a conditioning (ComfyUI's ``unclip_adm``): zeros without
+    unCLIP; one application gives its augmented embedding × strength; several are summed and the
+    sum's embedding half augmented once more at level 0.05. Noise from ``seed`` − 10, as ComfyUI
+    (whose second augmentation draws unseeded noise; graphsd uses the same seed, so runs repeat)."""
+    seed -= UNCLIP_SEED_OFFSET
+    if not unclips:
+        return torch.zeros(1, 2 * width)
+    parts = [
+        augmentor(embeds.unsqueeze(0).float(), u.noise_augmentation, seed) * u.strength for u in unclips for embeds in u.output.image_embeds
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    total = torch.stack(parts).sum(0)
+    return augmentor(total[:, :width], UNCLIP_MERGE_AUGMENTATION, seed)

@@ -1,5 +1,5 @@
 """ComfyUI's CLIP vision classes as graphsd nodes of the same names, inputs and outputs:
-CLIPVisionLoader and CLIPVisionEncode. A ComfyUI prompt naming them runs as is, and the
+CLIPVisionLoader, CLIPVisionEncode and unCLIPConditioning. A ComfyUI prompt naming them runs as is, and the
 ``CLIP_VISION`` / ``CLIP_VISION_OUTPUT`` sockets (:class:`ClipVision`, :class:`ClipVisionOutput`)
 link to ComfyUI's nodes in the served frontend.
 
@@ -10,6 +10,7 @@ engine, keyed by the file's fingerprint. Pickle files need ``--allow-pickle``, a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,9 +22,9 @@ from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO
 from graphsd.paths import file_fingerprint
-from graphsd.std.models.clip_vision import ClipVision, ClipVisionOutput, encode, load_clip_vision, preprocess
+from graphsd.std.models.clip_vision import UNCLIP_KEY, ClipVision, ClipVisionOutput, Unclip, encode, load_clip_vision, preprocess
 from graphsd.std.models.formats import WEIGHT_SUFFIXES
-from graphsd.types import Image, Socket
+from graphsd.types import Conditioning, Image, Socket
 
 #: The models folder's sub-folder CLIP vision files are looked up in (ComfyUI's).
 FOLDER = "clip_vision"
@@ -127,6 +128,39 @@ class CLIPVisionEncode(Node):
         return self.Outputs(clip_vision_output=out)
 
 
+class unCLIPConditioning(Node):  # noqa: N801 (ComfyUI's class name)
+    type = "unCLIPConditioning"
+    category = "conditioning"
+    description = (
+        "Add an image's CLIP embedding to a conditioning (ComfyUI's unCLIPConditioning), for unCLIP models (SD2.1-unCLIP), "
+        "whose U-Net takes it noise-augmented as its class embedding. Several applications (or a batch of images) add up; "
+        "other models ignore it, as in ComfyUI."
+    )
+
+    class Inputs(NodeIO):
+        conditioning: Conditioning = Field(description="The conditioning to add the image to (usually the positive prompt)")
+        clip_vision_output: ClipVisionOutput = Field(description="The image's encoding (CLIPVisionEncode)")
+        strength: float = Field(1.0, ge=-10.0, le=10.0, description="Weight of the image embedding (0 = not applied)")
+        noise_augmentation: float = Field(
+            0.0,
+            ge=0.0,
+            le=1.0,
+            description="How much noise is added to the embedding (0..1 of the 1000 levels): higher keeps less of the image",
+        )
+
+    class Outputs(NodeIO):
+        conditioning: Conditioning = Field(description="The conditioning with the image embedding")
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        if inputs.strength == 0:
+            return self.Outputs(conditioning=inputs.conditioning)
+        added = Unclip(inputs.clip_vision_output, float(inputs.strength), float(inputs.noise_augmentation))
+        entries = [
+            replace(e, extras={**e.extras, UNCLIP_KEY: (*e.extras.get(UNCLIP_KEY, ()), added)}) for e in inputs.conditioning.entries()
+        ]
+        return self.Outputs(conditioning=Conditioning.of_entries(entries))
+
+
 @hookimpl
 def graphsd_register_types() -> list[type[Socket]]:
     return [ClipVision, ClipVisionOutput]
@@ -139,4 +173,4 @@ def graphsd_comfy_types() -> dict[str, str]:
 
 @hookimpl
 def graphsd_register_nodes() -> list[type[Node]]:
-    return [CLIPVisionLoader, CLIPVisionEncode]
+    return [CLIPVisionLoader, CLIPVisionEncode, unCLIPConditioning]
