@@ -73,7 +73,7 @@ class Engine:
 
     def load(self, workflow: str | Path | dict, params: dict[str, Any] | None = None) -> Graph:
         """Read and validate a workflow (raises WorkflowError listing every problem)."""
-        return build_graph(self.read(workflow), self.registry, params)
+        return build_graph(self.read(workflow), self.registry, params, self.settings)
 
     def read(self, workflow: str | Path | dict) -> dict:
         """The workflow document a file (YAML, JSON, PNG) or dict holds, a foreign format (a

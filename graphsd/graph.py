@@ -17,7 +17,7 @@ import networkx as nx
 from pydantic import ValidationError
 
 from graphsd.errors import Issue, WorkflowError
-from graphsd.node import Node, literal_adapter, socket_class, type_label, types_compatible
+from graphsd.node import Node, Upstream, literal_adapter, socket_class, type_label, types_compatible
 from graphsd.workflow import NODE_ID_RE, Link, WorkflowDoc, merge_params, parse_document, resolve_value
 
 
@@ -94,9 +94,11 @@ def _contains_link(value: Any) -> bool:
     return False
 
 
-def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None) -> Graph:
+def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None, settings: Any = None) -> Graph:
     """Validate a workflow document against what the plugins registered (``registry.nodes``,
-    ``registry.samplers``, ...) and build its DAG. Raises WorkflowError listing every problem."""
+    ``registry.samplers``, ...) and build its DAG. With the engine's ``settings``, a graph
+    without other problems also gets each node's :meth:`~graphsd.node.Node.check_context`.
+    Raises WorkflowError listing every problem."""
     registry_nodes: dict[str, type[Node]] = registry.nodes
     doc: WorkflowDoc = parse_document(data)
     issues: list[Issue] = []
@@ -203,6 +205,24 @@ def build_graph(data: dict, registry: Any, params: dict[str, Any] | None = None)
         if sum(1 for i in issues if i.code == "cycle") >= 10:
             break
 
+    if not issues and settings is not None:
+        issues.extend(_context_issues(nodes, dag, settings))
     if issues:
         raise WorkflowError(issues)
     return Graph(nodes=nodes, dag=dag, params=merged, document={**data, "params": merged})
+
+
+def _context_issues(nodes: dict[str, GraphNode], dag: nx.DiGraph, settings: Any) -> list[Issue]:
+    """Each node's :meth:`~graphsd.node.Node.check_context`, with what feeds its inputs, in
+    topological order."""
+    upstream: dict[str, dict[str, Upstream]] = {}
+    issues = []
+    for node_id in nx.lexicographical_topological_sort(dag):
+        gn = nodes[node_id]
+        upstream[node_id] = {
+            name: Upstream(link.node, nodes[link.node].cls, link.output, nodes[link.node].literals, upstream[link.node])
+            for name, link in gn.links.items()
+        }
+        for checked, problem, advice in gn.cls.check_context(dict(gn.literals), upstream[node_id], settings):
+            issues.append(Issue(problem, node=node_id, field=checked, code="bad_value", hint=advice))
+    return issues

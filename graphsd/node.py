@@ -32,6 +32,8 @@ from __future__ import annotations
 import builtins
 import types as _pytypes
 import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -41,6 +43,7 @@ from pydantic.fields import FieldInfo
 from graphsd.types import Socket
 
 if TYPE_CHECKING:
+    from graphsd.context import Settings
     from graphsd.executor import Context
 
 _NONE_TYPE = type(None)
@@ -130,6 +133,19 @@ class Node:
         return []
 
     @classmethod
+    def check_context(
+        cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings
+    ) -> list[tuple[str, str, str | None]]:
+        """Checks that need more than the node's own literals, run when an engine validates a
+        workflow (:meth:`~graphsd.engine.Engine.load`: ``graphsd run`` / ``validate``, the
+        server): the engine's ``settings`` (does a file a loader names exist in the models or
+        input folder?) and what feeds each linked input (``upstream``: input name →
+        :class:`Upstream`, e.g. "this clip comes from a checkpoint with one text encoder").
+        Nothing has run: a check that cannot tell says nothing. Return ``(field, problem, hint)``
+        triples, as :meth:`check_literals`. Default: none."""
+        return []
+
+    @classmethod
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         """Extra cache identity beyond the literal inputs, e.g. the size and mtime of a file a
         loader reads, so that replacing the file invalidates the cache. Default: nothing."""
@@ -168,6 +184,19 @@ class Node:
                 name: {"type": type_label(f.annotation), "description": f.description or ""} for name, f in cls.output_fields().items()
             },
         }
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The node output that feeds a linked input, as validation sees it before anything runs:
+    the node's id, class and literal inputs, which of its outputs, and what feeds its own linked
+    inputs (so a check can follow a model through patches back to its loader)."""
+
+    node_id: str
+    cls: type[Node]
+    output: str
+    literals: Mapping[str, Any]
+    inputs: Mapping[str, Upstream]
 
 
 def field_schema(f: FieldInfo) -> dict[str, Any]:

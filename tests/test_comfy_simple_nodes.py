@@ -689,8 +689,10 @@ def test_clip_text_encode_sdxl_refuses_a_clip_with_one_text_encoder(xl_engine):
         "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1"}},
         "enc": {"type": "CLIPTextEncodeSDXL", "inputs": {"clip": "@model.clip", "text_g": "a", "text_l": "a"}},
     }
-    result = xl_engine.run({"version": 1, "nodes": nodes}, outputs=["enc"])
-    assert not result.ok and "input 'clip'" in result.errors[0].message and "CLIPTextEncodeSDXLRefiner" in result.errors[0].message
+    with pytest.raises(WorkflowError) as info:  # at validation: the sd1 folder has one text encoder
+        xl_engine.run({"version": 1, "nodes": nodes}, outputs=["enc"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("enc", "clip") and "CLIPTextEncodeSDXLRefiner" in str(issue)
 
 
 # ---- a ComfyUI prompt on graphsd-tiny ------------------------------------------------------------

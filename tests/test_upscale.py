@@ -267,8 +267,15 @@ def test_loading_and_upscaling_an_image_file(engine, models, tmp_path):
 
 @pytest.mark.slow
 def test_loader_errors_name_the_field_and_what_is_there(engine):
-    for name, message in (("missing.pth", "4x_esrgan.safetensors"), ("RealESRGAN_x4plus.pth", "allow-pickle"), ("SwinIR_4x", "SwinIR")):
-        result = engine.run({"version": 1, "nodes": {"m": {"type": "UpscaleModelLoader", "inputs": {"model_name": name}}}}, outputs=["m"])
+    def loader(name):
+        return {"version": 1, "nodes": {"m": {"type": "UpscaleModelLoader", "inputs": {"model_name": name}}}}
+
+    with pytest.raises(WorkflowError) as info:  # a missing file: at validation
+        engine.run(loader("missing.pth"), outputs=["m"])
+    [issue] = info.value.issues
+    assert issue.field == "model_name" and "4x_esrgan.safetensors" in str(issue)
+    for name, message in (("RealESRGAN_x4plus.pth", "allow-pickle"), ("SwinIR_4x", "SwinIR")):
+        result = engine.run(loader(name), outputs=["m"])
         assert not result.ok
         assert result.errors[0].message.startswith("input 'model_name':") and message in result.errors[0].message
 

@@ -28,10 +28,10 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
 from graphsd.resources import require_memory
 from graphsd.std.comfy import annotated_name, normalise_file_name
@@ -46,7 +46,7 @@ CHANNELS = ("alpha", "red", "green", "blue")
 
 
 # ---- LoadImageMask -----------------------------------------------------------------------------
-def input_file_candidates(name: str, ctx: Context) -> list[Path]:
+def input_file_candidates(name: str, settings: Settings) -> list[Path]:
     """Where an input file name of a ComfyUI prompt is looked for, in order: an annotated name
     (``x.png [output]``) in that folder (input: the input folder; output: the output directory;
     temp: its ``temp/``); a plain name in the input folder, then as a path (absolute, or relative
@@ -56,11 +56,15 @@ def input_file_candidates(name: str, ctx: Context) -> list[Path]:
     if path.is_absolute():
         return [path]
     if kind == "output":
-        return [ctx.output_dir / path]
+        return [Path(settings.output_dir) / path]
     if kind == "temp":
-        return [ctx.output_dir / PREVIEW_FOLDER / path]
-    in_input = Path(ctx.settings.input_dir) / path
+        return [Path(settings.output_dir) / PREVIEW_FOLDER / path]
+    in_input = Path(settings.input_dir) / path
     return [in_input] if name.endswith("[input]") else [in_input, path]
+
+
+def _missing(name: str, candidates: list[Path]) -> str:
+    return f"image file '{name}' does not exist (looked for {', '.join(str(p) for p in candidates)})"
 
 
 def channel_mask(im: PILImage.Image, channel: str) -> torch.Tensor:
@@ -103,15 +107,27 @@ class LoadImageMask(Node):
         name = literals.get("image")
         if not isinstance(name, str):
             return "input:" + file_fingerprint(ctx.settings.input_dir)
-        found = next((p for p in input_file_candidates(name, ctx) if p.is_file()), None)
+        found = next((p for p in input_file_candidates(name, ctx.settings) if p.is_file()), None)
         return file_fingerprint(found) if found is not None else f"missing:{name}"
 
+    @classmethod
+    def check_context(
+        cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings
+    ) -> list[tuple[str, str, str | None]]:
+        """A picture that is not there is refused at validation, as ComfyUI refuses it."""
+        name = literals.get("image")
+        if not isinstance(name, str):
+            return []
+        candidates = input_file_candidates(name, settings)
+        if any(p.is_file() for p in candidates):
+            return []
+        return [("image", _missing(name, candidates), "put the picture in the input folder (--input-dir) or give its path")]
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        candidates = input_file_candidates(inputs.image, ctx)
+        candidates = input_file_candidates(inputs.image, ctx.settings)
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            looked = ", ".join(str(p) for p in candidates)
-            raise NodeError(f"image file '{inputs.image}' does not exist (looked for {looked})", field="image")
+            raise NodeError(_missing(inputs.image, candidates), field="image")
         return self.Outputs(mask=Mask(read_image_file(found, ctx, "image", lambda im: channel_mask(im, inputs.channel))))
 
 

@@ -15,21 +15,28 @@ with the second (OpenCLIP ViT-bigG), each as TextEncode does (weights, BREAK, lo
 embeddings), and puts the two side by side; when one text needs more 77-token chunks than the
 other, the shorter is extended with chunks of the empty prompt, as ComfyUI does. The pooled
 embedding comes from ``text_g``. It equals diffusers' ``encode_prompt(prompt=text_l,
-prompt_2=text_g)``.
+prompt_2=text_g)``. A clip with fewer text encoders (SD1.x, SD2.x, the SDXL refiner) is refused
+when the workflow is validated, where the loader it comes from tells (a checkpoint's
+``model_index.json`` or tensor names, CLIPLoader's single encoder), and otherwise when it runs.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
+from safetensors import SafetensorError, safe_open
 
-from graphsd.context import Context
-from graphsd.errors import NodeError
+from graphsd.context import Context, Settings
+from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream, socket_class
 from graphsd.std.models.family import model_info
+from graphsd.std.models.loading import resolve_model_path
+from graphsd.std.models.single_file import TEXT_PREFIXES
 from graphsd.std.nodes.comfy_core import MAX_LATENT_PIXELS as MAX_RESOLUTION
 from graphsd.std.nodes.text import TextEncode, _vectors_for, load_prompt_embedding, prompt_embeddings
 from graphsd.std.text.encode import encode_prompt
@@ -69,6 +76,54 @@ def _finite(cond: Conditioning, field: str) -> Conditioning:
     return cond
 
 
+def clip_loader(upstream: Upstream | None) -> Upstream | None:
+    """The node a clip comes from, followed back through nodes that pass one clip on (LoRAs and
+    other patches): the first without a linked clip input; None for a merge of several clips."""
+    while upstream is not None:
+        fields = upstream.cls.Inputs.model_fields
+        clips = [u for name, u in upstream.inputs.items() if socket_class(fields[name].annotation) is Clip]
+        if not clips:
+            return upstream
+        if len(clips) > 1:
+            return None
+        upstream = clips[0]
+    return None
+
+
+def checkpoint_text_encoders(path: Path) -> int | None:
+    """How many text encoders the checkpoint at ``path`` holds, read without loading it: the
+    components a diffusers folder's ``model_index.json`` names, or the text-encoder prefixes of a
+    ``.safetensors`` file's tensor names (its header only); None when that cannot be told (a
+    pickle, an unreadable file)."""
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text())
+            return sum(1 for role in ("text_encoder", "text_encoder_2") if isinstance(index.get(role), list) and index[role][:1] != [None])
+        if path.suffix.lower() != ".safetensors":
+            return None
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError, SafetensorError):
+        return None
+    prefixes = {*TEXT_PREFIXES.values(), "conditioner.embedders.0.model."}  # the last: a refiner's OpenCLIP encoder
+    return sum(1 for prefix in prefixes if any(k.startswith(prefix) for k in keys)) or None
+
+
+def loader_text_encoders(loader: Upstream, settings: Settings) -> int | None:
+    """How many text encoders the clip of a loader node holds, when validation can tell."""
+    if loader.cls.type == "CLIPLoader":
+        return 1
+    if loader.cls.type == "DualCLIPLoader":
+        return 2
+    name = loader.literals.get("path")
+    if loader.cls.type != "CheckpointLoader" or not isinstance(name, str):
+        return None
+    try:
+        return checkpoint_text_encoders(resolve_model_path(name, settings.models_dir))
+    except GraphsdError:  # not found: CheckpointLoader says so
+        return None
+
+
 class CLIPTextEncodeSDXL(Node):
     type = "CLIPTextEncodeSDXL"
     category = "advanced/conditioning"
@@ -96,6 +151,26 @@ class CLIPTextEncodeSDXL(Node):
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         """The embedding files both prompts name (see TextEncode)."""
         return "|".join(_fingerprint(literals.get(name), name, ctx) for name in ("text_g", "text_l"))
+
+    @classmethod
+    def check_context(
+        cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings
+    ) -> list[tuple[str, str, str | None]]:
+        """A clip whose loader has fewer than SDXL base's two text encoders is refused before
+        anything runs (ComfyUI fails on it when it runs)."""
+        loader = clip_loader(upstream.get("clip"))
+        count = loader_text_encoders(loader, settings) if loader is not None else None
+        if loader is None or count is None or count >= 2:
+            return []
+        return [
+            (
+                "clip",
+                f"CLIPTextEncodeSDXL needs the clip of an SDXL base model (two text encoders), but this clip comes from "
+                f"node '{loader.node_id}' ({loader.cls.type}), whose model has one text encoder",
+                "use CLIPTextEncode (TextEncode) for SD1.x / SD2.x, CLIPTextEncodeSDXLRefiner for the SDXL refiner, "
+                "or load an SDXL base checkpoint",
+            )
+        ]
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         clip = inputs.clip

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
 from graphsd.resources import require_memory
 from graphsd.std.models.formats import WEIGHT_SUFFIXES
@@ -66,6 +66,11 @@ def upscaler_names(models_dir: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in SUFFIXES) if folder.is_dir() else []
 
 
+def _not_found(name: str, models_dir: str | Path) -> str:
+    there = ", ".join(upscaler_names(models_dir)[:20]) or "none"
+    return f"{name!r} not found in {Path(models_dir) / FOLDER} (there: {there}), nor as a path"
+
+
 class UpscaleModelLoader(Node):
     type = "UpscaleModelLoader"
     category = "loaders"
@@ -91,15 +96,21 @@ class UpscaleModelLoader(Node):
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"model_name": upscaler_names(models_dir)}
 
+    @classmethod
+    def check_context(
+        cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings
+    ) -> list[tuple[str, str, str | None]]:
+        """A model file that is not there is refused at validation, as ComfyUI refuses a name
+        missing from its list."""
+        name = literals.get("model_name")
+        if isinstance(name, str) and find_upscaler(name, settings.models_dir) is None:
+            return [("model_name", _not_found(name, settings.models_dir), "put the file there or give its path")]
+        return []
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = find_upscaler(inputs.model_name, ctx.models_dir)
         if path is None:
-            there = ", ".join(upscaler_names(ctx.models_dir)[:20]) or "none"
-            raise NodeError(
-                f"{inputs.model_name!r} not found in {Path(ctx.models_dir) / FOLDER} (there: {there}), nor as a path; "
-                "put the file there or give its path",
-                field="model_name",
-            )
+            raise NodeError(f"{_not_found(inputs.model_name, ctx.models_dir)}; put the file there or give its path", field="model_name")
         path = ctx.readable(path, "model_name")
         allow_pickle = bool(ctx.settings.allow_pickle)
         try:
