@@ -34,6 +34,8 @@ def models(tmp_path_factory):
     }.items():
         save_file({k: torch.zeros(1) for k in (*keys, UNET, VAE)}, str(root / name))
     (root / "upscale_models").mkdir()
+    (root / "loras").mkdir()
+    (root / "loras" / "l.safetensors").write_bytes(b"")  # validation only asks whether it is there
     return root
 
 
@@ -111,8 +113,9 @@ def test_sdxl_text_encoder_with_an_sdxl_base_checkpoint_validates(engine):
 
 
 def test_what_validation_cannot_tell_is_left_to_the_run(engine, models):
-    """A checkpoint that is not there (CheckpointLoader reports it) or is a pickle: no guess."""
-    engine.load(sdxl_text_prompt("missing.safetensors"))
+    """A checkpoint that is not there (only CheckpointLoader reports it) or is a pickle: no guess."""
+    [issue] = issues_of(engine, sdxl_text_prompt("missing.safetensors"))
+    assert (issue.node, issue.field) == ("4", "path")
     (models / "old.ckpt").write_bytes(b"not read at validation")
     engine.load(sdxl_text_prompt("old.ckpt"))
 
@@ -179,3 +182,56 @@ def test_missing_mask_picture_is_refused_at_validation(engine):
 def test_context_checks_need_the_settings(engine):
     """build_graph without settings (a document checked on its own) skips them."""
     build_graph(comfy_to_workflow(upscale_prompt("nowhere.pth"), engine.nodes), engine.registry)
+
+
+MODEL = {"m": {"type": "CheckpointLoader", "inputs": {"path": "graphsd-tiny"}}}
+#: Each file loader: its node, the input naming the file, the other inputs, where a name is found
+#: (relative to the models folder, or "input/..." for the input folder) and what the message names.
+LOADERS = [
+    ("CheckpointLoader", "path", {}, "checkpoints/c.safetensors", "checkpoints"),
+    ("LoraLoader", "lora", {"unet": "@m.unet", "clip": "@m.clip"}, "loras/x.safetensors", "loras"),
+    ("HypernetworkLoader", "hypernetwork", {"unet": "@m.unet"}, "hypernetworks/x.pt", "hypernetworks"),
+    ("LoraLoaderModelOnly", "lora_name", {"model": "@m.unet"}, "loras/x.safetensors", "loras"),
+    ("VAELoader", "vae_name", {}, "vae/x.safetensors", "vae"),
+    ("UNETLoader", "unet_name", {}, "diffusion_models/x.safetensors", "diffusion_models"),
+    ("CLIPLoader", "clip_name", {}, "text_encoders/x.safetensors", "text_encoders"),
+    ("DualCLIPLoader", "clip_name2", {"clip_name1": "other.safetensors"}, "clip/x.safetensors", "clip"),
+    ("ControlNetLoader", "control_net_name", {}, "controlnet/x.safetensors", "controlnet"),
+    ("DiffControlNetLoader", "control_net_name", {"model": "@m.unet"}, "controlnet/x.safetensors", "controlnet"),
+    ("CLIPVisionLoader", "clip_name", {}, "clip_vision/x.safetensors", "clip_vision"),
+    ("LoadImage", "path", {}, "input/x.png", "input"),
+    ("LoadLatent", "latent", {}, "input/x.latent", "input"),
+]
+
+
+@pytest.mark.parametrize(("node_type", "field", "others", "place", "folder"), LOADERS, ids=[row[0] for row in LOADERS])
+def test_a_missing_file_is_refused_at_validation_and_a_present_one_validates(tmp_path, node_type, field, others, place, folder):
+    """The issue names the node and the input, where graphsd looked and what is there; once the file
+    is there the workflow validates (the run reads it)."""
+    models, inputs = tmp_path / "models", tmp_path / "input"
+    (models / "clip").mkdir(parents=True)
+    inputs.mkdir()
+    (models / "clip" / "other.safetensors").write_bytes(b"")  # DualCLIPLoader's first name, and something "there"
+    engine = Engine(Settings(device="cpu", models_dir=str(models), input_dir=str(inputs), output_dir=str(tmp_path / "out")))
+    name = str(inputs / "x.png") if node_type == "LoadImage" else place.rsplit("/", 1)[1]
+    doc = {"version": 1, "nodes": {**MODEL, "n": {"type": node_type, "inputs": {**others, field: name}}}}
+    with pytest.raises(WorkflowError) as info:
+        engine.load(doc)
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("n", field)
+    assert name.rsplit("/", 1)[-1] in issue.message and folder in issue.message
+    target = inputs / place.removeprefix("input/") if place.startswith("input/") else models / place
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"")
+    engine.load(doc)
+
+
+def test_a_name_through_a_link_is_left_to_the_run(engine):
+    doc = {
+        "version": 1,
+        "nodes": {
+            "name": {"type": "PrimitiveString", "inputs": {"value": "nowhere.safetensors"}},
+            "vae": {"type": "VAELoader", "inputs": {"vae_name": "@name.value"}},
+        },
+    }
+    engine.load(doc)

@@ -17,11 +17,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
+from graphsd.std.files import Issues, missing_file
 from graphsd.std.models.clip_vision import UNCLIP_KEY, ClipVision, ClipVisionOutput, Unclip, encode, load_clip_vision, preprocess
 from graphsd.std.models.formats import WEIGHT_SUFFIXES
 from graphsd.types import Conditioning, Image, Socket
@@ -53,6 +54,15 @@ def available(models_dir: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
 
 
+#: What to do about a file that is not found.
+HINT = "put the file there or give its path"
+
+
+def _not_found(name: str, models_dir: str | Path) -> str:
+    there = ", ".join(available(models_dir)[:20]) or "none"
+    return f"CLIP vision file {name!r} not found in {Path(models_dir) / FOLDER} (there: {there}), nor as a path"
+
+
 class CLIPVisionLoader(Node):
     type = "CLIPVisionLoader"
     category = "loaders"
@@ -78,15 +88,15 @@ class CLIPVisionLoader(Node):
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"clip_name": available(models_dir)}
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        models = settings.models_dir
+        return missing_file(literals, "clip_name", lambda n: find_clip_vision(n, models), lambda n: _not_found(n, models), HINT)
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = find_clip_vision(inputs.clip_name, ctx.models_dir)
         if path is None:
-            there = ", ".join(available(ctx.models_dir)[:20]) or "none"
-            raise NodeError(
-                f"CLIP vision file {inputs.clip_name!r} not found in {Path(ctx.models_dir) / FOLDER} (there: {there}), nor as a "
-                "path; put the file there or give its path",
-                field="clip_name",
-            )
+            raise NodeError(f"{_not_found(inputs.clip_name, ctx.models_dir)}; {HINT}", field="clip_name")
         path = ctx.readable(path, "clip_name")
         allow_pickle = bool(ctx.settings.allow_pickle)
         try:

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint, safe_output_path, write_numbered
 from graphsd.resources import require_memory
+from graphsd.std.files import Issues, first_file, missing_file
 from graphsd.std.models.family import SD_SCALING_FACTOR, model_info
 from graphsd.std.nodes.comfy_core import MAX_LATENT_PIXELS as MAX_RESOLUTION
 from graphsd.std.nodes.comfy_core import PREVIEW_FOLDER, center_crop
@@ -248,7 +249,7 @@ class SaveLatent(Node):
         return self.Outputs(paths=[str(path)])
 
 
-def latent_file_candidates(name: str, ctx: Context) -> list[Path]:
+def latent_file_candidates(name: str, settings: Settings) -> list[Path]:
     """Where LoadLatent looks for ``name``, in order: a name with the frontend's annotation
     (``x.latent [output]``) in that folder (input: the input folder; output: the output
     directory; temp: its ``temp/``); otherwise in the input folder, then as a path (absolute, or
@@ -261,11 +262,23 @@ def latent_file_candidates(name: str, ctx: Context) -> list[Path]:
     if path.is_absolute():
         return [path]
     if folder == "output":
-        return [ctx.output_dir / path]
+        return [Path(settings.output_dir) / path]
     if folder == "temp":
-        return [ctx.output_dir / PREVIEW_FOLDER / path]
-    in_input = Path(ctx.settings.input_dir) / path
+        return [Path(settings.output_dir) / PREVIEW_FOLDER / path]
+    in_input = Path(settings.input_dir) / path
     return [in_input] if folder == "input" else [in_input, path]
+
+
+#: What to do about a .latent file that is not there.
+HINT = "put the file in the input folder (--input-dir) or give its path"
+
+
+def _missing(name: str, settings: Settings) -> str:
+    """Where ``name`` was looked for, and the .latent files of the input folder."""
+    looked = ", ".join(str(p) for p in latent_file_candidates(name, settings))
+    folder = Path(settings.input_dir)
+    there = sorted(p.name for p in folder.iterdir() if p.name.endswith(".latent")) if folder.is_dir() else []
+    return f"latent file '{name}' does not exist (looked for {looked}; the input folder has {', '.join(there[:20]) or 'none'})"
 
 
 class LoadLatent(Node):
@@ -293,15 +306,20 @@ class LoadLatent(Node):
         name = literals.get("latent")
         if not isinstance(name, str):
             return "input:" + file_fingerprint(ctx.settings.input_dir)
-        found = next((p for p in latent_file_candidates(name, ctx) if p.is_file()), None)
+        found = first_file(latent_file_candidates(name, ctx.settings))
         return file_fingerprint(found) if found is not None else f"missing:{name}"
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        """A file that is not there is refused at validation, as ComfyUI refuses it."""
+        return missing_file(
+            literals, "latent", lambda n: first_file(latent_file_candidates(n, settings)), lambda n: _missing(n, settings), HINT
+        )
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
-        candidates = latent_file_candidates(inputs.latent, ctx)
-        found = next((p for p in candidates if p.is_file()), None)
+        found = first_file(latent_file_candidates(inputs.latent, ctx.settings))
         if found is None:
-            looked = ", ".join(str(p) for p in candidates)
-            raise NodeError(f"latent file '{inputs.latent}' does not exist (looked for {looked})", field="latent")
+            raise NodeError(_missing(inputs.latent, ctx.settings), field="latent")
         path = ctx.readable(found, "latent")
         size = path.stat().st_size
         require_memory(torch.device("cpu"), size, f"reading {path.name}", "use a smaller file", field="latent")

@@ -26,17 +26,18 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
+from graphsd.std.files import Issues, missing_file
 from graphsd.std.models import components
 from graphsd.std.models.family import TOKENIZER_OF_ENCODER, Family, ModelInfo, detect_model_info
 from graphsd.std.models.formats import WEIGHT_SUFFIXES
 from graphsd.std.models.loading import _component_loader
 from graphsd.std.models.single_file import bundled_config
-from graphsd.std.nodes.patches import LoraLoader
+from graphsd.std.nodes.patches import LoraLoader, missing_patch_file
 from graphsd.std.nodes.patches import available as patch_files
 from graphsd.types import Clip, UNet, Vae
 
@@ -80,13 +81,34 @@ def available(kind: str, models_dir: str | Path) -> list[str]:
     return names
 
 
+#: What to do about a file that is not found.
+HINT = "put the file there or give its path"
+
+
+def not_found(name: str, kind: str, models_dir: str | Path) -> str:
+    """Where ``name`` was looked for and what is there."""
+    where = " and ".join(str(Path(models_dir) / f) for f in FOLDERS[kind])
+    there = ", ".join(available(kind, models_dir)[:20]) or "none"
+    return f"{name!r} not found in {where} (there: {there}), nor as a path"
+
+
 def require_file(name: str, kind: str, ctx: Context, field: str, folders_ok: bool = False) -> Path:
     path = find_file(name, kind, ctx.models_dir, folders_ok)
     if path is None:
-        where = " and ".join(str(Path(ctx.models_dir) / f) for f in FOLDERS[kind])
-        there = ", ".join(available(kind, ctx.models_dir)[:20]) or "none"
-        raise NodeError(f"{name!r} not found in {where} (there: {there}), nor as a path; put the file there or give its path", field=field)
+        raise NodeError(f"{not_found(name, kind, ctx.models_dir)}; {HINT}", field=field)
     return ctx.readable(path, field)
+
+
+def missing(literals: dict[str, Any], fields: tuple[str, ...], kind: str, settings: Settings, folders_ok: bool = False) -> Issues:
+    """The validation-time form of :func:`require_file`, for each of ``fields``."""
+    models = settings.models_dir
+    return [
+        issue
+        for field in fields
+        for issue in missing_file(
+            literals, field, lambda n: find_file(n, kind, models, folders_ok), lambda n: not_found(n, kind, models), HINT
+        )
+    ]
 
 
 def file_identity(name: Any, kind: str, ctx: Context, folders_ok: bool = False) -> str:
@@ -149,6 +171,10 @@ class VAELoader(Node):
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"vae_name": available("vae", models_dir)}
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return missing(literals, ("vae_name",), "vae", settings, folders_ok=True)
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = require_file(inputs.vae_name, "vae", ctx, "vae_name", folders_ok=True)
         allow_pickle = bool(ctx.settings.allow_pickle)
@@ -210,6 +236,11 @@ class LoraLoaderModelOnly(Node):
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"lora_name": patch_files("loras", models_dir)}
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        name = literals.get("lora_name")  # looked up as the run does, with / separators
+        return missing_patch_file({"lora_name": name.replace("\\", "/")} if isinstance(name, str) else {}, "lora_name", "loras", settings)
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         no_clip = Clip(ctx.models, {}, inputs.model.info)
         lora = LoraLoader.Inputs(
@@ -259,6 +290,10 @@ class UNETLoader(Node):
     @classmethod
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"unet_name": available("unet", models_dir)}
+
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return missing(literals, ("unet_name",), "unet", settings)
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = require_file(inputs.unet_name, "unet", ctx, "unet_name")
@@ -347,6 +382,10 @@ class CLIPLoader(Node):
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"clip_name": available("clip", models_dir)}
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return missing(literals, ("clip_name",), "clip", settings)
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = require_file(inputs.clip_name, "clip", ctx, "clip_name")
         return self.Outputs(clip=load_clip(ctx, [(path, components.default_slot(*_layout(path, ctx, "clip_name")), "clip_name")]))
@@ -383,6 +422,10 @@ class DualCLIPLoader(Node):
     @classmethod
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return dict.fromkeys(("clip_name1", "clip_name2"), available("clip", models_dir))
+
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return missing(literals, ("clip_name1", "clip_name2"), "clip", settings)
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         fields = ["clip_name1", "clip_name2"]

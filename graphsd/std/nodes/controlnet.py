@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
+from graphsd.std.files import Issues, missing_file
 from graphsd.std.models.controlnet import Control, ControlNet, hint_of, is_difference, load_controlnet
 from graphsd.std.models.formats import WEIGHT_SUFFIXES
 from graphsd.std.models.loading import DTYPES, _component_loader
@@ -71,16 +72,26 @@ def _identity(literals: dict[str, Any], ctx: Context) -> str:
     return file_fingerprint(path) if path is not None else "missing"
 
 
+#: What to do about a ControlNet that is not found.
+HINT = "put the file (or diffusers folder) there or give its path"
+
+
+def _not_found(name: str, models_dir: str | Path) -> str:
+    there = ", ".join(available(models_dir)[:20]) or "none"
+    return f"ControlNet {name!r} not found in {Path(models_dir) / FOLDER} (there: {there}), nor as a path"
+
+
 def _require(name: str, ctx: Context) -> Path:
     path = find_controlnet(name, ctx.models_dir)
     if path is None:
-        there = ", ".join(available(ctx.models_dir)[:20]) or "none"
-        raise NodeError(
-            f"ControlNet {name!r} not found in {Path(ctx.models_dir) / FOLDER} (there: {there}), nor as a path; "
-            "put the file (or diffusers folder) there or give its path",
-            field="control_net_name",
-        )
+        raise NodeError(f"{_not_found(name, ctx.models_dir)}; {HINT}", field="control_net_name")
     return ctx.readable(path, "control_net_name")
+
+
+def _missing(literals: dict[str, Any], settings: Settings) -> Issues:
+    """The validation-time form of :func:`_require`."""
+    models = settings.models_dir
+    return missing_file(literals, "control_net_name", lambda n: find_controlnet(n, models), lambda n: _not_found(n, models), HINT)
 
 
 def _load(ctx: Context, path: Path, precision: str, base: UNet | None = None) -> ControlNet:
@@ -139,6 +150,10 @@ class ControlNetLoader(Node):
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"control_net_name": available(models_dir)}
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return _missing(literals, settings)
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         return self.Outputs(control_net=_load(ctx, _require(inputs.control_net_name, ctx), inputs.dtype))
 
@@ -167,6 +182,10 @@ class DiffControlNetLoader(Node):
     @classmethod
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"control_net_name": available(models_dir)}
+
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return _missing(literals, settings)
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         return self.Outputs(control_net=_load(ctx, _require(inputs.control_net_name, ctx), inputs.dtype, base=inputs.model))

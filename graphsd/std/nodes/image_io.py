@@ -15,11 +15,12 @@ from PIL import Image as PILImage
 from PIL import PngImagePlugin, UnidentifiedImageError
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint, safe_output_path, write_numbered
+from graphsd.std.files import Issues, first_file, missing_file
 from graphsd.types import Image, Mask
 from graphsd.workflow import PNG_WORKFLOW_KEY
 
@@ -58,9 +59,26 @@ class LoadImage(Node):
     def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
         return file_fingerprint(literals.get("path", ""))
 
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        """A file that is not there is refused at validation (a ComfyUI prompt's names, annotated
+        ones included, arrive here as paths in the folder they name)."""
+        return missing_file(literals, "path", lambda n: first_file([Path(n)]), lambda n: missing_image(Path(n)), HINT)
+
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         pixels, mask = read_image_file(Path(inputs.path), ctx, "path", pil_to_image)
         return self.Outputs(image=Image(pixels), mask=Mask(mask))
+
+
+#: What to do about an image file that is not there.
+HINT = "put the picture in the input folder (--input-dir) or give its path"
+
+
+def missing_image(path: Path) -> str:
+    """That ``path`` does not exist, and the files of its folder (when it is one)."""
+    folder = path.parent
+    there = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return f"image file '{path}' does not exist ({folder} has {', '.join(there[:20]) or 'no files'})"
 
 
 def read_image_file(path: Path, ctx: Context, field: str, convert: Callable[[PILImage.Image], T]) -> T:
@@ -69,7 +87,7 @@ def read_image_file(path: Path, ctx: Context, field: str, convert: Callable[[PIL
     ``settings.max_image_pixels``; every failure is a NodeError on ``field``."""
     ctx.readable(path, field)
     if not path.is_file():
-        raise NodeError(f"image file '{path}' does not exist", field=field)
+        raise NodeError(missing_image(path), field=field)
     limit = ctx.settings.max_image_pixels
     too_large = (
         f"is larger than the limit of {limit / 1e6:g} megapixels (settings.max_image_pixels, "

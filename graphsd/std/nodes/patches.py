@@ -20,21 +20,26 @@ from typing import Any
 
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import NodeError
 from graphsd.hookspecs import hookimpl
+from graphsd.node import Node, NodeIO, Upstream
+from graphsd.paths import file_fingerprint
+from graphsd.std.files import Issues, missing_file
 from graphsd.std.models.family import model_info
 from graphsd.std.models.formats import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
 from graphsd.std.models.hypernetwork import HypernetworkFormatError, HypernetworkPatch, attention_layers, load_hypernetwork
 from graphsd.std.models.loading import builtin_models_dir
 from graphsd.std.models.lora import LoraFormatError, LoraPatch, check_family, guess_family, load_lora, match_lora
-from graphsd.node import Node, NodeIO
-from graphsd.paths import file_fingerprint
 from graphsd.types import Clip, UNet
 
 log = logging.getLogger("graphsd.patches")
 
 SUFFIXES = {"loras": WEIGHT_SUFFIXES, "hypernetworks": (".pt",)}  # A1111 hypernetworks are .pt files
+
+
+#: What to do about a file that is not found.
+HINT = "put the file there or give its path"
 
 
 def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None:
@@ -50,16 +55,25 @@ def find_patch_file(name: str, kind: str, models_dir: str | Path) -> Path | None
     return None
 
 
+def _not_found(name: str, kind: str, models_dir: str | Path) -> str:
+    """Where ``name`` was looked for and what is there."""
+    return (
+        f"{kind[:-1]} file {name!r} not found: looked in the built-in {kind} "
+        f"({', '.join(available(kind, models_dir)) or 'none'}), in {Path(models_dir) / kind}, and as a path"
+    )
+
+
 def _require_file(name: str, kind: str, ctx: Context, field: str) -> Path:
     path = find_patch_file(name, kind, ctx.models_dir)
     if path is None:
-        raise NodeError(
-            f"{kind[:-1]} file {name!r} not found: looked in the built-in {kind} "
-            f"({', '.join(available(kind, ctx.models_dir)) or 'none'}), in {Path(ctx.models_dir) / kind}, "
-            "and as a path. Put the file there or give its path",
-            field=field,
-        )
+        raise NodeError(f"{_not_found(name, kind, ctx.models_dir)}. {HINT[0].upper()}{HINT[1:]}", field=field)
     return ctx.readable(path, field)  # a workflow confined to some folders (a PNG's, a server's) reads only there
+
+
+def missing_patch_file(literals: dict[str, Any], field: str, kind: str, settings: Settings) -> Issues:
+    """The validation-time form of :func:`_require_file`."""
+    models = settings.models_dir
+    return missing_file(literals, field, lambda n: find_patch_file(n, kind, models), lambda n: _not_found(n, kind, models), HINT)
 
 
 def available(kind: str, models_dir: str | Path) -> list[str]:
@@ -117,6 +131,10 @@ class LoraLoader(Node):
     @classmethod
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"lora": available("loras", models_dir)}
+
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return missing_patch_file(literals, "lora", "loras", settings)
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _require_file(inputs.lora, "loras", ctx, "lora")
@@ -179,6 +197,10 @@ class HypernetworkLoader(Node):
     @classmethod
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:
         return {"hypernetwork": available("hypernetworks", models_dir)}
+
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        return missing_patch_file(literals, "hypernetwork", "hypernetworks", settings)
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         path = _require_file(inputs.hypernetwork, "hypernetworks", ctx, "hypernetwork")

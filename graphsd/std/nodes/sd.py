@@ -14,10 +14,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from graphsd.context import Context
+from graphsd.context import Context, Settings
 from graphsd.errors import GraphsdError, NodeError
 from graphsd.hookspecs import hookimpl
-from graphsd.node import Node, NodeIO
+from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
 from graphsd.resources import feature_map_bytes, latent_working_set, require_memory
 from graphsd.std.models.compile import fast
@@ -76,6 +76,20 @@ class CheckpointLoader(Node):
             return file_fingerprint(resolve_model_path(path, ctx.models_dir))
         except GraphsdError:
             return "missing"
+
+    @classmethod
+    def check_context(
+        cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings
+    ) -> list[tuple[str, str, str | None]]:
+        """A model that is not there is refused at validation, with the places the run looks at."""
+        path = literals.get("path")
+        if not isinstance(path, str):
+            return []
+        try:
+            resolve_model_path(path, settings.models_dir)
+        except GraphsdError as e:
+            return [("path", str(e), None)]
+        return []
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         allow_pickle = ctx.settings.allow_pickle  # only the user's setting (--allow-pickle), never the workflow
