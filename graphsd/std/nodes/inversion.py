@@ -1,7 +1,7 @@
 """DDIM inversion: run the deterministic DDIM sampler backwards, from an image's latent to the
-noise that DDIM turns into that image (Song et al. 2020, "Denoising Diffusion Implicit Models",
-section 4.3: with eta 0 the sampler is the Euler discretisation of an ODE, which can be run in
-either direction; Mokady et al. 2022, "Null-text Inversion", use it to edit real images).
+noise that DDIM turns into that image (Song et al. 2020, "Denoising Diffusion Implicit Models":
+with eta 0 the sampler discretises an ODE, which can be run in either direction; Mokady et al.
+2022, "Null-text Inversion", start their edits of real images from it).
 
 An edit is ``VAEEncode → DDIMInversion → UNetDenoiseLoop (sampler ddim) → VAEDecode``: the
 inverted noise, denoised with the prompt it was inverted with, gives the image back; denoised
@@ -93,8 +93,8 @@ class DDIMInversion(Node):
             1.0,
             ge=0.0,
             le=100.0,
-            description="Classifier-free guidance scale during inversion (1 = none, the faithful choice: guidance makes "
-            "each backward step overshoot, and the error grows with cfg)",
+            description="Classifier-free guidance scale during inversion; regenerate with the same (1 = none, the faithful "
+            "choice: the error of each backward step grows with the guidance scale)",
         )
         seed: int = Field(
             0,
@@ -104,7 +104,7 @@ class DDIMInversion(Node):
         )
 
     class Outputs(NodeIO):
-        noise: Noise = Field(description="The inverted latent, as UNetDenoiseLoop's noise (unit variance, like LatentNoise's)")
+        noise: Noise = Field(description="The latent at DDIM's noisiest timestep, for UNetDenoiseLoop's noise (ddim takes it unscaled)")
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         info = model_info(inputs.unet, "unet")
