@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from graphsd import Engine, Settings
+from graphsd import Engine, Settings, WorkflowError
 from graphsd.std.models.clip_vision import CLIP_MEAN, CLIP_STD, preprocess
 
 U32 = 2.0**-24
@@ -170,12 +170,17 @@ def test_a_missing_or_foreign_file_is_a_clear_error(models):
     root, _ = models
     save_file({"model.diffusion_model.x": torch.zeros(2)}, root / "clip_vision" / "not_clip.safetensors")
     engine = Engine(Settings(device="cpu", models_dir=str(root), output_dir=str(root / "out")))
-    for name, words in (("nope.safetensors", "not found"), ("not_clip.safetensors", "not a CLIP vision encoder")):
-        doc = {"version": 1, "nodes": {"v": {"type": "CLIPVisionLoader", "inputs": {"clip_name": name}}}}
-        result = engine.run(doc, outputs=["v"])
-        assert not result.ok
-        message = str(result.errors[0])
-        assert words in message and "clip_name" in message, message
+    def doc(name: str) -> dict:
+        return {"version": 1, "nodes": {"v": {"type": "CLIPVisionLoader", "inputs": {"clip_name": name}}}}
+
+    with pytest.raises(WorkflowError) as info:  # not there: refused before anything runs, naming what is there
+        engine.run(doc("nope.safetensors"), outputs=["v"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("v", "clip_name") and "not found" in issue.message and "tiny_vit.safetensors" in issue.message
+    result = engine.run(doc("not_clip.safetensors"), outputs=["v"])  # there, but of another kind: the run finds out
+    assert not result.ok
+    message = str(result.errors[0])
+    assert "not a CLIP vision encoder" in message and "clip_name" in message, message
 
 
 # ---- unCLIP ----------------------------------------------------------------------------------

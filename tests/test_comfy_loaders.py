@@ -214,8 +214,10 @@ def test_vae_latent_scale(engine, name, scale, expected):
 @pytest.mark.slow
 def test_vae_files_of_other_kinds_are_refused_with_the_field(engine):
     assert "16 latent channels" in failure(engine, "VAELoader", vae_name="flux_ae.safetensors")
-    message = failure(engine, "VAELoader", vae_name="missing.safetensors")
-    assert message.startswith("input 'vae_name':") and "vae-ft-mse.safetensors" in message  # lists what is there
+    with pytest.raises(WorkflowError) as info:  # a file that is not there: refused before anything runs
+        engine.run({"version": 1, "nodes": {"n": {"type": "VAELoader", "inputs": {"vae_name": "missing.safetensors"}}}}, outputs=["n"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("n", "vae_name") and "vae-ft-mse.safetensors" in issue.message  # lists what is there
     assert "not a VAE" in failure(engine, "VAELoader", vae_name="../unet/sd1_unet.safetensors")
 
 

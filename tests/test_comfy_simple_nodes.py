@@ -317,15 +317,25 @@ def test_a_latent_file_without_version_holds_scaled_latents(engine, folders):
     assert torch.equal(loaded, raw)
 
 
+def test_a_missing_latent_file_is_refused_at_validation_on_its_field(engine, folders):
+    """Before anything runs, naming where graphsd looked and the .latent files the input folder has."""
+    write_latent(folders / "in" / "other.latent", latents(1, 4, 2, 2).float())
+    with pytest.raises(WorkflowError) as info:
+        engine.run({"version": 1, "nodes": {"load": {"type": "LoadLatent", "inputs": {"latent": "bad.latent"}}}}, outputs=["load"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("load", "latent")
+    assert "does not exist" in issue.message and str(folders / "in" / "bad.latent") in issue.message and "other.latent" in issue.message
+
+
 @pytest.mark.parametrize(
     "content, expected",
-    [(None, "does not exist"), (b"not safetensors at all", "not a readable .latent"), ({"other": torch.zeros(1)}, "holds no latents")],
+    [(b"not safetensors at all", "not a readable .latent"), ({"other": torch.zeros(1)}, "holds no latents")],
 )
 def test_a_bad_latent_file_fails_the_node_on_its_field(engine, folders, content, expected):
     path = folders / "in" / "bad.latent"
     if isinstance(content, bytes):
         path.write_bytes(content)
-    elif content is not None:
+    else:
         safetensors.torch.save_file(content, str(path))
     result = engine.run({"version": 1, "nodes": {"load": {"type": "LoadLatent", "inputs": {"latent": "bad.latent"}}}}, outputs=["load"])
     assert not result.ok

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from graphsd import Engine, Settings
+from graphsd import Engine, Settings, WorkflowError
 from graphsd.cli import main
 from graphsd.workflow import PNG_WORKFLOW_KEY
 
@@ -93,10 +93,14 @@ def test_save_into_subfolder(tmp_path, picture):
     assert res.ok and Path(res.files[0]) == (tmp_path / "out" / "sub" / "pic_00001.png").resolve()
 
 
-def test_load_missing_image_is_a_clear_error(tmp_path):
+def test_load_missing_image_is_a_clear_error(tmp_path, picture):
+    """Refused at validation, before anything runs, naming the files that are in that folder."""
     engine = Engine(Settings(output_dir=str(tmp_path), device="cpu"))
-    res = engine.run(copy_workflow(tmp_path / "missing.png"))
-    assert "does not exist" in res.errors[0].message and res.errors[0].node_id == "load"
+    with pytest.raises(WorkflowError) as info:
+        engine.run(copy_workflow(tmp_path / "missing.png"))
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("load", "path")
+    assert "does not exist" in issue.message and picture[0].name in issue.message
 
 
 def test_cli_validate_reports_problems_with_exit_2(tmp_path, capsys):
@@ -113,7 +117,16 @@ def test_cli_run_json_and_failed_exit_code(tmp_path, picture, capsys):
     assert main(["run", str(good), "--output-dir", str(tmp_path / "o"), "--json", "-q"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["status"] == "success" and len(data["files"]) == 1
-    assert main(["run", str(good), "--set", "src=/nonexistent.png", "--output-dir", str(tmp_path / "o"), "-q"]) == 1
+    not_a_picture = tmp_path / "not_a_picture.png"  # there, so it passes validation; the run cannot read it
+    not_a_picture.write_text("no image here")
+    assert main(["run", str(good), "--set", f"src={not_a_picture}", "--output-dir", str(tmp_path / "o"), "--json", "-q"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["status"] == "failed" and [e["node"] for e in data["errors"]] == ["load"]
+    assert "not a readable image" in data["errors"][0]["message"]
+    missing = tmp_path / "missing.png"  # a user mistake caught before the run: the usage code, like a misspelt param
+    assert main(["run", str(good), "--set", f"src={missing}", "--output-dir", str(tmp_path / "o"), "--json", "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "node 'load', input 'path'" in err and "does not exist" in err
     assert main(["run", str(good), "--set", "sorce=x"]) == 2
     assert "no param named 'sorce'" in capsys.readouterr().err
 

@@ -177,9 +177,12 @@ def test_sdxl_lora_on_sd1_is_a_clear_error(engine):
 
 
 def test_missing_lora_lists_where_it_looked(engine, models):
-    result = engine.run(workflow("@lora.unet", "@lora.clip", lora_node("nope")), outputs=["denoise"])
-    [error] = result.errors
-    assert "'nope' not found" in error.message and str(models / "loras") in error.message
+    """Refused at validation, before any model loads, on the node and input that name it."""
+    with pytest.raises(WorkflowError) as info:
+        engine.run(workflow("@lora.unet", "@lora.clip", lora_node("nope")), outputs=["denoise"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("lora", "lora")
+    assert "'nope' not found" in issue.message and str(models / "loras") in issue.message
 
 
 def test_hypernetwork_loader_matches_reference(engine, models, monkeypatch):

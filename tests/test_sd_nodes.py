@@ -153,10 +153,13 @@ def test_fingerprint_changes_when_a_weight_file_is_replaced(engine, models, tmp_
 
 
 def test_missing_model_says_where_it_looked(engine, models):
-    failure = only_error(engine.run(doc({"m": {"type": "CheckpointLoader", "inputs": {"path": "nope"}}}), outputs=["m"]))
-    assert failure.error_type == "NodeError" and "input 'path'" in failure.message
+    """Refused at validation, before anything runs, on the node and input that name it."""
+    with pytest.raises(WorkflowError) as info:
+        engine.run(doc({"m": {"type": "CheckpointLoader", "inputs": {"path": "nope"}}}), outputs=["m"])
+    [issue] = info.value.issues
+    assert (issue.node, issue.field) == ("m", "path")
     for place in candidate_paths("nope", models):
-        assert str(place) in failure.message
+        assert str(place) in issue.message
 
 
 def test_pickle_only_weights_are_refused_unless_allowed(engine, models, tmp_path, monkeypatch):
