@@ -170,6 +170,7 @@ def test_a_missing_or_foreign_file_is_a_clear_error(models):
     root, _ = models
     save_file({"model.diffusion_model.x": torch.zeros(2)}, root / "clip_vision" / "not_clip.safetensors")
     engine = Engine(Settings(device="cpu", models_dir=str(root), output_dir=str(root / "out")))
+
     def doc(name: str) -> dict:
         return {"version": 1, "nodes": {"v": {"type": "CLIPVisionLoader", "inputs": {"clip_name": name}}}}
 
