@@ -71,6 +71,14 @@ class ModelInfo:
     #: look like as pixels (the denoise loop's live previews fit their colour map on it); None
     #: for handles built by hand, which then get no previews.
     vae_key: str | None = None
+    #: Width of the class labels the U-Net takes through a projection class embedding
+    #: (``class_embed_type: projection``: SD2.1-unCLIP's noise-augmented image embedding + its
+    #: noise level's embedding, 2 × the image-embedding width); None for a U-Net without one.
+    class_labels_width: int | None = None
+    #: SD2.1-unCLIP's noise augmentation of image embeddings
+    #: (:class:`~graphsd.std.models.clip_vision.NoiseAugmentor`), set by unCLIPCheckpointLoader;
+    #: None elsewhere (a U-Net with class labels but no augmentor gets zeros as class labels).
+    noise_augmentor: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokenizers", _read_only(self.tokenizers))
@@ -126,6 +134,9 @@ def detect_model_info(
         latent_downscale=2 ** (len(levels) - 1) if levels else SD_LATENT_DOWNSCALE,
         scaling_factor=float(vae_config.get("scaling_factor") or SD_SCALING_FACTOR),
         shift_factor=float(vae_config.get("shift_factor") or 0.0),
+        class_labels_width=unet_config.get("projection_class_embeddings_input_dim")
+        if unet_config.get("class_embed_type") == "projection"
+        else None,
     )
 
 

@@ -149,6 +149,8 @@ def _rename(key: str, table: dict[str, str]) -> str:
 def unet_rule(config: dict[str, Any]) -> Callable[[str], Rule]:
     _layers_per_block(config)
     table = unet_module_map(config)
+    if config.get("class_embed_type") == "projection":  # SD2.1-unCLIP keeps it where SDXL keeps its added embedding
+        table.update({"class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"})
     return lambda key: (UNET_PREFIX + _rename(key, table), "")
 
 
@@ -329,9 +331,12 @@ def derive_unet_config(family: str, unet: dict[str, torch.Tensor], pooled_dim: i
     if "label_emb.0.0.weight" in unet:
         projection_in = unet["label_emb.0.0.weight"].shape[1]
         config["projection_class_embeddings_input_dim"] = projection_in
-        if pooled_dim is not None:
+        if family == "sdxl" and pooled_dim is not None:
             # SDXL's added conditioning: pooled text embedding + 6 Fourier-embedded size/crop ids
             config["addition_time_embed_dim"] = (projection_in - pooled_dim) // 6
+        elif family != "sdxl":
+            # SD2.1-unCLIP: the class labels (noise-augmented image embedding + noise level) through a projection
+            config["class_embed_type"] = "projection"
     return config
 
 

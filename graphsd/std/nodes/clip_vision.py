@@ -1,5 +1,5 @@
 """ComfyUI's CLIP vision classes as graphsd nodes of the same names, inputs and outputs:
-CLIPVisionLoader, CLIPVisionEncode and unCLIPConditioning. A ComfyUI prompt naming them runs as is, and the
+CLIPVisionLoader, CLIPVisionEncode, unCLIPConditioning and unCLIPCheckpointLoader. A ComfyUI prompt naming them runs as is, and the
 ``CLIP_VISION`` / ``CLIP_VISION_OUTPUT`` sockets (:class:`ClipVision`, :class:`ClipVisionOutput`)
 link to ComfyUI's nodes in the served frontend.
 
@@ -23,9 +23,23 @@ from graphsd.hookspecs import hookimpl
 from graphsd.node import Node, NodeIO, Upstream
 from graphsd.paths import file_fingerprint
 from graphsd.std.files import Issues, missing_file
-from graphsd.std.models.clip_vision import UNCLIP_KEY, ClipVision, ClipVisionOutput, Unclip, encode, load_clip_vision, preprocess
-from graphsd.std.models.formats import WEIGHT_SUFFIXES
-from graphsd.types import Conditioning, Image, Socket
+from graphsd.std.models.clip_vision import (
+    UNCLIP_KEY,
+    ClipVision,
+    ClipVisionError,
+    ClipVisionOutput,
+    NoiseAugmentor,
+    Unclip,
+    build_clip_vision,
+    encode,
+    load_clip_vision,
+    preprocess,
+    vision_tensors,
+)
+from graphsd.std.models.family import model_info
+from graphsd.std.models.formats import WEIGHT_SUFFIXES, read_weights
+from graphsd.std.models.loading import load_checkpoint, resolve_model_path
+from graphsd.types import Clip, Conditioning, Image, Socket, UNet, Vae
 
 #: The models folder's sub-folder CLIP vision files are looked up in (ComfyUI's).
 FOLDER = "clip_vision"
@@ -171,6 +185,114 @@ class unCLIPConditioning(Node):  # noqa: N801 (ComfyUI's class name)
         return self.Outputs(conditioning=Conditioning.of_entries(entries))
 
 
+#: Where an SD2.1-unCLIP single file keeps its image encoder, and its noise augmentation's statistics.
+UNCLIP_VISION_PREFIX = "embedder.model.visual."
+UNCLIP_STATS = ("noise_augmentor.data_mean", "noise_augmentor.data_std")
+
+
+def load_unclip_parts(path: Path, allow_pickle: bool, width: int) -> tuple[torch.nn.Module, NoiseAugmentor]:
+    """The CLIP vision encoder an SD2.1-unCLIP single file holds (``embedder.model.visual.*``,
+    OpenCLIP's layout) and its noise augmentation for ``width``-wide image embeddings: the
+    file's ``noise_augmentor.data_mean`` / ``data_std`` where it has them, else mean 0 and std 1
+    (what the released checkpoints' configs and ComfyUI use: those statistics are not saved)."""
+    tensors, _ = read_weights(path, allow_pickle, ClipVisionError, "ckpt_name")
+    if f"{UNCLIP_VISION_PREFIX}conv1.weight" not in tensors:
+        raise ClipVisionError(
+            f"'{path.name}' is not an unCLIP checkpoint: it holds no image encoder ({UNCLIP_VISION_PREFIX}*); "
+            "load it with CheckpointLoaderSimple, or pick an SD2.1-unCLIP checkpoint",
+            field="ckpt_name",
+        )
+    vision = vision_tensors({k: v for k, v in tensors.items() if k.startswith(UNCLIP_VISION_PREFIX)}, path.name, "ckpt_name")
+    model = build_clip_vision(vision, path.name, DTYPE, "ckpt_name")
+    mean, std = (tensors.get(k) for k in UNCLIP_STATS)
+    augmentor = NoiseAugmentor(
+        mean=torch.zeros(width) if mean is None else mean.float().reshape(-1),
+        std=torch.ones(width) if std is None else std.float().reshape(-1),
+    )
+    if augmentor.mean.shape != (width,) or augmentor.std.shape != (width,):
+        raise ClipVisionError(
+            f"'{path.name}' has noise-augmentation statistics of {augmentor.mean.numel()} numbers but its U-Net takes "
+            f"{width}-wide image embeddings; the file is inconsistent",
+            field="ckpt_name",
+        )
+    return model, augmentor
+
+
+class unCLIPCheckpointLoader(Node):  # noqa: N801 (ComfyUI's class name)
+    type = "unCLIPCheckpointLoader"
+    category = "loaders"
+    description = (
+        "Load an SD2.1-unCLIP single-file checkpoint (ComfyUI's unCLIPCheckpointLoader): the U-Net, which takes the "
+        "image embedding of unCLIPConditioning noise-augmented as its class labels, the text encoder, the VAE and the "
+        "image encoder the checkpoint holds (embedder.model.visual.*), for CLIPVisionEncode."
+    )
+
+    class Inputs(NodeIO):
+        ckpt_name: str = Field(description="The checkpoint: a name in <models>/checkpoints or <models>, or a path")
+
+    class Outputs(NodeIO):
+        model: UNet = Field(description="The U-Net, with the checkpoint's noise augmentation of image embeddings")
+        clip: Clip = Field(description="The text encoder")
+        vae: Vae = Field(description="The VAE")
+        clip_vision: ClipVision = Field(description="The checkpoint's CLIP vision encoder")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], ctx: Context) -> str:
+        name = literals.get("ckpt_name")
+        if not isinstance(name, str):
+            return ""
+        try:
+            return file_fingerprint(resolve_model_path(name, ctx.models_dir))
+        except GraphsdError:
+            return "missing"
+
+    @classmethod
+    def check_context(cls, literals: dict[str, Any], upstream: dict[str, Upstream], settings: Settings) -> Issues:
+        name = literals.get("ckpt_name")
+        if not isinstance(name, str):
+            return []
+        try:
+            resolve_model_path(name, settings.models_dir)
+        except GraphsdError as exc:
+            return [("ckpt_name", str(exc), None)]
+        return []
+
+    def run(self, inputs: Any, ctx: Context) -> NodeIO:
+        allow_pickle = bool(ctx.settings.allow_pickle)
+        try:
+            path = ctx.readable(resolve_model_path(inputs.ckpt_name, ctx.models_dir), "ckpt_name")
+            if path.is_dir():
+                raise NodeError(
+                    f"{path} is a diffusers folder; unCLIPCheckpointLoader reads SD2.1-unCLIP single files (.safetensors)",
+                    field="ckpt_name",
+                )
+            loaded = load_checkpoint(ctx.models, path, "fp32", allow_pickle=allow_pickle)
+            info = model_info(loaded.unet, "ckpt_name")
+            if not info.class_labels_width:
+                raise NodeError(
+                    f"'{path.name}' is not an unCLIP checkpoint: its U-Net takes no image embedding (no label_emb); "
+                    "load it with CheckpointLoaderSimple",
+                    field="ckpt_name",
+                )
+            width = info.class_labels_width // 2
+            fingerprint = file_fingerprint(path)
+            parts: list[tuple[torch.nn.Module, NoiseAugmentor]] = []
+
+            def read() -> tuple[torch.nn.Module, NoiseAugmentor]:
+                if not parts:
+                    parts.append(load_unclip_parts(path, allow_pickle, width))
+                return parts[0]
+
+            vision_key = ctx.models.load(f"{fingerprint}:unclip_clip_vision:fp32", lambda: read()[0])
+            augmentor = ctx.models.get(ctx.models.load(f"{fingerprint}:unclip_noise_augmentor", lambda: read()[1]))
+        except NodeError:
+            raise
+        except GraphsdError as exc:
+            raise NodeError(str(exc), field="ckpt_name") from None
+        unet = replace(loaded.unet, info=replace(info, noise_augmentor=augmentor))
+        return self.Outputs(model=unet, clip=loaded.clip, vae=loaded.vae, clip_vision=ClipVision(ctx.models, {"clip_vision": vision_key}))
+
+
 @hookimpl
 def graphsd_register_types() -> list[type[Socket]]:
     return [ClipVision, ClipVisionOutput]
@@ -183,4 +305,4 @@ def graphsd_comfy_types() -> dict[str, str]:
 
 @hookimpl
 def graphsd_register_nodes() -> list[type[Node]]:
-    return [CLIPVisionLoader, CLIPVisionEncode, unCLIPConditioning]
+    return [CLIPVisionLoader, CLIPVisionEncode, unCLIPConditioning, unCLIPCheckpointLoader]

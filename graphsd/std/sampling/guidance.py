@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graphsd.std.models.clip_vision import UNCLIP_KEY, unclip_class_labels
 from graphsd.std.models.controlnet import share_with_uncond
 from graphsd.types import Conditioning
 
@@ -121,6 +122,9 @@ class UNetBatch:
     concat: torch.Tensor | None = None
     #: The ControlNet the passes share (a :class:`~graphsd.std.models.controlnet.Control`), or None.
     control: Any = None
+    #: For a U-Net with a projection class embedding (SD2.1-unCLIP): each pass's class labels
+    #: ``[B, width]`` stacked in pass order (:func:`unclip_labels`); None for other U-Nets.
+    class_labels: torch.Tensor | None = None
 
 
 #: A loop's U-Net call: (the batch's stacked latent crops as the U-Net takes them, the batch) →
@@ -287,6 +291,26 @@ def max_passes(positive: Conditioning, negative: Conditioning | None, guided: bo
     return len(positive.entries()) + (len(negative.entries()) if guided and negative is not None else 0) + copies
 
 
+def unclip_labels(info: Any, cond: Conditioning, batch: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A conditioning's class labels for a U-Net with a projection class embedding, repeated to
+    ``batch`` items (ComfyUI's ``unclip_adm``): its unCLIPConditioning images noise-augmented
+    with the sampler's ``seed``, or zeros without them (a negative prompt) or without the
+    checkpoint's noise augmentation."""
+    width = info.class_labels_width
+    unclips = tuple(cond.extras.get(UNCLIP_KEY, ()))
+    if not unclips or info.noise_augmentor is None:
+        labels = torch.zeros(1, width)
+    else:
+        labels = unclip_class_labels(unclips, info.noise_augmentor, seed, width // 2)
+        if labels.shape[-1] != width:
+            raise DenoiseError(
+                f"the unCLIP image embedding is {labels.shape[-1] // 2} wide but this model takes {width // 2}-wide ones; "
+                "encode the image with the CLIP vision model of the unCLIP checkpoint",
+                "positive",
+            )
+    return labels.repeat(batch, 1).to(device, dtype)
+
+
 def plan_guidance(
     info: Any,
     positive: Conditioning,
@@ -297,11 +321,13 @@ def plan_guidance(
     device: torch.device,
     dtype: torch.dtype,
     concat: Callable[[Conditioning], torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> Guidance:
     """The U-Net batches for a latent of ``shape``: ``negative`` is evaluated only when
     ``guided`` (but its areas count either way, as in ComfyUI); ``scores`` are SDXL refiners'
     aesthetic scores of the negative and positive side; ``concat`` gives an inpainting U-Net's
-    extra channels ``[B, 1 + C, h, w]`` for a conditioning. ``info`` is the U-Net's ModelInfo."""
+    extra channels ``[B, 1 + C, h, w]`` for a conditioning; ``seed`` (the sampler's) draws unCLIP's
+    noise augmentation. ``info`` is the U-Net's ModelInfo."""
     batch, _, h, w = shape
     size = (h * info.latent_downscale, w * info.latent_downscale)
     given = {"positive": positive} if negative is None else {"positive": positive, "negative": negative}
@@ -344,5 +370,8 @@ def plan_guidance(
                 if id(e.what) not in extra:
                     extra[id(e.what)] = concat(e.what)
             channels = torch.cat([crop(extra[id(e.what)], p.area) for p, _, e in members])
-        batches.append(UNetBatch([p for p, _, _ in members], context, added, channels, members[0][2].control))
+        labels = None
+        if getattr(info, "class_labels_width", None):
+            labels = torch.cat([unclip_labels(info, e.what, batch, seed, device, dtype) for _, _, e in members])
+        batches.append(UNetBatch([p for p, _, _ in members], context, added, channels, members[0][2].control, labels))
     return Guidance(batches, len(sides))

@@ -140,6 +140,7 @@ class Denoiser:
             t,
             encoder_hidden_states=batch.context,
             added_cond_kwargs=batch.added,
+            class_labels=batch.class_labels,
             return_dict=False,
             **residuals,
         )[0]
@@ -276,7 +277,7 @@ def sample_sigmas(
     with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
         unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
-        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet.dtype, concat)
+        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet.dtype, concat, seed=noise.seed)
         controls = stack.enter_context(ControlRun(ctx, plan, unet, sigma_position(table.sigma, len(table.sigmas))))
         model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep, controls=controls)
         last: list[torch.Tensor] = []  # the denoised estimate the sampler reported for its last step

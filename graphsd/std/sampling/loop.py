@@ -199,7 +199,9 @@ def denoise(
         dtype = unet.dtype
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         concat = partial(inpaint_channels, latent=latent, shape=shape, convention="diffusers", device=device, dtype=work)
-        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None)
+        plan = plan_guidance(
+            info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None, seed=noise.seed
+        )
         controls = stack.enter_context(ControlRun(ctx, plan, unet, timestep_position(scheduler.config.num_train_timesteps)))
 
         def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor, position: float) -> torch.Tensor:
@@ -208,7 +210,13 @@ def denoise(
             if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
                 model_input = torch.cat([model_input, batch.concat], dim=1)
             eps = unet(
-                model_input.to(dtype), t, encoder_hidden_states=batch.context, added_cond_kwargs=batch.added, return_dict=False, **residuals
+                model_input.to(dtype),
+                t,
+                encoder_hidden_states=batch.context,
+                added_cond_kwargs=batch.added,
+                class_labels=batch.class_labels,
+                return_dict=False,
+                **residuals,
             )[0]
             return eps.to(work)
 
