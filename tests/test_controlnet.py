@@ -45,6 +45,7 @@ from reference import U32, assert_same, diffusers_noise_in_float32, tolerance
 from safetensors.torch import save_file
 
 from graphsd import Engine, Settings
+from graphsd.errors import WorkflowError
 from graphsd.server.objectinfo import native_entry
 from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
 from graphsd.std.models.controlnet import Control, ControlNet
@@ -251,10 +252,15 @@ def test_other_files_are_refused_by_name(engines, tmp_path, tensors, says):
     refused(result, says)
 
 
-def test_a_missing_controlnet_names_the_folder_and_what_is_there(root, engines):
+def test_a_missing_controlnet_is_refused_at_validation_naming_the_folder_and_what_is_there(root, engines):
     save_file({"x": torch.zeros(1)}, root / "controlnet" / "canny.safetensors")
-    result = load(engines[False], "nothing.safetensors")
-    refused(result, "canny.safetensors", str(root / "controlnet"))
+    workflow = {"version": 1, "nodes": {"cn": {"type": "ControlNetLoader", "inputs": {"control_net_name": "nothing.safetensors"}}}}
+    with pytest.raises(WorkflowError) as excinfo:
+        engines[False].load(workflow)
+    [issue] = excinfo.value.issues
+    assert (issue.node, issue.field) == ("cn", "control_net_name")
+    text = f"{issue.message} {issue.hint or ''}"
+    assert "canny.safetensors" in text and str(root / "controlnet") in text, text
 
 
 @pytest.mark.slow
