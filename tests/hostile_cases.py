@@ -421,7 +421,7 @@ def checkpoint_pickle_with_code(d):
     return run_args(workflow(d / "w.json", nodes), "--allow-pickle")
 
 
-def _load_image_case(name: str, make: Callable[[Path], None], says: tuple[str, ...]) -> None:
+def _load_image_case(name: str, make: Callable[[Path], None], says: tuple[str, ...], exit: int = 1) -> None:
     def setup(d: Path) -> list[str]:
         make(d / "in.png")
         nodes = {"load": {"type": "LoadImage", "inputs": {"path": str(d / "in.png")}},
@@ -429,14 +429,14 @@ def _load_image_case(name: str, make: Callable[[Path], None], says: tuple[str, .
         return run_args(workflow(d / "w.json", nodes))
 
     setup.__name__ = name
-    case("resources", 1, says)(setup)
+    case("resources", exit, says)(setup)
 
 
 _load_image_case("load_image_pixel_bomb", lambda p: p.write_bytes(png_bytes(10_000, 10_000)), ("10000x10000", "megapixels"))
 _load_image_case("load_image_dimension_bomb", lambda p: p.write_bytes(png_bytes(200_000, 200_000, rows=False)), ("megapixels",))
 _load_image_case("load_image_truncated", lambda p: p.write_bytes(png_bytes(64, 64)[:60]), ("not a readable image",))
 _load_image_case("load_image_not_an_image", lambda p: p.write_text("hello"), ("not a readable image",))
-_load_image_case("load_image_missing", lambda p: None, ("does not exist",))
+_load_image_case("load_image_missing", lambda p: None, ("does not exist",), exit=2)  # refused at validation
 
 
 # ---- resources ----------------------------------------------------------------------------

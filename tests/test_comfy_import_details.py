@@ -118,7 +118,7 @@ def test_graphsd_run_reads_a_prompts_bare_image_names_from_the_input_dir(tmp_pat
     written = capsys.readouterr().out.split()
     assert [Path(p).name for p in written] == ["copy_00001_.png", "copy_00002_.png"]
     assert [np.asarray(PILImage.open(p))[0, 0, 0] for p in written] == [10, 200]
-    assert main(["run", str(prompt), "-q", "--output-dir", "out", "--input-dir", "elsewhere"]) == 1
+    assert main(["run", str(prompt), "-q", "--output-dir", "out", "--input-dir", "elsewhere"]) == 2  # refused at validation
     assert str(Path("elsewhere") / "red.png") in capsys.readouterr().err
 
 

@@ -272,7 +272,7 @@ def sd1(models):
     return sd_tiny.save_sd1(models / "sd1")
 
 
-def test_ksampler_advanced_imports_onto_the_denoise_loops_window(engine):
+def test_ksampler_advanced_imports_onto_the_denoise_loops_window(engine, sd1):  # sd1: validation checks that the model the prompt names exists
     doc = comfy_to_workflow(graph({"3": advanced("euler", 10, 2, 6, "disable", "enable")}), engine.nodes)
     loop = doc["nodes"]["3"]["inputs"]
     assert doc["nodes"]["3"]["type"] == "UNetDenoiseLoop"
@@ -345,7 +345,7 @@ def test_an_unsupported_sampler_name_is_refused_with_its_reason(engine):
     assert any(node == "10" and field == "sampler_name" and "adaptive step-size" in message for node, field, message in issues), issues
 
 
-def test_a_ui_file_of_the_custom_sampler_maps_its_widgets_in_comfyuis_order(engine):
+def test_a_ui_file_of_the_custom_sampler_maps_its_widgets_in_comfyuis_order(engine, sd1):  # sd1: validation checks that the model the prompt names exists
     """Widget values as the editor saves them: RandomNoise [noise_seed, control], KSamplerSelect
     [sampler_name], BasicScheduler [scheduler, steps, denoise], CFGGuider [cfg]."""
 

@@ -61,7 +61,11 @@ def shape(prompt: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return Engine(Settings(device="cpu", output_dir=str(tmp_path_factory.mktemp("out"))))
+    """An engine whose input folder holds the example.png the img2img fixture's LoadImage names
+    (validation checks that named files exist)."""
+    inputs = tmp_path_factory.mktemp("input")
+    PILImage.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(inputs / "example.png")
+    return Engine(Settings(device="cpu", output_dir=str(tmp_path_factory.mktemp("out")), input_dir=str(inputs)))
 
 
 @pytest.fixture(scope="module")

@@ -109,9 +109,12 @@ def test_every_kind_of_comfyui_file_converts_to_a_yaml_that_makes_the_same_image
     assert "api_00001_.png" in names and "workflow_png_00001_.png" in names
 
 
-def test_the_yaml_reads_back_as_the_workflow_graphsd_runs(tmp_path, capsys):
+def test_the_yaml_reads_back_as_the_workflow_graphsd_runs(tmp_path, capsys, monkeypatch):
     """YAML, JSON (a target ending in .json) and '-' (printed) hold the same graphsd workflow, the one
     `graphsd run` would run for the ComfyUI file; LoadImage's name becomes a path in --input-dir."""
+    monkeypatch.chdir(tmp_path)  # the picture must be there: convert validates, which checks named files
+    (tmp_path / "pictures").mkdir()
+    PILImage.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "pictures" / "example.png")
     source = tmp_path / "prompt.json"
     source.write_text(json.dumps({"prompt": api_img2img("x"), "client_id": "someone"}))
     assert convert(str(source), str(tmp_path / "out.yaml"), "--input-dir", "pictures") == 0

@@ -147,7 +147,7 @@ def test_comfy_conversion_maps_links_and_nodes():
     loop = nodes["3"]["inputs"]
     assert loop["unet"] == "@12.unet" and loop["noise"] == "@3_noise.noise" and "latent" not in loop
     assert (loop["sampler"], loop["schedule"], loop["convention"], loop["steps"]) == ("uni_pc", "karras", "comfyui", 4)
-    assert nodes["9"] == {"type": "SaveImage", "inputs": {"image": "@8.image", "prefix": "ComfyUI"}}
+    assert nodes["9"] == {"type": "SaveImage", "inputs": {"image": "@8.image", "prefix": "ComfyUI", "naming": "comfyui"}}
 
 
 def test_comfy_problems_are_reported_together():
