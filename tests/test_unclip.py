@@ -17,6 +17,7 @@ from test_clip_vision import diffusers_noised, tiny_encoder, to_open_clip
 from test_single_file import tiny_clip, tiny_vae
 
 from graphsd import Engine, Settings
+from graphsd.errors import WorkflowError
 from graphsd.std.models.single_file import bundled_config, save_single_file
 
 pytestmark = pytest.mark.slow  # one tiny checkpoint written and loaded: about 2 s in all
@@ -204,3 +205,14 @@ def test_a_comfyui_prompt_with_the_unclip_nodes_runs(setup):
         assert image.shape == (1, 16, 16, 3) and torch.isfinite(image).all()  # an 8 × 8 latent; the tiny VAE scales by 2
         images.append(image)
     assert float((images[0] - images[1]).abs().max()) > 1e-4
+
+
+def test_a_diffusers_folder_is_refused_at_validation(tmp_path):
+    """unCLIPCheckpointLoader reads single files: a folder (the built-in graphsd-tiny) is refused
+    before anything runs, on ckpt_name."""
+    engine = Engine(Settings(device="cpu", output_dir=str(tmp_path), models_dir=str(tmp_path)))
+    workflow = {"version": 1, "nodes": {"ckpt": {"type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": "graphsd-tiny"}}}}
+    with pytest.raises(WorkflowError) as excinfo:
+        engine.load(workflow)
+    [issue] = excinfo.value.issues
+    assert (issue.node, issue.field) == ("ckpt", "ckpt_name") and "diffusers folder" in issue.message

@@ -218,6 +218,9 @@ def load_unclip_parts(path: Path, allow_pickle: bool, width: int) -> tuple[torch
     return model, augmentor
 
 
+_SINGLE_FILES = "unCLIPCheckpointLoader reads SD2.1-unCLIP single files (.safetensors)"
+
+
 class unCLIPCheckpointLoader(Node):  # noqa: N801 (ComfyUI's class name)
     type = "unCLIPCheckpointLoader"
     category = "loaders"
@@ -252,9 +255,11 @@ class unCLIPCheckpointLoader(Node):  # noqa: N801 (ComfyUI's class name)
         if not isinstance(name, str):
             return []
         try:
-            resolve_model_path(name, settings.models_dir)
+            path = resolve_model_path(name, settings.models_dir)
         except GraphsdError as exc:
             return [("ckpt_name", str(exc), None)]
+        if path.is_dir():
+            return [("ckpt_name", f"{path} is a diffusers folder; {_SINGLE_FILES}", "name an SD2.1-unCLIP checkpoint file")]
         return []
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
@@ -263,7 +268,7 @@ class unCLIPCheckpointLoader(Node):  # noqa: N801 (ComfyUI's class name)
             path = ctx.readable(resolve_model_path(inputs.ckpt_name, ctx.models_dir), "ckpt_name")
             if path.is_dir():
                 raise NodeError(
-                    f"{path} is a diffusers folder; unCLIPCheckpointLoader reads SD2.1-unCLIP single files (.safetensors)",
+                    f"{path} is a diffusers folder; {_SINGLE_FILES}",
                     field="ckpt_name",
                 )
             loaded = load_checkpoint(ctx.models, path, "fp32", allow_pickle=allow_pickle)
