@@ -34,7 +34,6 @@ everything else is prepared before the loop.
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -44,9 +43,9 @@ import torch
 
 from graphsd.context import Context
 from graphsd.std.models.compile import fast
-from graphsd.std.models.family import ModelInfo, model_info
+from graphsd.std.models.family import model_info
 from graphsd.std.sampling.control import ControlRun, timestep_position
-from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, batched_context, plan_guidance, sdxl_time_ids
+from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, plan_guidance
 from graphsd.std.sampling.inpaint import inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.preview import Previewer
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
@@ -111,32 +110,6 @@ def step_window(scheduler: Any, settings: DenoiseSettings, img2img: bool) -> tup
         )
     order = getattr(scheduler, "order", 1)
     return first * order, min(last * order, len(scheduler.timesteps))
-
-
-def prepare_conditioning(
-    info: ModelInfo,
-    positive: Conditioning,
-    negative: Conditioning | None,
-    batch: int,
-    size: tuple[int, int],
-    settings: DenoiseSettings,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """``encoder_hidden_states`` (``[uncond, cond]`` stacked when guidance is on) and SDXL's
-    ``added_cond_kwargs`` (for a U-Net that takes them, as ``info`` says)."""
-    conds = [positive] if negative is None else [negative, positive]
-    tokens = math.lcm(*(c.embeddings.shape[1] for c in conds))
-    parts = [batched_context(c, batch, tokens, device, dtype) for c in conds]
-    context = torch.cat([emb for emb, _ in parts])
-    if not info.takes_time_ids:
-        return context, None
-    if any(pooled is None for _, pooled in parts):
-        raise DenoiseError("this SDXL model needs pooled text embeddings: encode the prompt with the model's own clip", "positive")
-    scores = [settings.aesthetic_score] if negative is None else [settings.negative_aesthetic_score, settings.aesthetic_score]
-    time_ids = torch.tensor([sdxl_time_ids(info, c, size[0], size[1], score) for c, score in zip(conds, scores, strict=True)], dtype=dtype)
-    time_ids = time_ids.repeat_interleave(batch, dim=0).to(device)
-    return context, {"text_embeds": torch.cat([pooled for _, pooled in parts]), "time_ids": time_ids}
 
 
 def keep_start(scheduler: Any, x: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, noise: torch.Tensor | None, upcoming: int):
