@@ -24,6 +24,19 @@ def start(*args: str) -> subprocess.Popen:
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def wait_until_torch_is_loading(proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Return once the command has begun importing torch (its library is mapped into the
+    process): past the interpreter's own start-up, so the signal reaches graphsd's handler
+    rather than Python's default one, on a fast machine or a loaded one."""
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "libtorch" in maps.read_text(errors="replace"):
+            return
+        time.sleep(0.005)
+    raise AssertionError("the command never started importing torch")
+
+
 def wait_for(stream, text: str) -> None:
     for line in stream:
         if text in line:
@@ -61,7 +74,7 @@ def test_second_ctrl_c_aborts_a_long_torch_operation_and_removes_its_temporary(t
 def test_ctrl_c_during_start_up_exits_quietly(tmp_path):
     out = tmp_path / "out"
     proc = start("run", str(WORKFLOWS / "txt2img.yaml"), "--output-dir", str(out))
-    time.sleep(0.5)  # well inside the imports of torch and diffusers
+    wait_until_torch_is_loading(proc)  # inside the imports of torch and diffusers, however busy the machine is
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]  # not -6 (SIGABRT)
