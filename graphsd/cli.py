@@ -1,4 +1,4 @@
-"""The ``graphsd`` command: run | validate | convert | nodes | plugins | serve.
+"""The ``graphsd`` command: run | validate | convert | nodes | plugins | serve | batch.
 
 Exit codes: 0 success, 1 a node failed, 2 a user mistake (bad workflow, bad option, unusable
 output directory), 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM. User mistakes
@@ -346,10 +346,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_history=args.max_history,
         open_browser=args.open,
+        ray_address=args.ray,
+        workers=args.workers,
     )
     return serve(config)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from graphsd.batch import BatchOptions, run_batch, summary
+
+    _quiet_libraries()
+    engine = _engine(args)
+    common = _parse_sets(args.set or [])
+    options = BatchOptions(args.workflow, args.params, engine.settings, common, args.ray, args.workers, progress=not args.quiet)
+    rows, code = run_batch(options, engine=engine)
+    print(summary(rows), file=sys.stderr)
+    return code
+
+
+RAY_HELP = (
+    "run on Ray workers: alone or 'auto', the cluster on this machine (ray start --head) or else a new local one; "
+    'or a cluster\'s address (host:port). Needs pip install "graphsd[ray]"'
+)
 INPUT_DIR_HELP = "where a ComfyUI prompt's LoadImage names its images (default ./input, as ComfyUI's input folder)"
 
 
@@ -453,7 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=100.0, metavar="MB", help="largest upload (default 100)")
     serve.add_argument("--max-history", type=int, default=10000, metavar="N", help="finished prompts kept in the history (default 10000)")
     serve.add_argument("--open", action="store_true", help="open the web frontend in a browser")
+    serve.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=RAY_HELP)
+    serve.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per GPU, else one per CPU)")
     serve.set_defaults(func=cmd_serve)
+
+    batch = sub.add_parser(
+        "batch",
+        parents=[common],
+        help="run one workflow once per row of a params file (.jsonl or .csv), each row into its own output folder; resumable",
+    )
+    batch.add_argument("workflow")
+    batch.add_argument("--params", required=True, metavar="ROWS", help="rows of params: .jsonl (one object a line) or .csv (a header)")
+    batch.add_argument("--set", action="append", metavar="KEY=VALUE", help="a param for every row (repeatable); a row's own value wins")
+    batch.add_argument("--output-dir", default="output", metavar="DIR", help="the rows' folders and batch-manifest.json (default ./output)")
+    batch.add_argument("--input-dir", default="input", metavar="DIR", help=INPUT_DIR_HELP)
+    batch.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    batch.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=RAY_HELP)
+    batch.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per GPU, else one per CPU)")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    batch.set_defaults(func=cmd_batch)
 
     plugins = sub.add_parser("plugins", parents=[common], help="list plugins and the nodes they provide")
     plugins.set_defaults(func=cmd_plugins)

@@ -74,6 +74,10 @@ class ServerConfig:
     max_upload_mb: float = 100.0
     max_history: int = 10_000
     open_browser: bool = False
+    #: run prompts on Ray workers instead of this process: a cluster address, "auto" (the cluster
+    #: on this machine, else a new local one) or "" (a new local cluster); None: no Ray
+    ray_address: str | None = None
+    workers: int | None = None  # Ray workers (default: one per GPU, or per CPU)
 
     @property
     def temp_dir(self) -> str:
@@ -228,29 +232,39 @@ class Hub:
 
 # ---- running the queue ----------------------------------------------------------------------
 class Dispatcher(threading.Thread):
-    """Takes pending prompts from the store in order and runs them on the runner, one at a
-    time; records files as they are written, puts each finished prompt in the history, and
+    """Takes pending prompts from the store in order and runs them on the runner: one at a
+    time, or up to the runner's ``workers`` at once (each in its own thread) when it has
+    several; records files as they are written, puts each finished prompt in the history, and
     sends its events to the client that queued it."""
 
     def __init__(self, server: Server):
         super().__init__(name="graphsd-dispatcher", daemon=True)
         self.server = server
-        # set by every change the dispatcher must look at (a prompt queued, /free, stopping); it is
-        # cleared before the store is read, so a prompt queued while the store says "nothing
-        # pending" still wakes it at once
+        # set by every change the dispatcher must look at (a prompt queued, a prompt done, /free,
+        # stopping); it is cleared before the store is read, so a prompt queued while the store
+        # says "nothing pending" still wakes it at once
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.current: Job | None = None
-        self.current_node: str | None = None
+        self.capacity = max(int(getattr(server.runner, "workers", 1)), 1)
+        self.running: dict[str, Job] = {}  # prompt id -> the running prompt
+        self.nodes: dict[str, str | None] = {}  # prompt id -> the prompt node it runs now
         self.free_request: tuple[bool, bool] | None = None
+        self._threads: list[threading.Thread] = []
+
+    def running_for(self, client_id: str) -> tuple[Job, str] | None:
+        """A running prompt the client queued and the node it runs now, if any."""
+        for job in list(self.running.values()):
+            node = self.nodes.get(job.prompt_id)
+            if job.client_id == client_id and node is not None:
+                return job, node
+        return None
 
     def notify(self) -> None:
         self.wake.set()
 
     def stop(self) -> None:
         self.stopping.set()
-        job = self.current
-        if job is not None:
+        for job in list(self.running.values()):
             self.server.runner.interrupt(job.prompt_id)
         self.notify()
 
@@ -262,28 +276,40 @@ class Dispatcher(threading.Thread):
                 unload, free = self.free_request
                 self.free_request = None
                 self.server.runner.free(unload, free)
-            job = store.claim_next()
+            job = store.claim_next() if len(self.running) < self.capacity else None
             if job is None:
                 if not self.stopping.is_set():  # (stop() sets stopping before wake)
                     self.wake.wait()
                 continue
-            self.current, self.current_node = job, None
+            self.running[job.prompt_id], self.nodes[job.prompt_id] = job, None
             self.server.hub.queue_changed()
-            try:
-                self._run(job)
-            except Exception:  # the server must outlive anything one prompt does
-                log.exception("internal error while running prompt %s", job.prompt_id)
-                with contextlib.suppress(Exception):
-                    store.finish(
-                        job.prompt_id,
-                        "failed",
-                        {},
-                        {"exception_type": "InternalError", "exception_message": "the server failed while running this prompt"},
-                        [],
-                    )
-            finally:
-                self.current, self.current_node = None, None
-                self.server.hub.queue_changed()
+            if self.capacity == 1:
+                self._guarded(job)
+            else:
+                thread = threading.Thread(target=self._guarded, args=(job,), name=f"graphsd-prompt-{job.prompt_id[:8]}", daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+                thread.start()
+        for thread in self._threads:
+            thread.join()
+
+    def _guarded(self, job: Job) -> None:
+        try:
+            self._run(job)
+        except Exception:  # the server must outlive anything one prompt does
+            log.exception("internal error while running prompt %s", job.prompt_id)
+            with contextlib.suppress(Exception):
+                self.server.store.finish(
+                    job.prompt_id,
+                    "failed",
+                    {},
+                    {"exception_type": "InternalError", "exception_message": "the server failed while running this prompt"},
+                    [],
+                )
+        finally:
+            self.running.pop(job.prompt_id, None)
+            self.nodes.pop(job.prompt_id, None)
+            self.server.hub.queue_changed()
+            self.notify()
 
     def _run(self, job: Job) -> None:
         server = self.server
@@ -300,7 +326,7 @@ class Dispatcher(threading.Thread):
                 written.extend(event["files"])
                 server.store.add_files(job.prompt_id, list(event["files"]))
             if event.get("kind") == "node_start":
-                self.current_node = tracker.cid(event["node_id"])
+                self.nodes[job.prompt_id] = tracker.cid(event["node_id"])
             server.hub.post(job.client_id, tracker.event(event))
 
         log.info("prompt %s started (queue number %s)", job.prompt_id, protocol.number_json(job.number))
@@ -637,9 +663,9 @@ class Server:
     async def post_interrupt(self, request: web.Request) -> web.Response:
         body = await self.read_json(request, 1024 * 1024) if request.can_read_body else None
         prompt_id = body.get("prompt_id") if isinstance(body, dict) and isinstance(body.get("prompt_id"), str) else None
-        current = self.dispatcher.current
-        if current is not None and (prompt_id is None or prompt_id == current.prompt_id):
-            self.runner.interrupt(current.prompt_id)
+        for current in list(self.dispatcher.running.values()):
+            if prompt_id is None or prompt_id == current.prompt_id:
+                self.runner.interrupt(current.prompt_id)
         return web.Response(status=200)
 
     async def post_free(self, request: web.Request) -> web.Response:
@@ -673,10 +699,10 @@ class Server:
 
     def _cancel(self, ids: list[str]) -> bool:
         cancelled = bool(self.store.cancel_pending(ids))
-        current = self.dispatcher.current
-        if current is not None and current.prompt_id in ids:
-            self.runner.interrupt(current.prompt_id)
-            cancelled = True
+        for current in list(self.dispatcher.running.values()):
+            if current.prompt_id in ids:
+                self.runner.interrupt(current.prompt_id)
+                cancelled = True
         self.hub.queue_changed()
         return cancelled
 
@@ -900,9 +926,9 @@ class Server:
         client = self.hub.connect(sid, ws)
         try:
             self.hub.send(sid, "status", {"status": {"exec_info": {"queue_remaining": self.store.queue_remaining()}}, "sid": sid})
-            job = self.dispatcher.current
-            if job is not None and job.client_id == sid and self.dispatcher.current_node is not None:
-                node = self.dispatcher.current_node
+            running = self.dispatcher.running_for(sid)
+            if running is not None:
+                job, node = running
                 self.hub.send(sid, "executing", {"node": node, "display_node": node, "prompt_id": job.prompt_id})
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -1188,7 +1214,12 @@ def serve(config: ServerConfig) -> int:
             engine = Engine(config.settings())
         for w in engine.warnings:
             log.warning("warning: %s", w)
-        server = Server(config, engine)
+        runner: Runner | None = None
+        if config.ray_address is not None:
+            from graphsd.distributed.ray_pool import start_runner
+
+            runner = start_runner(engine, config.ray_address, config.workers)
+        server = Server(config, engine, runner)
         log.addHandler(_LogBuffer(server.log_entries))
 
         def ready(url: str) -> None:
