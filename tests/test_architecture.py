@@ -70,3 +70,22 @@ def test_graphsd_imports_none_of_the_plugin_packages():
     for path in PACKAGE.rglob("*.py"):
         imported = {m.split(".")[0] for m in imports_anywhere(path)}
         assert not imported & plugins, path
+
+
+def test_loading_every_plugin_imports_neither_diffusers_nor_scipy():
+    """Registering the nodes of graphsd and of every installed plugin stays cheap: diffusers and
+    scipy (seconds of imports each) load only when a node that needs them runs, so a workflow
+    without a diffusion model (LoadImage → SaveImage, say) and commands like ``graphsd nodes``
+    start in the time torch takes to import."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from graphsd import Engine, Settings\n"
+        "engine = Engine(Settings(device='cpu'))\n"
+        "assert len(engine.registry.nodes) > 90 and 'SaveImage' in engine.registry.nodes\n"
+        "print(sorted(m for m in ('diffusers', 'scipy', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
 
 STRIDE = 2
 """Side of the grid cells that each hold one destination token."""
@@ -132,6 +131,8 @@ class TomePatch:
         return f"tome:{self.ratio!r}"
 
     def apply(self, role: str, module: torch.nn.Module) -> Callable[[], None] | None:
+        from diffusers.models.attention import BasicTransformerBlock  # here: importing diffusers costs seconds at start-up
+
         layers = [m.attn1 for m in module.modules() if isinstance(m, BasicTransformerBlock)]
         if role != "unet" or self.ratio <= 0 or not layers:
             return None

@@ -29,7 +29,6 @@ from graphsd_train.architecture import NOISE_SCHEDULE, TextEncoderShape, UNetSha
 from graphsd_train.data import ImageFolderDataset as FolderImages
 from graphsd_train.data import ImageSet, load_images
 from graphsd_train.diffusion import CHECKPOINT_NAME, DiffusionTraining, train_diffusion
-from graphsd_train.evaluate import score_image
 from graphsd_train.export import save_pipeline
 from graphsd_train.shapes import ShapesDataset as Shapes
 from graphsd_train.tokenizer import tokenize, train_tokenizer, vocab_info
@@ -290,6 +289,8 @@ class EvaluateShapes(Node):
 
     def run(self, inputs: Any, ctx: Context) -> NodeIO:
         try:
+            from graphsd_train.evaluate import score_image  # here: it imports scipy, seconds at every start-up
+
             scores = [score_image(px.cpu().numpy(), inputs.caption) for px in inputs.image.pixels]
         except ValueError as exc:
             raise NodeError(str(exc), field="caption") from None
