@@ -78,6 +78,21 @@ class Preview(Event):
 
 
 @dataclass(frozen=True)
+class NodeBatch(Event):
+    """Nodes of one type that run together as one batched call (``Node.run_batch``), sent before
+    their ``node_start`` events; each node still gets its own start, done (or error) event and
+    cache entry. ``size`` is the number of nodes, ``node_ids`` them in order. A second event
+    with ``error`` set says the batched call failed (that error) and the nodes run one by one,
+    so that a node that fails fails alone."""
+
+    kind: ClassVar[str] = "node_batch"
+    node_type: str = ""
+    node_ids: tuple[str, ...] = ()
+    size: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class NodeDone(Event):
     kind: ClassVar[str] = "node_done"
     node_id: str = ""
@@ -115,13 +130,42 @@ class ModelEvent(Event):
     """A ModelManager decision: ``action`` is ``load``, ``reuse``, ``place`` (to the compute
     device), ``offload`` (back to CPU), ``evict`` (dropped from RAM) or ``oom_retry``; with
     ``Settings.compile``, ``compile`` (a component put on the compiled fast path) or
-    ``compile_skipped`` (it runs eagerly, e.g. because a hypernetwork's hooks patch it)."""
+    ``compile_skipped`` (it runs eagerly, e.g. because a hypernetwork's hooks patch it); under a
+    VRAM budget, ``place_partial`` (some blocks stay on the CPU and stream, see
+    :class:`StreamEvent`), ``reload`` (a component the RAM budget evicted, read again from its
+    files) and ``workspace_grown`` (a call's activations went past the budget by ``nbytes``: the
+    next call keeps that much more room)."""
 
     kind: ClassVar[str] = "model"
     action: str = ""
     key: str = ""
     device: str = ""
     nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class StreamEvent(Event):
+    """A component partially loaded under the VRAM budget (ModelManager weight streaming).
+
+    ``action`` ``plan``: the split was made or changed (before the calls it is for); ``use``: a
+    use of the component ended, and ``bytes_moved`` / ``calls`` say how many weight bytes were
+    copied to the device during it and over how many forward calls (a denoise step is one call,
+    or two without batched guidance). ``resident_bytes`` stay on the device, ``streamed_bytes``
+    are copied in for every call through a ring buffer of ``ring_bytes``; ``workspace_bytes`` is
+    the room kept for activations; the block names say which is which."""
+
+    kind: ClassVar[str] = "stream"
+    action: str = ""
+    key: str = ""
+    device: str = ""
+    resident_bytes: int = 0
+    streamed_bytes: int = 0
+    ring_bytes: int = 0
+    workspace_bytes: int = 0
+    resident_blocks: tuple[str, ...] = ()
+    streamed_blocks: tuple[str, ...] = ()
+    bytes_moved: int = 0
+    calls: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """ModelManager: loads each model component once, keeps it in CPU RAM under a budget, places it
 on the compute device on demand (under a VRAM budget when one is set), applies a handle's
-patches only for the duration of a use, and reports every decision as a ModelEvent.
+patches only for the duration of a use, and reports every decision as an event.
 
 Nodes never move weights themselves::
 
@@ -10,20 +10,43 @@ Nodes never move weights themselves::
 
 Offloading is a strategy object (:class:`KeepOnDevice`, :class:`ModelOffload`) so policies can
 be swapped and benchmarked.
+
+**The VRAM budget is a cap on weights and activations.** Under :class:`ModelOffload` a component
+that fits next to what is in use is placed whole (least recently used ones go back to the CPU to
+make room). One that does not fit is *partially loaded*: its :class:`Layout` divides it into
+blocks (a plugin registers how a model family divides, :func:`register_splitter`; any other
+module is divided by size, :func:`generic_layout`), as many blocks as the budget allows stay on
+the device, and the others are *streamed*: their weights stay in pinned CPU memory and are copied
+into a fixed ring buffer on the device just before each runs, on a separate CUDA stream, several
+blocks ahead, so the copies overlap the computation (:class:`Streamer`). The room kept for
+activations comes from the layout's ``workspace`` estimators, which read the shape of each call
+(the latent batch and size): a larger batch or image re-plans the split before the call runs. A
+budget below the smallest working set (the layers that never stream, the largest block, the ring
+and the activations) is refused with a :class:`VramBudgetError` naming that minimum.
+
+Patches see streamed weights as they see resident ones: a streamed block's parameters *are* its
+pinned CPU copies outside its own forward, so a patch that changes weights in place (a LoRA) changes
+what every later copy carries, and its undo restores them exactly.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from graphsd.events import ModelEvent
+from graphsd.errors import NodeError
+from graphsd.events import ModelEvent, StreamEvent
+
+MB = 1024 * 1024
+#: Byte alignment of each tensor in the ring buffer (what CUDA kernels like to read).
+ALIGN = 256
 
 
 class Patch(Protocol):
@@ -41,9 +64,26 @@ class Patch(Protocol):
 def module_nbytes(module: Any) -> int:
     """Memory held by a component: tensors of an nn.Module, or what its ``nbytes()`` says."""
     if isinstance(module, torch.nn.Module):
-        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+        return sum(_nbytes(t) for t in _tensors(module))
     nbytes = getattr(module, "nbytes", None)
     return int(nbytes()) if callable(nbytes) else 0
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers of ``module`` and its children, each once."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def region_bytes(module: torch.nn.Module) -> int:
+    """Bytes a block takes in the ring: its tensors, each starting at an :data:`ALIGN` boundary."""
+    return sum(-(-_nbytes(t) // ALIGN) * ALIGN for t in _tensors(module))
 
 
 def _device_of(module: Any) -> torch.device:
@@ -53,37 +93,439 @@ def _device_of(module: Any) -> torch.device:
     return torch.device("cpu")
 
 
+# ---- how a component divides into blocks ----------------------------------------------------
+
+
+@dataclass
+class Block:
+    """A unit of streaming: a submodule whose weights move to the device together, just before
+    its forward. ``rank`` orders which blocks stream first when not all fit: the higher, the more
+    computation the block does per byte of weights (a U-Net block at a higher resolution), so
+    the better its copy hides behind computation."""
+
+    name: str
+    module: torch.nn.Module
+    nbytes: int
+    rank: float = 1.0
+
+
+@dataclass
+class Layout:
+    """How a component divides for partial loading: ``blocks`` (disjoint submodules, in the
+    order they usually run; everything outside them always stays on the device) and
+    ``workspace``: for a submodule name ("" is the component itself), a function of that
+    submodule's call arguments giving the activation bytes the call needs on the device."""
+
+    blocks: list[Block]
+    workspace: dict[str, Callable[[tuple, dict], int]] = field(default_factory=dict)
+
+    def resident_bytes(self, module: torch.nn.Module) -> int:
+        """Bytes of the layers that are in no block (they never stream)."""
+        return module_nbytes(module) - sum(b.nbytes for b in self.blocks)
+
+
+Splitter = Callable[[torch.nn.Module], "Layout | None"]
+_SPLITTERS: list[Splitter] = []
+
+
+def register_splitter(splitter: Splitter) -> None:
+    """Make ``splitter(module)`` (a :class:`Layout`, or None for a module it does not know) the
+    first asked how a component divides; a plugin registers one for its model families."""
+    if splitter not in _SPLITTERS:
+        _SPLITTERS.insert(0, splitter)
+
+
+def layout_of(module: torch.nn.Module) -> Layout:
+    """The layout a registered splitter gives ``module``, else :func:`generic_layout`."""
+    for splitter in _SPLITTERS:
+        layout = splitter(module)
+        if layout is not None:
+            return layout
+    return generic_layout(module)
+
+
+def generic_layout(module: torch.nn.Module, pieces: int = 32) -> Layout:
+    """Divide a module it knows nothing about by size: descend into children larger than
+    1/``pieces`` of the whole, make the others blocks (in registration order), and keep the
+    smallest ones (under 1/8 of that) with the always-resident layers."""
+    target = max(1, module_nbytes(module) // pieces)
+    blocks: list[Block] = []
+
+    def visit(prefix: str, parent: torch.nn.Module) -> None:
+        for name, child in parent.named_children():
+            size = module_nbytes(child)
+            path = f"{prefix}{name}"
+            if size > target and any(True for _ in child.children()):
+                visit(path + ".", child)
+            elif size >= target // 8 and size > 0:
+                blocks.append(Block(path, child, size))
+
+    visit("", module)
+    if not blocks and module_nbytes(module) > 0 and not any(True for _ in module.children()):
+        blocks.append(Block("", module, module_nbytes(module)))
+    return Layout(blocks)
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+
+
+class VramBudgetError(NodeError):
+    """The VRAM budget is below the smallest working set of what a node needs on the device."""
+
+    def __init__(self, what: str, budget: int, minimum: int, parts: str):
+        self.minimum = minimum
+        super().__init__(
+            f"the VRAM budget ({budget / MB:.0f} MB, --vram-budget / Settings.vram_budget_mb) is below the least {what} can "
+            f"run in: {math.ceil(minimum / MB)} MB ({parts}); raise the budget to at least {math.ceil(minimum / MB)} MB, or "
+            "use a smaller image or batch"
+        )
+
+
+@dataclass
+class _Slot:
+    """A block's weights copied (or being copied) into ``[start, end)`` of the ring."""
+
+    block: int
+    start: int
+    end: int
+    ready: Any = None  # CUDA event recorded after the copy, on the copy stream
+
+
+@dataclass
+class _Tensor:
+    tensor: torch.Tensor  # the Parameter / buffer object the module holds
+    offset: int  # byte offset within the block's region of the ring
+    master: torch.Tensor | None = None  # the pinned CPU copy while the block streams
+
+
+class Streamer:
+    """Runs a component with ``resident`` blocks (indices into ``layout.blocks``) and the layers
+    outside any block on ``device``, and every other block streamed through a ring buffer of
+    ``ring_bytes`` on the device.
+
+    Forward pre-hooks on the blocks drive it: before a streamed block runs its parameters are
+    pointed at its copy in the ring, after it they point back at the pinned CPU copy (so between
+    calls they are plain CPU tensors, which is what patches see and change). Copies are issued in
+    the order the blocks ran in the previous call (the layout's order at first), as far ahead as
+    the ring has room, on a side stream that waits only for the block whose ring space it reuses;
+    the compute stream waits for a block's copy just before the block. On a CPU "device" the same
+    bookkeeping runs with plain copies (tests exercise it without CUDA).
+
+    ``transfers`` lists the streamed blocks' names in the order their copies were issued, and
+    ``bytes_moved`` / ``calls`` count what was copied and how many forwards of the component ran.
+    """
+
+    def __init__(self, module: torch.nn.Module, layout: Layout, device: torch.device, resident: set[int], ring_bytes: int):
+        self.module, self.layout, self.device = module, layout, device
+        self.cuda = device.type == "cuda"
+        self.resident: set[int] = set()
+        self.streamed: list[int] = []
+        self.tensors: list[list[_Tensor]] = []
+        self.region: list[int] = []  # bytes each block takes in the ring
+        for block in layout.blocks:
+            entries, offset = [], 0
+            for t in _tensors(block.module):
+                entries.append(_Tensor(t, offset))
+                offset += -(-_nbytes(t) // ALIGN) * ALIGN
+            self.tensors.append(entries)
+            self.region.append(offset)
+        in_blocks = {id(t.tensor) for entries in self.tensors for t in entries}
+        for t in _tensors(module):  # the layers outside every block live on the device
+            if id(t) not in in_blocks:
+                t.data = t.data.to(device)
+        self.ring = torch.empty(0, dtype=torch.uint8, device=device)
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slots: deque[_Slot] = deque()  # issued copies not yet used, in issue order
+        self.current: _Slot | None = None  # the streamed block running now
+        self.released: list[tuple[int, int, Any]] = []  # ring ranges freed, with the event after their block
+        self.order: list[int] = []
+        self.next = 0  # position in ``order`` of the next block to copy
+        self.seen: list[int] = []  # streamed blocks run so far in this call
+        self.transfers: list[str] = []
+        self.bytes_moved = 0
+        self.calls = 0
+        self.hooks = [
+            h
+            for i, block in enumerate(layout.blocks)
+            for h in (
+                block.module.register_forward_pre_hook(self._pre_hook(i), prepend=True),  # before any other hook reads weights
+                block.module.register_forward_hook(self._post_hook(i)),
+            )
+        ]
+        self.configure(resident, ring_bytes)
+
+    # ---- placement ---------------------------------------------------------------------------
+    def configure(self, resident: set[int], ring_bytes: int) -> None:
+        """Make ``resident`` the blocks kept on the device (moving only the blocks that change)
+        and give the ring ``ring_bytes``."""
+        self.finish()
+        for i, entries in enumerate(self.tensors):
+            for t in entries:
+                if i in resident:
+                    source = t.master if t.master is not None else t.tensor.data
+                    t.tensor.data = source.to(self.device)
+                    t.master = None
+                elif t.master is None:  # it was resident (or is new): its pinned CPU copy is made once
+                    master = t.tensor.data.to("cpu")
+                    if self.cuda and not master.is_pinned():
+                        master = master.pin_memory()
+                    t.master = master
+                    t.tensor.data = master
+        self.resident = set(resident)
+        self.streamed = [i for i in range(len(self.layout.blocks)) if i not in self.resident]
+        if ring_bytes != self.ring.numel():
+            self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)  # freed before the new one is made
+            self.ring = torch.empty(ring_bytes, dtype=torch.uint8, device=self.device)
+        if set(self.order) != set(self.streamed):  # what streams changed: back to the layout's order until a call shows it
+            self.order = list(self.streamed)
+        self.next = 0
+
+    def device_bytes(self) -> int:
+        """Bytes this component holds on the device: the resident layers and the ring."""
+        streamed = sum(self.layout.blocks[i].nbytes for i in self.streamed)
+        return module_nbytes(self.module) - streamed + self.ring.numel()
+
+    def finish(self) -> None:
+        """End of a use: wait for copies in flight (patches may change the pinned copies next)
+        and forget the queue, so the next call starts clean."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        if self.current is not None:  # a block that raised: its weights point back at their CPU copies
+            for t in self.tensors[self.current.block]:
+                if t.master is not None:
+                    t.tensor.data = t.master
+        self.slots.clear()
+        self.released.clear()
+        self.current = None
+        self.seen = []
+        self.next = 0
+
+    def remove(self) -> None:
+        """Take the hooks off and bring every streamed block back as a plain CPU tensor."""
+        self.finish()
+        for h in self.hooks:
+            h.remove()
+        for entries in self.tensors:
+            for t in entries:
+                if t.master is not None:
+                    t.tensor.data = t.master
+                    t.master = None
+        self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+    # ---- the ring ----------------------------------------------------------------------------
+    def _allocate(self, size: int) -> int | None:
+        """Start of a free range of ``size`` bytes after the newest allocation (wrapping to the
+        start of the ring when the end has no room), or None when the ring is full."""
+        held = ([self.current] if self.current is not None else []) + list(self.slots)
+        capacity = self.ring.numel()
+        if not held:
+            return 0 if size <= capacity else None
+        tail, head = held[0].start, held[-1].end
+        if held[-1].start >= tail:  # not wrapped: free at the end, then at the start
+            if capacity - head >= size:
+                return head
+            return 0 if tail >= size else None
+        return head if tail - head >= size else None
+
+    def _issue(self, i: int) -> bool:
+        """Start copying block ``i`` into the ring; False when there is no room yet."""
+        start = self._allocate(self.region[i])
+        if start is None:
+            return False
+        end = start + self.region[i]
+        wait = None
+        keep = []
+        for s, e, event in self.released:  # ring space this copy reuses: wait until its block finished
+            if s < end and start < e:
+                wait = event
+                if start <= s and e <= end:
+                    continue
+            keep.append((s, e, event))
+        self.released = keep
+        slot = _Slot(i, start, end)
+        context = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else ExitStack()
+        with context, torch.no_grad():
+            if wait is not None and self.copy_stream is not None:
+                self.copy_stream.wait_event(wait)
+            for t in self.tensors[i]:
+                assert t.master is not None
+                self._view(start + t.offset, t.master).copy_(t.master, non_blocking=True)
+            if self.copy_stream is not None:
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(self.copy_stream)
+        self.slots.append(slot)
+        self.transfers.append(self.layout.blocks[i].name)
+        self.bytes_moved += self.layout.blocks[i].nbytes
+        return True
+
+    def _view(self, start: int, like: torch.Tensor) -> torch.Tensor:
+        return self.ring[start : start + _nbytes(like)].view(like.dtype).view(like.shape)
+
+    def _pump(self) -> None:
+        """Issue copies of the next blocks in order while the ring has room (at most one call ahead)."""
+        if not self.order:
+            return
+        for _ in range(len(self.order)):
+            i = self.order[self.next % len(self.order)]
+            if (self.current is not None and self.current.block == i) or any(s.block == i for s in self.slots):
+                return
+            if not self._issue(i):
+                return
+            self.next = (self.next + 1) % len(self.order)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _pre_hook(self, i: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any) -> None:
+            if i in self.resident:
+                self._pump()
+                return
+            self._record(i)
+            while self.slots and self.slots[0].block != i:  # copies made in an order the call did not follow
+                self.slots.popleft()
+            if not self.slots:  # not prefetched: copy it now, and go on from it
+                self.next = self.order.index(i)
+                self._pump()
+                if not self.slots:  # the ring holds nothing else here, so it has room
+                    raise RuntimeError(f"block {self.layout.blocks[i].name} does not fit the ring")
+            slot = self.slots.popleft()
+            if slot.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            for t in self.tensors[i]:
+                t.tensor.data = self._view(slot.start + t.offset, t.tensor.data)
+            self.current = slot
+            self._pump()
+
+        return hook
+
+    def _post_hook(self, i: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, _output: Any) -> None:
+            if i in self.resident or self.current is None or self.current.block != i:
+                return
+            for t in self.tensors[i]:
+                assert t.master is not None
+                t.tensor.data = t.master
+            done = None
+            if self.cuda:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+            self.released.append((self.current.start, self.current.end, done))
+            self.current = None
+            self._pump()
+
+        return hook
+
+    def _record(self, i: int) -> None:
+        """Learn the order the streamed blocks run in: a block seen twice starts a new call."""
+        if i in self.seen:
+            if self.seen != self.order and set(self.seen) == set(self.order):
+                self.order = self.seen
+                self.next = (self.order.index(i) + 1) % len(self.order)
+            self.seen = []
+            self.calls += 1
+        elif not self.seen:
+            self.calls += 1
+        self.seen.append(i)
+
+
+# ---- placement policies --------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Where a component goes: whole (``resident`` None) or partially, with the blocks in
+    ``resident`` on the device, the others streamed through a ring of ``ring`` bytes."""
+
+    resident: set[int] | None
+    ring: int = 0
+
+
 @dataclass
 class _Entry:
     module: Any
     nbytes: int
+    loader: Callable[[], Any] | None = None
+    streamer: Streamer | None = None
+    layout: Layout | None = None
+    workspace: int = 0  # activation bytes its calls need (learned from their shapes)
+    extra: int = 0  # measured overshoot of the workspace estimate, added to it
+    watched: bool = False  # the workspace hooks are installed
 
 
 class KeepOnDevice:
     """Move a component to the compute device when first used and leave it there."""
 
     name = "keep"
+    stream = False
+    on_cpu = False
+    vram_budget: int | None = None
 
     def make_room(self, manager: ModelManager, key: str, nbytes: int) -> None:
         return None
 
+    def plan(self, manager: ModelManager, key: str) -> Plan:
+        return Plan(None)
+
 
 class ModelOffload:
-    """Model-level offload: before placing a component, move least recently used components
-    back to CPU until it fits in ``vram_budget`` bytes (only what the running node needs
-    stays on the device)."""
+    """Placement under ``vram_budget`` bytes of device memory, weights and activations.
+
+    A component that fits next to the components in use (and the activations its call needs) is
+    placed whole, after moving least recently used components back to the CPU until the
+    resident ones fit. With ``stream`` (the default) one that does not fit is partially loaded:
+    its blocks of lowest ``rank`` (least computation per byte) stay resident as long as there is
+    room, the rest stream through a ring that holds ``ring_blocks`` of its largest block (or more,
+    with the room no further block fits in). Without ``stream`` a component is always placed
+    whole (model-level offload only; the budget is then a wish, not a cap). ``on_cpu`` applies
+    the policy and the streaming mechanics on a CPU device too (tests)."""
 
     name = "model_offload"
 
-    def __init__(self, vram_budget: int):
+    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 3, on_cpu: bool = False):
         self.vram_budget = vram_budget
+        self.stream = stream
+        self.ring_blocks = ring_blocks
+        self.on_cpu = on_cpu
 
     def make_room(self, manager: ModelManager, key: str, nbytes: int) -> None:
+        """Offload least recently used components not in use until ``nbytes`` more fit."""
         for other in list(manager.on_device):
-            if manager.device_bytes() + nbytes <= self.vram_budget:
+            if manager.device_bytes(exclude=key) + manager.in_use_workspace(exclude=key) + nbytes <= self.vram_budget:
                 break
             if other != key and other not in manager.in_use:
                 manager.offload(other)
+
+    def plan(self, manager: ModelManager, key: str) -> Plan:
+        entry = manager.entries[key]
+        workspace = entry.workspace + entry.extra
+        others = manager.in_use_bytes(exclude=key)
+        room = self.vram_budget - others - workspace
+        if not self.stream or entry.nbytes <= room or not isinstance(entry.module, torch.nn.Module):
+            return Plan(None)
+        layout = manager.layout(key)
+        fixed = layout.resident_bytes(entry.module)
+        largest = max((b.nbytes for b in layout.blocks), default=0)
+        ring_min = max((region_bytes(b.module) for b in layout.blocks), default=0)
+        minimum = others + workspace + fixed + ring_min
+        if not layout.blocks or minimum > self.vram_budget:
+            parts = [f"layers that never stream {fixed / MB:.1f} MB", f"its largest block {largest / MB:.1f} MB"]
+            if workspace:
+                parts.append(f"activations {workspace / MB:.1f} MB")
+            if others:
+                parts.append(f"other components in use {others / MB:.1f} MB")
+            raise VramBudgetError(
+                f"'{key}'", self.vram_budget, max(minimum, others + workspace + entry.nbytes * (not layout.blocks)), ", ".join(parts)
+            )
+        ring = min(room - fixed, max(ring_min, self.ring_blocks * ring_min))
+        space = room - fixed - ring
+        resident: set[int] = set()
+        for i in sorted(range(len(layout.blocks)), key=lambda i: (layout.blocks[i].rank, -layout.blocks[i].nbytes)):
+            if layout.blocks[i].nbytes <= space:
+                resident.add(i)
+                space -= layout.blocks[i].nbytes
+        return Plan(resident, ring + max(0, space) // ALIGN * ALIGN)
+
+
+# ---- the manager -----------------------------------------------------------------------------------
 
 
 class ModelManager:
@@ -102,9 +544,12 @@ class ModelManager:
         self.on_device: OrderedDict[str, None] = OrderedDict()  # LRU order of placed keys
         self.in_use: dict[str, int] = {}
         # sees every decision; the engine forwards it to the run in progress, which sets run_id
-        self.listener: Callable[[ModelEvent], None] | None = None
+        self.listener: Callable[[Any], None] | None = None
         # objects made from a component (see derived), dropped with it
         self._derived: dict[str, dict[Hashable, Any]] = {}
+        # loaders of evicted components, so that a later use reads them again from their files
+        self._loaders: dict[str, Callable[[], Any]] = {}
+        self._peak = 0  # the device's peak allocation last seen (to tell a new peak)
         self._lock = threading.RLock()
 
     # ---- events ---------------------------------------------------------------------------
@@ -112,12 +557,36 @@ class ModelManager:
         if self.listener is not None:
             self.listener(ModelEvent(run_id="", action=action, key=key, device=device, nbytes=nbytes))
 
+    def _emit_stream(self, action: str, key: str, entry: _Entry) -> None:
+        streamer = entry.streamer
+        if self.listener is None or streamer is None:
+            return
+        blocks = streamer.layout.blocks
+        streamed = sum(blocks[i].nbytes for i in streamer.streamed)
+        self.listener(
+            StreamEvent(
+                run_id="",
+                action=action,
+                key=key,
+                device=str(self.device),
+                resident_bytes=entry.nbytes - streamed,
+                streamed_bytes=streamed,
+                ring_bytes=streamer.ring.numel(),
+                workspace_bytes=entry.workspace + entry.extra,
+                resident_blocks=tuple(blocks[i].name for i in sorted(streamer.resident)),
+                streamed_blocks=tuple(blocks[i].name for i in streamer.streamed),
+                bytes_moved=streamer.bytes_moved,
+                calls=streamer.calls,
+            )
+        )
+
     # ---- loading --------------------------------------------------------------------------
     def load(self, key: str, loader: Callable[[], Any]) -> str:
         """Load the component named ``key`` with ``loader()`` unless it is already held.
 
         ``key`` must identify the content (file fingerprint + component + dtype). The loaded
-        object stays on the CPU until :meth:`use` places it."""
+        object stays on the CPU until :meth:`use` places it. The loader is kept: a component
+        evicted under the RAM budget is loaded again by it when it is used next."""
         with self._lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
@@ -126,9 +595,10 @@ class ModelManager:
         module = loader()
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-        entry = _Entry(module, module_nbytes(module))
+        entry = _Entry(module, module_nbytes(module), loader)
         with self._lock:
             self.entries[key] = entry
+            self._loaders[key] = loader
             self._emit("load", key, entry.nbytes, str(_device_of(module)))
             self._evict_ram(keep=key)
         return key
@@ -140,10 +610,17 @@ class ModelManager:
     def has(self, key: str) -> bool:
         return key in self.entries
 
+    def _entry(self, key: str) -> _Entry:
+        """The entry of ``key``, loaded again from its files when the RAM budget evicted it."""
+        if key not in self.entries and key in self._loaders:
+            self.load(key, self._loaders[key])
+            self._emit("reload", key, self.entries[key].nbytes, "cpu")
+        return self.entries[key]
+
     def get(self, key: str) -> Any:
         """The held component, wherever it currently lives, unpatched. Raises KeyError."""
         with self._lock:
-            entry = self.entries[key]
+            entry = self._entry(key)
             self.entries.move_to_end(key)
             return entry.module
 
@@ -154,6 +631,8 @@ class ModelManager:
             if sum(e.nbytes for e in self.entries.values()) <= self.ram_budget:
                 break
             if other != keep and other not in self.in_use:
+                if other in self.on_device:
+                    self.offload(other)
                 nbytes = self.entries.pop(other).nbytes
                 self.on_device.pop(other, None)
                 self._derived.pop(other, None)
@@ -172,21 +651,143 @@ class ModelManager:
             return made[tag], True
 
     # ---- placement ------------------------------------------------------------------------
-    def device_bytes(self) -> int:
-        return sum(self.entries[k].nbytes for k in self.on_device if k in self.entries)
+    def layout(self, key: str) -> Layout:
+        """How the component ``key`` divides into blocks (computed once)."""
+        entry = self.entries[key]
+        if entry.layout is None:
+            entry.layout = layout_of(entry.module)
+        return entry.layout
+
+    def footprint(self, key: str) -> int:
+        """Bytes the component ``key`` holds on the device now (0 when it is not placed)."""
+        entry = self.entries.get(key)
+        if entry is None or key not in self.on_device:
+            return 0
+        return entry.streamer.device_bytes() if entry.streamer is not None else entry.nbytes
+
+    def device_bytes(self, exclude: str | None = None) -> int:
+        """Bytes of weights (and rings) held on the device by the placed components."""
+        return sum(self.footprint(k) for k in self.on_device if k != exclude)
+
+    def in_use_workspace(self, exclude: str | None = None) -> int:
+        """Activation bytes reserved for the components in use."""
+        return sum(self.entries[k].workspace + self.entries[k].extra for k in self.in_use if k != exclude and k in self.entries)
+
+    def in_use_bytes(self, exclude: str | None = None) -> int:
+        """What the components in use hold on the device, their activations included."""
+        return sum(
+            self.footprint(k) + self.entries[k].workspace + self.entries[k].extra for k in self.in_use if k != exclude and k in self.entries
+        )
+
+    def room(self, key: str) -> int | None:
+        """Bytes the budget leaves for component ``key`` (weights and activations) next to the
+        components in use; None without a budget."""
+        budget = self.strategy.vram_budget
+        if budget is None or (self.device.type == "cpu" and not self.strategy.on_cpu):
+            return None
+        return budget - self.in_use_bytes(exclude=key)
+
+    def minimum_bytes(self, key: str) -> int:
+        """The least device memory component ``key`` runs in (weights only: the layers that
+        never stream plus its largest block and the ring it needs)."""
+        entry = self._entry(key)
+        if not isinstance(entry.module, torch.nn.Module):
+            return entry.nbytes
+        layout = self.layout(key)
+        if not layout.blocks:
+            return entry.nbytes
+        return layout.resident_bytes(entry.module) + max(region_bytes(b.module) for b in layout.blocks)
 
     def place(self, key: str) -> Any:
         with self._lock:
-            entry = self.entries[key]
-            if self.device.type == "cpu" or not isinstance(entry.module, torch.nn.Module):
+            entry = self._entry(key)
+            if (self.device.type == "cpu" and not self.strategy.on_cpu) or not isinstance(entry.module, torch.nn.Module):
                 return entry.module
-            if key not in self.on_device:
-                self.strategy.make_room(self, key, entry.nbytes)
-                entry.module.to(self.device)
-                self._emit("place", key, entry.nbytes, str(self.device))
+            self._place(key, entry, self.strategy.plan(self, key))
             self.on_device[key] = None
             self.on_device.move_to_end(key)
             return entry.module
+
+    def _place(self, key: str, entry: _Entry, plan: Plan) -> None:
+        """Carry out ``plan`` for ``key`` (nothing moves when it is placed so already)."""
+        if plan.resident is None:
+            if entry.streamer is not None:
+                self.strategy.make_room(self, key, entry.nbytes + entry.workspace + entry.extra)
+                entry.streamer.remove()
+                entry.streamer = None
+                entry.module.to(self.device)
+                self._emit("place", key, entry.nbytes, str(self.device))
+            elif key not in self.on_device:
+                self.strategy.make_room(self, key, entry.nbytes + entry.workspace + entry.extra)
+                entry.module.to(self.device)
+                self._emit("place", key, entry.nbytes, str(self.device))
+            self._watch(key, entry)
+            return
+        for other in list(self.on_device):  # a component that streams gets all the room the budget has
+            if other != key and other not in self.in_use:
+                self.offload(other)
+        streamer = entry.streamer
+        if streamer is None:
+            if key in self.on_device:  # placed whole before: offload first, so the move never holds both
+                entry.module.to("cpu")
+            entry.streamer = Streamer(entry.module, self.layout(key), self.device, plan.resident, plan.ring)
+        elif streamer.resident != plan.resident or streamer.ring.numel() != plan.ring:
+            streamer.configure(plan.resident, plan.ring)
+        else:
+            return
+        self._watch(key, entry)
+        self._emit("place_partial", key, entry.streamer.device_bytes() if entry.streamer is not None else 0, str(self.device))
+        self._emit_stream("plan", key, entry)
+
+    def _watch(self, key: str, entry: _Entry) -> None:
+        """Hooks on the calls whose arguments give the activations (the layout's workspace
+        entries): a call that needs more than the plan left room for re-plans first."""
+        if entry.watched or self.strategy.vram_budget is None:
+            return
+        layout = self.layout(key)
+        for name, estimate in layout.workspace.items():
+            target = entry.module.get_submodule(name) if name else entry.module
+            target.register_forward_pre_hook(self._workspace_hook(key, estimate), with_kwargs=True)
+            target.register_forward_hook(self._peak_hook(key))
+        entry.watched = True
+
+    def _workspace_hook(self, key: str, estimate: Callable[[tuple, dict], int]) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            entry = self.entries.get(key)
+            if entry is None or key not in self.on_device:
+                return
+            need = int(estimate(args, kwargs))
+            if need > entry.workspace:  # the reserve is the largest call's so far: no re-plan back and forth
+                with self._lock:
+                    entry.workspace = need
+                    self._replan(key, entry)
+            if self.device.type == "cuda":
+                self._peak = torch.cuda.max_memory_allocated(self.device)
+
+        return hook
+
+    def _peak_hook(self, key: str) -> Callable[..., None]:
+        """After a call on CUDA: if the device's peak allocation rose above the budget during it,
+        the estimate was short by that much; the next call plans with it added."""
+
+        def hook(_module: torch.nn.Module, _args: Any, _output: Any) -> None:
+            budget = self.strategy.vram_budget
+            if self.device.type != "cuda" or budget is None:
+                return
+            peak = torch.cuda.max_memory_allocated(self.device)
+            entry = self.entries.get(key)
+            if entry is not None and peak > self._peak and peak > budget:
+                entry.extra += peak - budget + 16 * MB
+                self._emit("workspace_grown", key, peak - budget, str(self.device))
+            self._peak = max(self._peak, peak)
+
+        return hook
+
+    def _replan(self, key: str, entry: _Entry) -> None:
+        plan = self.strategy.plan(self, key)
+        if plan.resident is None and entry.streamer is None:
+            self.strategy.make_room(self, key, entry.nbytes + entry.workspace + entry.extra)
+        self._place(key, entry, plan)
 
     def offload(self, key: str) -> None:
         with self._lock:
@@ -194,6 +795,9 @@ class ModelManager:
                 self.on_device.pop(key)
                 entry = self.entries.get(key)
                 if entry is not None and isinstance(entry.module, torch.nn.Module):
+                    if entry.streamer is not None:
+                        entry.streamer.remove()
+                        entry.streamer = None
                     entry.module.to("cpu")
                     self._emit("offload", key, entry.nbytes, "cpu")
 
@@ -210,18 +814,28 @@ class ModelManager:
         """Place the component ``ref.keys[role]`` on the compute device, apply the handle's
         patches for that role in order, yield it, then undo them in reverse order (so stacked
         patches restore the weights exactly). Nested uses of the same component are not allowed
-        with different patches."""
+        with different patches. A partially loaded component reports what it streamed
+        (:class:`~graphsd.events.StreamEvent` ``use``) when the use ends."""
         key = ref.keys[role]
         with self._lock:
             self.in_use[key] = self.in_use.get(key, 0) + 1
         try:
             module = self.place(key)
+            entry = self.entries[key]
+            streamer = entry.streamer
+            if streamer is not None:
+                streamer.bytes_moved, streamer.calls, streamer.transfers = 0, 0, []
             with ExitStack() as undo:
                 for patch in ref.patches:
                     restore = patch.apply(role, module)
                     if restore is not None:
                         undo.callback(restore)
-                yield module
+                try:
+                    yield module
+                finally:
+                    if entry.streamer is not None:
+                        entry.streamer.finish()  # copies in flight read the pinned weights the undo restores
+                        self._emit_stream("use", key, entry)
         finally:
             with self._lock:
                 self.in_use[key] -= 1

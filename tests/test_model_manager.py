@@ -71,12 +71,15 @@ def test_model_offload_keeps_only_what_fits_on_the_device():
 
 
 def test_component_in_use_is_never_offloaded():
-    m, _ = manager(device="cuda:0", strategy=ModelOffload(vram_budget=50))
+    m, _ = manager(device="cuda:0", strategy=ModelOffload(vram_budget=80))  # room for two 40-byte modules
     a = m.get(m.load("a", lambda: Placed(10)))
-    m.load("b", lambda: Placed(10))
+    b = m.get(m.load("b", lambda: Placed(10)))
+    m.load("c", lambda: Placed(10))
     with m.use(ref(m, "a"), "unet"):
         with m.use(ref(m, "b"), "unet"):
-            assert a.where == "cuda:0"  # over budget, but "a" is being used
+            pass
+        with m.use(ref(m, "c"), "unet"):  # room is made by offloading b (a is less recently used, but in use)
+            assert a.where == "cuda:0" and b.where == "cpu"
 
 
 class _AddOne:

@@ -1,0 +1,293 @@
+"""VRAM-budget benchmark: graphsd under a sweep of ``--vram-budget`` values (partial loading and
+weight streaming, :mod:`graphsd.memory`) against diffusers' offloading, on SD1.5-shaped (512x512)
+and SDXL-shaped (1024x1024) models with random weights (the real architectures, built by
+``bench/gpu.py``), fp16, batch 1, euler, CFG 7.5.
+
+    python bench/vram.py [--models sd15,sdxl] [--budgets none,8,6,4,3,2,1.5,1] \\
+        [--anchors model,sequential,group_block,group_leaf] [--steps 20] [--runs 3] [--json out.json]
+
+Each configuration runs in its own process, all in one invocation on the same GPU:
+
+- ``graphsd@B``: ``Engine(Settings(device="cuda", vram_budget_mb=B * 1024))`` (``none``: no budget);
+- ``diffusers:model``: ``enable_model_cpu_offload()``;
+- ``diffusers:sequential``: ``enable_sequential_cpu_offload()``;
+- ``diffusers:group_block`` / ``group_leaf``: ``enable_group_offload(offload_type="block_level",
+  num_blocks_per_group=1 | "leaf_level", use_stream=True)``.
+
+Printed per configuration: seconds per image (median of ``--runs`` after one warm-up image),
+peak allocated GPU memory while timing (``torch.cuda.max_memory_allocated``), the process's peak
+RSS, the weight bytes streamed per image (graphsd's StreamEvents), and the largest pixel
+difference from the unconstrained graphsd image of the same seed (graphsd rows) or from the
+first diffusers row (diffusers rows). ``--smoke`` runs tiny models on the CPU with the budget
+policy applied to the CPU (checks the script, measures nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import CFG, PROMPT, build_model  # noqa: E402 - the model builders of the GPU benchmark
+
+BUDGETS = "none,8,6,4,3,2,1.5,1"
+ANCHORS = "model,sequential,group_block,group_leaf"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(once, args) -> dict:
+    """One warm-up image, then ``--runs`` timed ones with the peak allocation over them."""
+    first = once(0)
+    _sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.runs):
+        t0 = time.perf_counter()
+        once(1 + i)
+        _sync(args.device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, "first": first}
+
+
+def run_graphsd(args, budget: float | None) -> dict:
+    from graphsd import Engine, Settings
+    from graphsd.memory import ModelOffload
+
+    settings = Settings(device=args.device, output_dir=tempfile.mkdtemp(), vram_budget_mb=budget * 1024 if budget else None)
+    engine = Engine(settings)
+    if budget and args.device == "cpu":  # --smoke: the budget's mechanics on the CPU
+        engine.models.strategy = ModelOffload(int(budget * 2**30), on_cpu=True)
+    dtype = "fp16" if args.device == "cuda" else "fp32"
+    doc = {
+        "version": 1,
+        "params": {"seed": 0},
+        "nodes": {
+            "m": {"type": "CheckpointLoader", "inputs": {"path": args.model, "dtype": dtype}},
+            "pos": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": PROMPT}},
+            "neg": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": ""}},
+            "noise": {"type": "LatentNoise", "inputs": {"seed": "${seed}", "width": args.size, "height": args.size}},
+            "d": {
+                "type": "UNetDenoiseLoop",
+                "inputs": {
+                    "unet": "@m.unet",
+                    "positive": "@pos.cond",
+                    "negative": "@neg.cond",
+                    "noise": "@noise.noise",
+                    "steps": args.steps,
+                    "cfg": CFG,
+                    "sampler": "euler",
+                },
+            },
+            "img": {"type": "VAEDecode", "inputs": {"vae": "@m.vae", "latent": "@d.latent"}},
+        },
+    }
+    assert engine.run(doc, outputs=["m"]).ok
+    streamed: list[dict] = []
+
+    def on_event(event) -> None:
+        if event.kind == "stream":
+            streamed.append(event.to_dict())
+
+    def once(seed: int) -> torch.Tensor:
+        streamed.clear()
+        engine.cache.clear()  # every image encodes its prompts again, as the first one does
+        res = engine.run(doc, params={"seed": seed}, outputs=["img"], on_event=on_event)
+        assert res.ok, [str(e) for e in res.errors]
+        return res.outputs["img"]["image"].pixels[0]
+
+    result = measure(once, args)
+    uses = [e for e in streamed if e["action"] == "use"]
+    plans = {e["key"].rsplit(":", 1)[-1] if ":" in e["key"] else e["key"]: e for e in streamed if e["action"] == "plan"}
+    result["streamed_gib"] = sum(e["bytes_moved"] for e in uses) / 2**30
+    result["split"] = {
+        key: {
+            "resident_mib": e["resident_bytes"] / 2**20,
+            "streamed_mib": e["streamed_bytes"] / 2**20,
+            "ring_mib": e["ring_bytes"] / 2**20,
+            "workspace_mib": e["workspace_bytes"] / 2**20,
+        }
+        for key, e in plans.items()
+    }
+    return result
+
+
+def run_diffusers(args, anchor: str) -> dict:
+    import diffusers
+
+    index = json.loads((Path(args.model) / "model_index.json").read_text())
+    cls = getattr(diffusers, index["_class_name"])
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    pipe = cls.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    device = torch.device(args.device)
+    if anchor == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif anchor == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif anchor.startswith("group"):
+        level = anchor.removeprefix("group_")
+        blocks = {"num_blocks_per_group": 1} if level == "block" else {}
+        pipe.enable_group_offload(device, offload_type=f"{level}_level", use_stream=args.device == "cuda", **blocks)
+    else:
+        pipe.to(device)
+
+    def once(seed: int) -> torch.Tensor:
+        out = pipe(
+            PROMPT,
+            negative_prompt="",
+            num_inference_steps=args.steps,
+            guidance_scale=CFG,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        )
+        return out.images[0].permute(1, 2, 0).float().cpu()
+
+    return measure(once, args)
+
+
+def child(args) -> None:
+    kind, _, value = args.config.partition("@") if "@" in args.config else args.config.partition(":")
+    if kind == "graphsd":
+        result = run_graphsd(args, None if value == "none" else float(value))
+    else:
+        result = run_diffusers(args, value)
+    torch.save(result.pop("first"), args.image)
+    print(json.dumps(result))
+
+
+def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
+    folder = tmp / name
+    t0 = time.perf_counter()
+    build_model(name, folder, args.device)
+    print(f"[{name}] built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    size = {"sd15": 512, "sdxl": 1024}.get(name, 64)
+    results: dict = everything.setdefault(name, {})
+    configs = [f"graphsd@{b}" for b in args.budgets] + [f"diffusers:{a}" for a in args.anchors]
+    for config in configs:
+        image = tmp / f"{name}-{config.replace(':', '-').replace('@', '-')}.pt"
+        command = [
+            sys.executable,
+            __file__,
+            "--config",
+            config,
+            "--model",
+            str(folder),
+            "--size",
+            str(size),
+            "--steps",
+            str(args.steps),
+            "--runs",
+            str(args.runs),
+            "--device",
+            args.device,
+            "--image",
+            str(image),
+        ]
+        t0 = time.perf_counter()
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[config] = {"error": f"timed out after {args.timeout} s"}
+            continue
+        if out.returncode:
+            results[config] = {"error": out.stderr[-3000:]}
+            print(f"[{name}] {config} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
+        r = results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+        r["process_s"] = time.perf_counter() - t0
+        reference = next(
+            (
+                tmp / f"{name}-{c.replace(':', '-').replace('@', '-')}.pt"
+                for c in configs
+                if c.split("@")[0].split(":")[0] == config.split("@")[0].split(":")[0] and c in results and "error" not in results[c]
+            ),
+            None,
+        )
+        if reference is not None and reference.exists() and image.exists():
+            r["diff"] = float((torch.load(image) - torch.load(reference)).abs().max())
+        print(f"[{name}] {config}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+def report(name: str, results: dict, args) -> None:
+    print(f"\n{name}: {args.steps} euler steps, CFG {CFG}, median of {args.runs} after 1 warm-up image")
+    print(
+        f"{'configuration':<22} {'s / image':>9} {'× none':>7} {'peak GiB':>9} {'≤ budget':>9} {'RSS GiB':>8} "
+        f"{'streamed GiB/img':>16} {'max |Δpixel|':>12}"
+    )
+    base = results.get("graphsd@none", {}).get("s")
+    for config, r in results.items():
+        if "error" in r:
+            lines = r["error"].strip().splitlines()
+            print(f"{config:<22} failed: {lines[-1] if lines else '?'}")
+            continue
+        ratio = f"{r['s'] / base:.2f}" if base else "-"
+        budget = config.partition("@")[2]
+        within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
+        streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
+        diff = f"{r['diff']:.3g}" if "diff" in r else "-"
+        print(f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (tiny, tinyxl with --smoke)")
+    parser.add_argument("--budgets", default=BUDGETS, help="GiB, comma-separated; none = no budget")
+    parser.add_argument("--anchors", default=ANCHORS, help="diffusers offloading: model, sequential, group_block, group_leaf")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
+    parser.add_argument("--json", help="also write the results here (after every configuration)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    for hidden in ("--config", "--model", "--image"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.config:
+        child(args)
+        return
+    if args.smoke:
+        args.device, args.steps, args.runs = "cpu", 2, 1
+        args.models = args.models if args.models.startswith("tiny") else "tiny,tinyxl"
+        args.budgets = "none,0.0005" if args.budgets == BUDGETS else args.budgets
+        args.anchors = "group_block" if args.anchors == ANCHORS else args.anchors
+    args.budgets = args.budgets.split(",")
+    args.anchors = [a for a in args.anchors.split(",") if a]
+    everything: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            bench_model(name, args, Path(tmp), everything)
+    if args.device == "cuda":
+        print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; fp16, batch 1")
+    for name, results in everything.items():
+        report(name, results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()

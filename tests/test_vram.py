@@ -1,0 +1,219 @@
+"""The VRAM budget as a cap (graphsd.memory.ModelOffload): which blocks stay resident and which
+stream, the order and size of the copies, the budget kept in the bookkeeping, the minimum-budget
+error before any work, and that streaming changes no numbers (a tiny U-Net, a LoRA on it).
+
+A CPU "device" runs the same mechanics (``on_cpu=True``): streamed weights are copied into a ring
+buffer just before their block runs and point back at their CPU copies after it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphsd.errors import NodeError
+from graphsd.memory import Block, Layout, ModelManager, ModelOffload, VramBudgetError, module_nbytes, region_bytes
+from graphsd.types import UNet
+
+
+class Recording(torch.nn.Module):
+    """A chain of linear blocks that records, while each block runs, whether its weight lives in
+    the streamer's ring (streamed) or not (resident)."""
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, widths[0])  # outside every block: never streams
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:] + widths[:1], strict=True))
+        self.log: list[tuple[int, int]] = []  # (block, weight data_ptr) as each block ran
+        for i, block in enumerate(self.blocks):
+            block.register_forward_pre_hook(lambda m, a, i=i: self.log.append((i, m.weight.data_ptr())))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def recording_layout(model: Recording, ranks: list[float] | None = None) -> Layout:
+    return Layout(
+        [
+            Block(f"blocks.{i}", b, sum(p.numel() * 4 for p in b.parameters()), ranks[i] if ranks else 1.0)
+            for i, b in enumerate(model.blocks)
+        ]
+    )
+
+
+def managed(model: torch.nn.Module, budget: int, layout: Layout | None = None) -> tuple[ModelManager, UNet, list]:
+    m = ModelManager("cpu", strategy=ModelOffload(budget, on_cpu=True))
+    events: list = []
+    m.listener = events.append
+    key = m.add("model", model)
+    if layout is not None:
+        m.entries[key].layout = layout
+    return m, UNet(m, {"unet": key}), events
+
+
+def in_ring(m: ModelManager, ptr: int) -> bool:
+    ring = m.entries["model"].streamer.ring
+    return ring.data_ptr() <= ptr < ring.data_ptr() + ring.numel()
+
+
+def test_split_keeps_low_rank_blocks_resident_and_streams_the_rest_in_order():
+    torch.manual_seed(0)
+    model = Recording([16, 32, 16, 32, 16])  # five blocks of 2176 or 2112 bytes
+    layout = recording_layout(model, ranks=[4, 1, 1, 4, 4])
+    sizes = [b.nbytes for b in layout.blocks]
+    fixed = layout.resident_bytes(model)
+    ring = 2 * max(region_bytes(b.module) for b in layout.blocks)  # a ring of two of the largest block
+    budget = fixed + ring + sizes[1] + sizes[2]  # room for exactly the two rank-1 blocks besides
+    x = torch.randn(3, 8)
+    expected = model(x)
+    m, handle, events = managed(model, budget, layout)
+    m.strategy.ring_blocks = 2
+    with m.use(handle, "unet") as mod:
+        model.log.clear()
+        first = mod(x)
+        second = mod(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    streamer = m.entries["model"].streamer
+    assert streamer.resident == {1, 2} and streamer.streamed == [0, 3, 4]
+    streamed_while_running = {i for i, ptr in model.log if in_ring(m, ptr)}
+    assert streamed_while_running == {0, 3, 4}
+    # the bookkeeping keeps the budget: what is on the device is the fixed layers, two blocks and the ring
+    assert m.device_bytes() == fixed + sizes[1] + sizes[2] + streamer.ring.numel() <= budget
+    # copies in execution order, one call ahead at most: 0, 3, 4 for each call, then the next call's first
+    plan, use = (e for e in events if e.kind == "stream")
+    assert plan.resident_blocks == ("blocks.1", "blocks.2") and plan.streamed_blocks == ("blocks.0", "blocks.3", "blocks.4")
+    assert use.calls == 2 and use.bytes_moved >= 2 * (sizes[0] + sizes[3] + sizes[4])
+    # between calls the streamed weights are CPU tensors again (what patches change)
+    assert not in_ring(m, model.blocks[0].weight.data_ptr())
+
+
+def test_copies_follow_the_order_blocks_ran_in_not_the_layout_order():
+    torch.manual_seed(0)
+    model = Recording([16, 16, 16, 16, 16, 16])
+    layout = recording_layout(model)
+    layout.blocks.reverse()  # the layout guesses the order wrong
+    budget = layout.resident_bytes(model) + 2 * max(region_bytes(b.module) for b in layout.blocks)
+    m, handle, _ = managed(model, budget, layout)
+    m.strategy.ring_blocks = 2
+    x = torch.randn(2, 8)
+    expected = model(x)
+    with m.use(handle, "unet") as mod:
+        outputs = [mod(x) for _ in range(3)]
+        transfers = m.entries["model"].streamer.transfers
+    assert all(torch.equal(y, expected) for y in outputs)
+    run_order = [f"blocks.{i}" for i in range(6)]
+    # the third call's copies were all made ahead, in the order the blocks ran
+    assert transfers[-6 - 2 : -2] == run_order
+
+
+def test_budget_below_the_smallest_working_set_is_refused_before_any_call():
+    model = Recording([16, 64, 16])
+    layout = recording_layout(model)
+    minimum = layout.resident_bytes(model) + max(region_bytes(b.module) for b in layout.blocks)
+    m, handle, _ = managed(model, minimum - 1, layout)
+    model.log.clear()
+    with pytest.raises(VramBudgetError) as info, m.use(handle, "unet"):
+        pass
+    assert isinstance(info.value, NodeError) and info.value.minimum == minimum
+    assert "--vram-budget" in str(info.value) and f"at least {-(-minimum // 2**20)} MB" in str(info.value)
+    assert model.log == []
+    m.strategy.vram_budget = minimum  # exactly the minimum runs
+    with m.use(handle, "unet") as mod:
+        assert torch.equal(mod(torch.ones(1, 8)), Recording.forward(model, torch.ones(1, 8)))
+
+
+def test_activations_of_a_call_are_kept_room_for():
+    """A layout's workspace estimate re-plans before a larger call: the component placed whole for
+    a small batch is partially loaded for a large one, and weights + activations keep the budget."""
+    torch.manual_seed(0)
+    model = Recording([32, 32, 32, 32])
+    layout = recording_layout(model)
+    layout.workspace = {"": lambda args, kwargs: args[0].shape[0] * 1000}
+    budget = module_nbytes(model) + 2 * 1000 + 100  # whole, with a batch of two
+    m, handle, _ = managed(model, budget, layout)
+    x = torch.randn(5, 8)
+    expected = model(x)
+    with m.use(handle, "unet") as mod:
+        mod(x[:2])
+        assert m.entries["model"].streamer is None
+        got = mod(x)
+        streamer = m.entries["model"].streamer
+        assert streamer is not None and streamer.streamed
+        assert m.device_bytes() + m.entries["model"].workspace <= budget
+    assert torch.equal(got, expected)
+
+
+def test_streamed_tiny_unet_gives_the_unconstrained_numbers():
+    from sd_tiny import unet as tiny_unet
+
+    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
+
+    model = tiny_unet()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=ctx).sample
+    m, handle, events = managed(model, 0)
+    layout = m.layout("model")
+    names = [b.name for b in layout.blocks]
+    assert "down_blocks.0.resnets.0" in names and any(n.endswith("transformer_blocks.0") for n in names)
+    workspace = layout.workspace[""]((x,), {})
+    m.strategy.vram_budget = m.minimum_bytes("model") + workspace + 3 * max(region_bytes(b.module) for b in layout.blocks)
+    with m.use(handle, "unet") as unet, torch.no_grad():
+        got = unet(x, t, encoder_hidden_states=ctx).sample
+        streamer = m.entries["model"].streamer
+    assert streamer is not None and streamer.streamed and streamer.resident  # a real split
+    assert torch.equal(got, expected)
+    use = [e for e in events if e.kind == "stream" and e.action == "use"][-1]
+    assert use.calls == 1 and use.bytes_moved >= use.streamed_bytes > 0
+
+
+def test_lora_on_streamed_weights_gives_the_lora_result():
+    from safetensors.torch import save_file
+    from sd_tiny import text_encoder
+    from sd_tiny import unet as tiny_unet
+    from test_lora import graphsd_patch, kohya_sd1
+
+    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
+
+    model, te = tiny_unet(), text_encoder()
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor(10), torch.randn(1, 77, 32)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lora.safetensors"
+        save_file(kohya_sd1(model, te), path)
+        patch, _ = graphsd_patch(path, {"unet": model, "text_encoder": te}, 0.8)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    undo = patch.apply("unet", model)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=ctx).sample
+    undo()
+    m, handle, _ = managed(model, 0)
+    layout = m.layout("model")
+    m.strategy.vram_budget = m.minimum_bytes("model") + layout.workspace[""]((x,), {}) + 2 * layout.blocks[0].nbytes
+    with m.use(handle.with_patches(patch), "unet") as unet, torch.no_grad():
+        got = unet(x, t, encoder_hidden_states=ctx).sample
+        assert m.entries["model"].streamer.streamed
+    assert torch.equal(got, expected)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())  # the undo restored every weight
+
+
+def test_vae_decode_switches_to_tiles_when_the_full_frame_would_break_the_budget():
+    from sd_tiny import vae as tiny_vae
+
+    from graphsd.std.models.streaming import decode_tile, decoder_workspace
+
+    vae = tiny_vae()
+    m, _, _ = managed(vae, 0)
+    full = decoder_workspace(vae)((torch.empty(1, 4, 64, 64),), {})
+    weights = sum(p.numel() * 4 for p in vae.parameters())
+    m.strategy.vram_budget = weights + full
+    assert decode_tile(m, "model", (1, 4, 64, 64)) is None
+    m.strategy.vram_budget = weights + full // 4
+    tile = decode_tile(m, "model", (1, 4, 64, 64))
+    assert tile is not None and 8 <= tile < 64
+    assert weights + decoder_workspace(vae)((torch.empty(1, 4, tile, tile),), {}) <= m.strategy.vram_budget
+    assert decode_tile(ModelManager("cpu"), "x", (1, 4, 64, 64)) is None  # no budget: never tiles
