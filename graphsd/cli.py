@@ -57,6 +57,7 @@ def _engine(args: argparse.Namespace):
         max_image_pixels=int(getattr(args, "max_image_megapixels", 0) * 1e6) or Settings.max_image_pixels,
         read_roots=_read_roots(args),
         compile=getattr(args, "compile", "off"),
+        max_batch=getattr(args, "max_batch", Settings.max_batch),
     )
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -414,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-image-megapixels", type=float, default=0, metavar="MP", help="largest image LoadImage reads (default 67, i.e. 8192x8192)"
+    )
+    run.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        metavar="N",
+        help="run up to N independent nodes that share a model and settings (a grid of seeds or prompts) as one batch "
+        "(default 16; 0 or 1: one by one)",
     )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display")

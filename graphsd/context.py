@@ -35,6 +35,10 @@ class Settings:
     vram_budget_mb: float | None = None
     load_entry_points: bool = True
     max_image_pixels: int = 8192 * 8192  # LoadImage refuses larger images, from their header
+    # Branch batching: independent nodes of a batchable type (UNetDenoiseLoop, VAEDecode, ...) that
+    # are ready at the same time and share a model and settings run as one batched call of at most
+    # this many items (also bounded by the device memory available); 0 or 1 turns batching off.
+    max_batch: int = 16
     # When set, nodes read files only under these folders (and graphsd's built-in models): the
     # command line sets it for a workflow taken from a PNG, which may come from anyone.
     read_roots: list[str] | None = None

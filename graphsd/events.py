@@ -78,6 +78,21 @@ class Preview(Event):
 
 
 @dataclass(frozen=True)
+class NodeBatch(Event):
+    """Nodes of one type that run together as one batched call (``Node.run_batch``), sent before
+    their ``node_start`` events; each node still gets its own start, done (or error) event and
+    cache entry. ``size`` is the number of nodes, ``node_ids`` them in order. A second event
+    with ``error`` set says the batched call failed (that error) and the nodes run one by one,
+    so that a node that fails fails alone."""
+
+    kind: ClassVar[str] = "node_batch"
+    node_type: str = ""
+    node_ids: tuple[str, ...] = ()
+    size: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class NodeDone(Event):
     kind: ClassVar[str] = "node_done"
     node_id: str = ""

@@ -11,6 +11,13 @@
   nodes; the run stops with status ``interrupted``. Nodes write files atomically, so nothing
   half-written remains.
 - A CUDA out-of-memory error frees device memory and retries the node once.
+- Batching: when nodes of a batchable type (:meth:`Node.batch_key`) are to run, the nodes run in
+  waves of ready nodes instead: nodes that cannot batch run first, in plan order; then nodes of
+  one type that are ready together and have equal batch keys (the shallowest in the graph
+  first) run as one :meth:`Node.run_batch` call of at most ``Settings.max_batch`` items (fewer
+  when the device memory would not hold them), and their results are split back: each node has
+  its own events, cache entry and files. A failed batched call runs its nodes one by one. A
+  :class:`~graphsd.events.NodeBatch` event names the nodes of each batch.
 - Previews: a run started with ``previews=True`` lets nodes publish pictures of their work in
   progress (``ctx.preview``, :class:`~graphsd.events.Preview` events); they reach the observers
   but not ``RunResult.events``.
@@ -22,6 +29,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +42,8 @@ from graphsd.cache import key_document, make_key
 from graphsd.context import Context
 from graphsd.errors import GraphsdError, Issue, NodeError, RunInterrupted, WorkflowError
 from graphsd.graph import Graph
-from graphsd.node import Node
+from graphsd.node import Node, NodeIO
+from graphsd.resources import available_memory
 from graphsd.types import Socket
 
 if TYPE_CHECKING:
@@ -138,6 +147,8 @@ class Execution:
         self.failed: set[str] = set()
         self.planned: set[str] = set()
         self._current = ""
+        self._batch_keys: dict[str, Hashable | None] = {}  # node -> (class, its batch key), None: runs alone
+        self._batch_inputs: dict[str, NodeIO] = {}  # validated inputs of the nodes with a batch key
 
     # ---- events -------------------------------------------------------------------------
     def emit(self, event: ev.Event) -> None:
@@ -189,15 +200,11 @@ class Execution:
         self.emit(ev.RunStart(run_id=res.run_id, planned=tuple(order)))
         try:
             to_run = self._resolve_cached(order, targets)
-            for node_id in order:
-                if self.flag.is_set():
-                    raise RunInterrupted(node_id)
-                gn = self.graph.nodes[node_id]
-                if node_id in self.values and node_id in res.cached:
-                    self.emit(ev.NodeCached(run_id=res.run_id, node_id=node_id, node_type=gn.cls.type, key=self.keys[node_id]))
-                elif node_id in to_run and node_id not in self.blocked:
-                    self._current = node_id
-                    self._visit(node_id)
+            if self._may_batch(to_run):
+                self._run_waves(order, to_run)
+            else:
+                for node_id in order:
+                    self._step(node_id, to_run)
         except RunInterrupted as exc:
             res.status = "interrupted"
             self.emit(ev.Interrupted(run_id=res.run_id, node_id=exc.node_id or self._current))
@@ -215,6 +222,140 @@ class Execution:
             )
         )
         return res
+
+    def _step(self, node_id: str, to_run: set[str]) -> None:
+        """Visit one node of the plan alone: report it cached, run it, or pass it by (not needed,
+        or skipped because something it needs failed)."""
+        if self.flag.is_set():
+            raise RunInterrupted(node_id)
+        gn = self.graph.nodes[node_id]
+        if node_id in self.values and node_id in self.result.cached:
+            self.emit(ev.NodeCached(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, key=self.keys[node_id]))
+        elif node_id in to_run and node_id not in self.blocked:
+            self._current = node_id
+            self._visit(node_id)
+
+    # ---- batching -----------------------------------------------------------------------
+    def _may_batch(self, to_run: set[str]) -> bool:
+        """Batching is on and two nodes to run are of one batchable type."""
+        if self.engine.settings.max_batch <= 1:
+            return False
+        types = [self.graph.nodes[n].cls for n in to_run]
+        batchable = [cls for cls in types if cls.batch_key.__func__ is not Node.batch_key.__func__]  # type: ignore[attr-defined]
+        return len(batchable) > len(set(batchable))
+
+    def _run_waves(self, order: list[str], to_run: set[str]) -> None:
+        """Run the plan in waves of ready nodes (every predecessor visited). Nodes without a batch
+        key go first, in plan order; once only nodes with one are ready, the group of equal keys
+        of the shallowest, earliest of them runs as one batch (up to the batch limit)."""
+        position = {n: i for i, n in enumerate(order)}
+        preds = {n: [p for p in self.graph.dag.predecessors(n) if p in self.planned] for n in order}
+        depth: dict[str, int] = {}
+        for n in order:
+            depth[n] = 1 + max((depth[p] for p in preds[n]), default=-1)
+        pending = list(order)
+        visited: set[str] = set()
+        while pending:
+            ready = [n for n in pending if all(p in visited for p in preds[n])]
+            keyed = {n: k for n in ready if (k := self._group_key(n, to_run)) is not None}
+            alone = [n for n in ready if n not in keyed]
+            if alone:
+                batch = alone
+                for node_id in alone:
+                    self._step(node_id, to_run)
+            else:
+                first = min(keyed, key=lambda n: (depth[n], position[n]))
+                group = [n for n in ready if keyed.get(n) == keyed[first]]
+                batch = group[: self._batch_limit(group)]
+                if self.flag.is_set():
+                    raise RunInterrupted(batch[0])
+                if len(batch) == 1:
+                    self._step(batch[0], to_run)
+                else:
+                    self._visit_batch(batch)
+            visited.update(batch)
+            pending = [n for n in pending if n not in visited]
+
+    def _group_key(self, node_id: str, to_run: set[str]) -> Hashable | None:
+        """(node class, batch key) of a node that is to run and may batch; None otherwise (it runs
+        alone: not batchable, invalid inputs, or its class said None). Computed once per node."""
+        if node_id not in to_run or node_id in self.blocked or node_id in self.values:
+            return None
+        if node_id in self._batch_keys:
+            return self._batch_keys[node_id]
+        cls = self.graph.nodes[node_id].cls
+        group: Hashable | None = None
+        if cls.batch_key.__func__ is not Node.batch_key.__func__:  # type: ignore[attr-defined]
+            try:
+                model = self._validate(cls, self._inputs(node_id))
+                key = cls.batch_key(model, self._context(node_id))
+                if key is not None:
+                    hash(key)
+                    group = (cls, key)
+                    self._batch_inputs[node_id] = model
+            except RunInterrupted:
+                raise
+            except Exception:  # invalid inputs, an unhashable key: the node runs alone and reports any error then
+                group = None
+        self._batch_keys[node_id] = group
+        return group
+
+    def _batch_limit(self, group: list[str]) -> int:
+        """How many of ``group`` run in one call: ``Settings.max_batch``, fewer when their working
+        memory (:meth:`Node.batch_item_bytes`) would not fit on the device (or in the VRAM budget)."""
+        settings = self.engine.settings
+        limit = max(1, settings.max_batch)
+        first = group[0]
+        cls = self.graph.nodes[first].cls
+        try:
+            item = int(cls.batch_item_bytes(self._batch_inputs[first], self._context(first)))
+        except Exception as exc:
+            self.engine.warn(f"{cls.type}.batch_item_bytes raised {type(exc).__name__}: {exc}; batching without a memory bound")
+            item = 0
+        if item > 0:
+            device = self.engine.device
+            have = available_memory(device)
+            if device.type == "cuda" and settings.vram_budget_mb is not None:
+                budget = int(settings.vram_budget_mb * 2**20)
+                have = budget if have is None else min(have, budget)
+            if have is not None:
+                limit = min(limit, max(1, have // item))
+        return limit
+
+    def _visit_batch(self, group: list[str]) -> None:
+        """Run ``group`` (nodes of one class with equal batch keys) as one batched call and give
+        each node its outputs, events, cache entry and files; if the call fails, run them one by one."""
+        cls = self.graph.nodes[group[0]].cls
+        run_id = self.result.run_id
+        ctxs = [self._context(n) for n in group]
+        models = [self._batch_inputs[n] for n in group]
+        self.emit(ev.NodeBatch(run_id=run_id, node_type=cls.type, node_ids=tuple(group), size=len(group)))
+        for node_id in group:
+            self.emit(ev.NodeStart(run_id=run_id, node_id=node_id, node_type=cls.type, key=self.keys[node_id]))
+        t0 = time.perf_counter()
+        try:
+            for node_id in group:
+                self._before(node_id, cls, self._inputs(node_id))
+            self._current = group[0]
+            outs = cls.run_batch(models, ctxs)
+            if len(outs) != len(group) or not all(isinstance(o, cls.Outputs) for o in outs):
+                raise TypeError(f"node type {cls.type}'s run_batch returned {len(outs)} results, expected {len(group)} Outputs")
+        except RunInterrupted:
+            raise
+        except Exception as exc:  # one bad item, too little memory, a bug: each node runs alone and fails alone
+            if isinstance(exc, torch.OutOfMemoryError):
+                self.engine.models.free_device_memory()
+            message = str(exc) if isinstance(exc, GraphsdError) else f"{type(exc).__name__}: {exc}"
+            self.emit(ev.NodeBatch(run_id=run_id, node_type=cls.type, node_ids=tuple(group), size=len(group), error=message))
+            for node_id in group:
+                if self.flag.is_set():
+                    raise RunInterrupted(node_id) from None
+                self._current = node_id
+                self._visit(node_id, started=True)
+            return
+        duration = (time.perf_counter() - t0) / len(group)  # each node's share of the batch
+        for node_id, ctx, out in zip(group, ctxs, outs, strict=True):
+            self._done(node_id, {name: getattr(out, name) for name in cls.Outputs.model_fields}, ctx, duration)
 
     def _resolve_cached(self, order: list[str], targets: list[str]) -> set[str]:
         """Compute every key, take cached outputs, and return the nodes that must run: a node
@@ -245,14 +386,22 @@ class Execution:
         self.result.cached.sort(key=order.index)
         return to_run
 
-    def _visit(self, node_id: str) -> None:
+    def _inputs(self, node_id: str) -> dict[str, Any]:
+        """The node's literal inputs and the upstream outputs its links name."""
         gn = self.graph.nodes[node_id]
-        ctx = self._context(node_id)
-        key = self.keys[node_id]
         inputs = dict(gn.literals)
         for name, link in gn.links.items():
             inputs[name] = self.values[link.node][link.output]
-        self.emit(ev.NodeStart(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, key=key))
+        return inputs
+
+    def _visit(self, node_id: str, started: bool = False) -> None:
+        """Run one node alone (``started``: its NodeStart was sent, by a batch that failed)."""
+        gn = self.graph.nodes[node_id]
+        ctx = self._context(node_id)
+        key = self.keys[node_id]
+        inputs = self._inputs(node_id)
+        if not started:
+            self.emit(ev.NodeStart(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, key=key))
         t0 = time.perf_counter()
         try:
             outputs = self._run_node(gn.cls, inputs, ctx)
@@ -264,12 +413,17 @@ class Execution:
         except Exception as exc:  # a bug or an unexpected failure inside the node
             self._fail(node_id, f"{type(exc).__name__}: {exc}", type(exc).__name__, tb=traceback.format_exc())
             return
-        duration = time.perf_counter() - t0
+        self._done(node_id, outputs, ctx, time.perf_counter() - t0)
+
+    def _done(self, node_id: str, outputs: dict[str, Any], ctx: Context, duration: float) -> None:
+        """Keep a node's outputs, cache them under its key, report it done."""
+        gn = self.graph.nodes[node_id]
+        self._current = node_id
         self.values[node_id] = outputs
         self.result.executed.append(node_id)
         self.result.files.extend(ctx.files)
         if gn.cls.cacheable:
-            self.engine.cache.put(key, outputs)
+            self.engine.cache.put(self.keys[node_id], outputs)
         self.emit(
             ev.NodeDone(run_id=self.result.run_id, node_id=node_id, node_type=gn.cls.type, duration_s=duration, files=tuple(ctx.files))
         )
@@ -278,7 +432,9 @@ class Execution:
         except Exception as exc:
             self.engine.warn(f"a graphsd_after_node hook raised {type(exc).__name__}: {exc}")
 
-    def _run_node(self, cls: type[Node], inputs: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    @staticmethod
+    def _validate(cls: type[Node], inputs: dict[str, Any]) -> NodeIO:
+        """The node's Inputs model, or a NodeError naming the input that is wrong."""
         try:
             model = cls.Inputs.model_validate(inputs)
         except ValidationError as exc:
@@ -289,10 +445,17 @@ class Execution:
             value = getattr(model, name)
             if isinstance(value, Socket) and (problem := value.check()):
                 raise NodeError(f"received a malformed {value.type_name()}: {problem}", field=name)
+        return model
+
+    def _before(self, node_id: str, cls: type[Node], inputs: dict[str, Any]) -> None:
         try:
-            self.engine.pm.hook.graphsd_before_node(node_id=ctx.node_id, node_type=cls.type, inputs=inputs)
+            self.engine.pm.hook.graphsd_before_node(node_id=node_id, node_type=cls.type, inputs=inputs)
         except Exception as exc:
             self.engine.warn(f"a graphsd_before_node hook raised {type(exc).__name__}: {exc}")
+
+    def _run_node(self, cls: type[Node], inputs: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        model = self._validate(cls, inputs)
+        self._before(ctx.node_id, cls, inputs)
         try:
             out = cls().run(model, ctx)
         except torch.OutOfMemoryError:

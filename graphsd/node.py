@@ -32,7 +32,7 @@ from __future__ import annotations
 import builtins
 import types as _pytypes
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -150,6 +150,34 @@ class Node:
         """Extra cache identity beyond the literal inputs, e.g. the size and mtime of a file a
         loader reads, so that replacing the file invalidates the cache. Default: nothing."""
         return ""
+
+    # ---- batching (optional) ---------------------------------------------------------------
+    @classmethod
+    def batch_key(cls, inputs: Any, ctx: Context) -> Hashable | None:
+        """What a run of this node must share with others to run with them as one batch, or None
+        (the default) when it runs alone. The executor gives ``inputs`` (validated, as ``run``
+        gets them) of nodes of this class that are ready at the same time; those whose keys are
+        equal run in one :meth:`run_batch` call (at most ``Settings.max_batch``). A key names
+        everything the batched computation shares (the model handle and its patches, settings,
+        tensor shapes and dtypes); what differs per item (a seed's noise, a prompt's embeddings)
+        stays out of it."""
+        return None
+
+    @classmethod
+    def run_batch(cls, inputs: list[Any], ctxs: list[Context]) -> list[NodeIO]:
+        """Run several nodes of equal :meth:`batch_key` at once and return each one's outputs,
+        in order. Each result must equal what ``run`` gives for that item alone, within the
+        rounding of a batched computation. Any exception makes the executor run the items one
+        by one with ``run`` instead, so an item that fails fails alone. Per-step progress goes
+        to every item's context (``ctx.progress``), which also checks for interruption."""
+        raise NotImplementedError(f"node type {cls.type!r} has a batch_key but no run_batch()")
+
+    @classmethod
+    def batch_item_bytes(cls, inputs: Any, ctx: Context) -> int:
+        """Device memory one more item adds to a batched call (working tensors, not weights),
+        which bounds the batch by what is available on the device. Default: 0 (no bound but
+        ``Settings.max_batch``)."""
+        return 0
 
     @classmethod
     def input_choices(cls, models_dir: str, input_dir: str) -> dict[str, list[str]]:

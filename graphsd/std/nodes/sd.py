@@ -9,6 +9,7 @@ UNetDenoiseLoop → VAEDecode``; image-to-image adds ``VAEEncode`` and feeds its
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Literal
 
 import torch
@@ -23,12 +24,11 @@ from graphsd.resources import feature_map_bytes, latent_working_set, require_mem
 from graphsd.std.models.compile import fast
 from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
 from graphsd.std.models.loading import load_checkpoint, resolve_model_path
-from graphsd.std.models.streaming import decode_tile
-from graphsd.std.sampling.guidance import max_passes
+from graphsd.std.sampling.guidance import is_plain, max_passes
 from graphsd.std.sampling.inpaint import is_inpainting_unet
 from graphsd.std.sampling.kdiffusion import denoise_comfy
 from graphsd.std.sampling.ksamplers import KSAMPLERS, NOT_SUPPORTED
-from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise
+from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise, denoise_batch
 from graphsd.std.sampling.schedulers import SAMPLERS, SCHEDULES, UnsupportedSchedule
 from graphsd.std.sampling.sigmas import COMFY_SCHEDULERS
 from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, working_dtype
@@ -262,7 +262,82 @@ class UNetDenoiseLoop(Node):
                              "set convention to comfyui, or leftover_noise on"))
         return problems
 
-    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
+    @classmethod
+    def batch_key(cls, inputs: Inputs, ctx: Context) -> Hashable | None:
+        """Branches batch when they share the U-Net handle (components and patches), every
+        setting, the noise's shape and dtype, and plain conditionings of equal shapes; the
+        diffusers convention with a built-in sampler only (their per-step noise is drawn per batch
+        item from its own generator). Areas, masks, ControlNets, inpainting, start latents with a
+        mask, the comfyui convention, plugin samplers and runs with previews run alone."""
+        noise, latent = inputs.noise, inputs.latent
+        if inputs.convention != "diffusers" or ctx.wants_previews:
+            return None
+        if inputs.sampler not in SAMPLERS or ctx.samplers.get(inputs.sampler) is not SAMPLERS[inputs.sampler]:
+            return None
+        if latent is not None and (latent.noise_mask is not None or latent.samples.shape != noise.samples.shape):
+            return None
+        if model_info(inputs.unet, "unet").unet_in_channels != noise.samples.shape[1]:  # an inpainting U-Net
+            return None
+        conds = [c for c in (inputs.positive, inputs.negative) if c is not None]
+        if not all(is_plain(c) for c in conds):
+            return None
+        shapes = []
+        for c in conds:
+            extras = tuple(sorted(c.extras.items()))
+            if not all(_plain_value(v) for _, v in extras):
+                return None
+            pooled = None if c.pooled is None else (tuple(c.pooled.shape), str(c.pooled.dtype))
+            shapes.append((tuple(c.embeddings.shape), str(c.embeddings.dtype), pooled, extras))
+        settings = inputs.model_dump(exclude={"unet", "positive", "negative", "noise", "latent"})
+        return (
+            inputs.unet.fingerprint(),
+            tuple(sorted(settings.items())),
+            tuple(noise.samples.shape),
+            str(noise.samples.dtype),
+            noise.generator_state is None,
+            latent is None,
+            inputs.negative is None,
+            tuple(shapes),
+        )
+
+    @classmethod
+    def batch_item_bytes(cls, inputs: Inputs, ctx: Context) -> int:
+        """The U-Net's working set for one branch (what :meth:`run` requires of the device)."""
+        return cls._working_set(inputs, ctx, 1)
+
+    @classmethod
+    def run_batch(cls, inputs: list[Inputs], ctxs: list[Context]) -> list[NodeIO]:
+        """Branches of one batch key denoised as one loop on their stacked latents."""
+        node = cls()
+        for one, ctx in zip(inputs, ctxs, strict=True):
+            node._check(one, ctx)
+        first, ctx = inputs[0], ctxs[0]
+        need = cls._working_set(first, ctx, len(inputs))
+        batch, _, h, w = first.noise.samples.shape
+        require_memory(ctx.device, need, f"the U-Net on {len(inputs)} branches of {batch} latent(s) of {w}x{h}", "lower max_batch")
+        scheduler = ctx.samplers[first.sampler](scheduler_config=dict(model_info(first.unet, "unet").scheduler_config),
+                                                schedule=first.schedule)
+        try:
+            results = denoise_batch(ctxs, first.unet, scheduler, [i.positive for i in inputs], [i.negative for i in inputs],
+                                    [i.noise for i in inputs], [i.latent for i in inputs], _denoise_settings(first))
+        except UnsupportedSchedule as e:
+            raise NodeError(str(e), field="schedule") from None
+        except DenoiseError as e:
+            raise NodeError(str(e), field=e.field) from None
+        if not all(torch.isfinite(samples).all() for samples in results):
+            raise NodeError(_not_finite("the denoised latent", first.unet), field="unet")
+        return [cls.Outputs(latent=Latent(samples)) for samples in results]
+
+    @classmethod
+    def _working_set(cls, inputs: Inputs, ctx: Context, branches: int) -> int:
+        """A lower bound of the device memory the U-Net needs for ``branches`` such runs at once."""
+        batch, _, h, w = inputs.noise.samples.shape
+        guided = inputs.negative is not None and inputs.cfg != 1.0
+        width, dtype = _first_channels(ctx, inputs.unet, "unet")
+        return feature_map_bytes(branches * batch * max_passes(inputs.positive, inputs.negative, guided), width, h, w, dtype)
+
+    def _check(self, inputs: Inputs, ctx: Context) -> None:
+        """Refuse a sampler that cannot run and noise the U-Net cannot take."""
         for field, message, hint in sampler_problems(inputs.sampler, inputs.schedule, inputs.convention, ctx.samplers):
             raise NodeError(f"{message}; {hint}", field=field)
         info = model_info(inputs.unet, "unet")
@@ -274,24 +349,16 @@ class UNetDenoiseLoop(Node):
                 f"{inpainting}, or make the noise from the start latent",
                 field="noise",
             )
+
+    def run(self, inputs: Inputs, ctx: Context) -> Outputs:
+        self._check(inputs, ctx)
+        info = model_info(inputs.unet, "unet")
         batch, _, h, w = inputs.noise.samples.shape
-        guided = inputs.negative is not None and inputs.cfg != 1.0
-        width, dtype = _first_channels(ctx, inputs.unet, "unet")
         require_memory(
-            ctx.device, feature_map_bytes(batch * max_passes(inputs.positive, inputs.negative, guided), width, h, w, dtype),
+            ctx.device, self._working_set(inputs, ctx, 1),
             f"the U-Net on a batch of {batch} latent(s) of {w}x{h}", "lower the size or the batch", field="noise",
         )
-        settings = DenoiseSettings(
-            steps=inputs.steps,
-            cfg=inputs.cfg,
-            denoise=inputs.denoise,
-            start_step=inputs.start_step,
-            end_step=inputs.end_step,
-            leftover_noise=inputs.leftover_noise,
-            add_noise=inputs.add_noise,
-            aesthetic_score=inputs.aesthetic_score,
-            negative_aesthetic_score=inputs.negative_aesthetic_score,
-        )
+        settings = _denoise_settings(inputs)
         try:
             if inputs.convention == "comfyui":
                 samples = denoise_comfy(ctx, inputs.unet, inputs.sampler, inputs.schedule, inputs.positive, inputs.negative,
@@ -307,6 +374,27 @@ class UNetDenoiseLoop(Node):
         if not torch.isfinite(samples).all():
             raise NodeError(_not_finite("the denoised latent", inputs.unet), field="unet")
         return self.Outputs(latent=Latent(samples))
+
+
+def _denoise_settings(inputs: UNetDenoiseLoop.Inputs) -> DenoiseSettings:
+    return DenoiseSettings(
+        steps=inputs.steps,
+        cfg=inputs.cfg,
+        denoise=inputs.denoise,
+        start_step=inputs.start_step,
+        end_step=inputs.end_step,
+        leftover_noise=inputs.leftover_noise,
+        add_noise=inputs.add_noise,
+        aesthetic_score=inputs.aesthetic_score,
+        negative_aesthetic_score=inputs.negative_aesthetic_score,
+    )
+
+
+def _plain_value(value: Any) -> bool:
+    """A conditioning extra that a batch key can compare (numbers, text, tuples of them)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain_value(v) for v in value)
+    return isinstance(value, (int, float, str, bool, type(None)))
 
 
 def sampler_problems(sampler: str, schedule: str, convention: str, registered: Any) -> list[tuple[str, str, str | None]]:
@@ -399,6 +487,40 @@ class VAEDecode(Node):
     class Outputs(NodeIO):
         image: Image = Field(description="Image [batch, height, width, 3] in [0, 1]")
 
+    @classmethod
+    def batch_key(cls, inputs: Inputs, ctx: Context) -> Hashable | None:
+        """Whole (not tiled) decodes of latents of one shape and dtype with one VAE batch. Under a
+        VRAM budget each decode runs alone (it may have to be tiled to fit)."""
+        if inputs.tiled or ctx.settings.vram_budget_mb is not None:
+            return None
+        samples = inputs.latent.samples
+        return (inputs.vae.fingerprint(), tuple(samples.shape), str(samples.dtype))
+
+    @classmethod
+    def batch_item_bytes(cls, inputs: Inputs, ctx: Context) -> int:
+        """The decoder's full-resolution feature maps for one latent (what :meth:`run` requires)."""
+        batch, _, h, w = inputs.latent.samples.shape
+        down = model_info(inputs.vae, "vae").latent_downscale
+        channels, dtype = _first_channels(ctx, inputs.vae, "vae")
+        return feature_map_bytes(batch, channels, h * down, w * down, dtype)
+
+    @classmethod
+    def run_batch(cls, inputs: list[Inputs], ctxs: list[Context]) -> list[NodeIO]:
+        """The latents decoded as one batch, each image as :meth:`run` decodes it alone."""
+        first, ctx = inputs[0], ctxs[0]
+        info = model_info(first.vae, "vae")
+        need = sum(cls.batch_item_bytes(one, ctx) for one in inputs)
+        require_memory(ctx.device, need, f"decoding {len(inputs)} latents at once", "lower max_batch")
+        with ctx.models.use(first.vae, "vae") as vae, torch.no_grad():
+            work = working_dtype(vae.dtype)
+            samples = torch.cat([one.latent.samples for one in inputs])
+            z = (samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
+            x = fast(ctx, first.vae, "vae", vae).decode(z, return_dict=False)[0]
+        if not torch.isfinite(x).all():
+            raise NodeError(_not_finite("a decoded image", first.vae), field="vae")  # each one is decoded alone to tell which
+        pixels = (x.to(work) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        return [cls.Outputs(image=Image(part.clone())) for part in pixels.split(first.latent.samples.shape[0])]
+
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         info = model_info(inputs.vae, "vae")
         down = info.latent_downscale
@@ -411,8 +533,6 @@ class VAEDecode(Node):
         full = (min(inputs.tile_size, h * down), min(inputs.tile_size, w * down)) if inputs.tiled else (h * down, w * down)
         require_memory(ctx.device, feature_map_bytes(batch, channels, full[0], full[1], dtype),
                        f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
-        # under a VRAM budget a frame whose decode would not fit is decoded in tiles that do
-        tile = inputs.tile_size // down if inputs.tiled else decode_tile(ctx.models, inputs.vae.keys["vae"], tuple(inputs.latent.samples.shape))
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             work = working_dtype(vae.dtype)
             z = (inputs.latent.samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)

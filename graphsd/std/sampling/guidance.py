@@ -283,6 +283,43 @@ def _pass(entry: _Entry, side: int, field: str, shape: tuple[int, ...], device: 
     return Pass(side, area, weight)
 
 
+def is_plain(cond: Conditioning) -> bool:
+    """One conditioning that weighs 1 everywhere: no combined entries, area, mask or ControlNet.
+    Such conditionings of several branches can be stacked into one U-Net batch (:func:`merge_plans`)."""
+    unweighted = cond.area is None and cond.mask is None and not cond.mask_bounds and cond.strength == 1.0
+    return unweighted and not cond.combined and cond.control is None
+
+
+def merge_plans(plans: list[Guidance]) -> Guidance:
+    """One plan for several branches whose latents are stacked along the batch axis, in order:
+    each plan must be one U-Net batch of plain passes (one per side, as plain conditionings
+    make), of equal token counts. Each side's text contexts (and SDXL's added conditioning, and
+    class labels) are stacked branch after branch, so the U-Net's output splits per side as for
+    one branch, and each branch's rows are its own prediction."""
+    first = plans[0]
+    for plan in plans:
+        if len(plan.batches) != 1 or plan.sides != first.sides:
+            raise DenoiseError("only plain conditionings can be batched across branches")
+        batch = plan.batches[0]
+        if batch.concat is not None or batch.control is not None or any(p.area is not None or p.weight is not None for p in batch.passes):
+            raise DenoiseError("only plain conditionings can be batched across branches")
+    sides = first.sides
+
+    def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        parts = [t.chunk(sides) for t in tensors]
+        return torch.cat([part[side] for side in range(sides) for part in parts])
+
+    batches = [plan.batches[0] for plan in plans]
+    added = None
+    if batches[0].added is not None:
+        added = {name: stack([b.added[name] for b in batches if b.added is not None]) for name in batches[0].added}
+    labels = None
+    if batches[0].class_labels is not None:
+        labels = stack([b.class_labels for b in batches if b.class_labels is not None])
+    merged = UNetBatch(list(batches[0].passes), stack([b.context for b in batches]), added, None, None, labels)
+    return Guidance([merged], sides)
+
+
 def max_passes(positive: Conditioning, negative: Conditioning | None, guided: bool) -> int:
     """An upper bound of the conditionings evaluated at each step (each area can add one to the
     other side), for memory estimates."""

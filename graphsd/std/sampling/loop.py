@@ -29,6 +29,12 @@ that with the same scheduler, conditioning and seed the latents are the same:
 Per step there is one ``scale_model_input``, one U-Net call per conditioning size (one in all
 for a plain negative + positive), one guidance combination and one ``scheduler.step``;
 everything else is prepared before the loop.
+
+:func:`denoise_batch` runs several branches (independent runs that share the U-Net, sampler and
+settings, each with its own noise, generators and plain conditionings) as one loop on their
+latents stacked along the batch axis: one U-Net call per step for all of them
+(:func:`~graphsd.std.sampling.guidance.merge_plans`), each branch's ancestral noise drawn from
+its own generators, and the result split back per branch.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from graphsd.context import Context
 from graphsd.std.models.compile import fast
 from graphsd.std.models.family import model_info
 from graphsd.std.sampling.control import ControlRun, timestep_position
-from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, plan_guidance
+from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, merge_plans, plan_guidance
 from graphsd.std.sampling.inpaint import inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.preview import Previewer
 from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
@@ -122,7 +128,6 @@ def keep_start(scheduler: Any, x: torch.Tensor, mask: torch.Tensor, start: torch
     return (1 - mask) * kept + mask * x
 
 
-@torch.no_grad()
 def denoise(
     ctx: Context,
     unet_ref: UNet,
@@ -135,11 +140,41 @@ def denoise(
 ) -> torch.Tensor:
     """Run the loop and return the denoised latent (scaled latent space, on the CPU, in the
     U-Net's working precision: float32, or float64 for a float64 U-Net)."""
+    return denoise_batch([ctx], unet_ref, scheduler, [positive], [negative], [noise], [latent], settings)[0]
+
+
+@torch.no_grad()
+def denoise_batch(
+    ctxs: list[Context],
+    unet_ref: UNet,
+    scheduler: Any,
+    positives: list[Conditioning],
+    negatives: list[Conditioning | None],
+    noises: list[Noise],
+    latents: list[Latent | None],
+    settings: DenoiseSettings,
+) -> list[torch.Tensor]:
+    """Run the loop for one branch per context (as :func:`denoise`), several branches as one
+    loop on their stacked latents, and return each branch's denoised latent.
+
+    Several branches must agree in what they share (the caller's batch key): noise shape and
+    dtype, start latent or none (without a noise mask), negative or none, plain conditionings
+    of equal shapes, a U-Net whose input channels are the noise's (no inpainting U-Net) and a
+    scheduler that treats batch items independently. One branch is exactly :func:`denoise`."""
+    ctx = ctxs[0]
     device = ctx.device
     info = model_info(unet_ref, "unet")
     work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
+    for noise_i, latent_i in zip(noises, latents, strict=True):
+        check_start_latent(latent_i, noise_i)
+    if len(noises) == 1:
+        noise, latent = noises[0], latents[0]
+    else:  # the branches stacked along the batch axis
+        noise = Noise(torch.cat([n.samples for n in noises]), noises[0].seed, _stacked_states(noises))
+        starts = [latent_i.samples for latent_i in latents if latent_i is not None]
+        latent = Latent(torch.cat(starts)) if starts else None
     samples = noise.samples.to(device, work)
-    check_start_latent(latent, noise)
+    positive, negative = positives[0], negatives[0]
     guidance = negative is not None and settings.cfg != 1.0
     inpaint_unet = is_inpainting_unet(info.unet_in_channels, samples.shape[1])
     masked = latent is not None and latent.noise_mask is not None
@@ -172,9 +207,18 @@ def denoise(
         dtype = unet.dtype
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         concat = partial(inpaint_channels, latent=latent, shape=shape, convention="diffusers", device=device, dtype=work)
-        plan = plan_guidance(
-            info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None, seed=noise.seed
-        )
+        if len(noises) == 1:
+            plan = plan_guidance(
+                info, positive, negative, guidance, shape, scores, device, dtype, concat if inpaint_unet else None, seed=noise.seed
+            )
+        else:  # each branch's plain conditionings planned for its own latent, then stacked
+            branch = (noises[0].samples.shape[0], *shape[1:])
+            plan = merge_plans(
+                [
+                    plan_guidance(info, pos, neg, guidance, branch, scores, device, dtype, None, seed=n.seed)
+                    for pos, neg, n in zip(positives, negatives, noises, strict=True)
+                ]
+            )
         controls = stack.enter_context(ControlRun(ctx, plan, unet, timestep_position(scheduler.config.num_train_timesteps)))
 
         def unet_call(model_input: torch.Tensor, batch: UNetBatch, t: torch.Tensor, position: float) -> torch.Tensor:
@@ -208,5 +252,16 @@ def denoise(
                 x = keep_start(scheduler, x, keep, start, samples if settings.add_noise else None, first + i + 1)
             if previewer is not None:
                 previewer.show(step)
-            ctx.progress(i + 1, len(timesteps), step=i + first)
-    return x.cpu()
+            for each in ctxs:
+                each.progress(i + 1, len(timesteps), step=i + first)
+    if len(noises) == 1:
+        return [x.cpu()]
+    return [part.clone() for part in x.cpu().split(noises[0].samples.shape[0])]  # each its own storage
+
+
+def _stacked_states(noises: list[Noise]) -> torch.Tensor | None:
+    """The branches' generator states, one row per batch item in branch order (None unless
+    every branch has them)."""
+    if any(n.generator_state is None for n in noises):
+        return None
+    return torch.cat([n.generator_state.reshape(n.samples.shape[0], -1) for n in noises if n.generator_state is not None])
