@@ -24,6 +24,7 @@ from graphsd.resources import feature_map_bytes, latent_working_set, require_mem
 from graphsd.std.models.compile import fast
 from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
 from graphsd.std.models.loading import load_checkpoint, resolve_model_path
+from graphsd.std.models.streaming import decode_tile
 from graphsd.std.sampling.guidance import is_plain, max_passes
 from graphsd.std.sampling.inpaint import is_inpainting_unet
 from graphsd.std.sampling.kdiffusion import denoise_comfy
@@ -533,6 +534,8 @@ class VAEDecode(Node):
         full = (min(inputs.tile_size, h * down), min(inputs.tile_size, w * down)) if inputs.tiled else (h * down, w * down)
         require_memory(ctx.device, feature_map_bytes(batch, channels, full[0], full[1], dtype),
                        f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
+        # under a VRAM budget a frame whose decode would not fit is decoded in tiles that do
+        tile = inputs.tile_size // down if inputs.tiled else decode_tile(ctx.models, inputs.vae.keys["vae"], tuple(inputs.latent.samples.shape))
         with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
             work = working_dtype(vae.dtype)
             z = (inputs.latent.samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
