@@ -14,13 +14,28 @@ Each configuration runs in its own process, all in one invocation on the same GP
 - ``graphsd_fast``: ``Settings(compile="reduce-overhead")`` (``graphsd run --compile``), with an
   empty compile cache folder;
 - ``graphsd_fast_2nd``: the same in a second process, with the cache folder the first one filled:
-  the warm-up a user pays after a restart.
+  the warm-up a user pays after a restart;
+- ``graphsd_fp8``: ``Settings(compile="fp8")`` (float8 linear layers through torchao; not fp16's
+  numbers, so a row of its own, never the headline);
+- ``CONFIG:PRESET`` for a graphsd fast-path row: the same with the fast path's tuning constants
+  (graphsd.std.models.compile) set to one of :data:`TUNINGS` (``plain`` is last session's path),
+  to measure each lever in one invocation.
+
+``--prewarm N`` first runs every compiled row once in parallel (N processes at a time, each
+filling its compile cache), then times the rows one after another as above: each compiled row's
+warm-up is then a second process's (a warm cache), and its cold compile (under contention, so
+only a bound) is kept as ``cold_parallel``. This fits several compiled rows into one call; a row
+whose compile outlasts ``--timeout`` is dropped (on one H200 with five rows at once, the ``all``
+preset, whose ``coordinate_descent_tuning`` times kernel variants, and ``graphsd_fp8`` both took
+longer than 240 s).
 
 Printed per configuration: seconds per image (median of ``--runs`` after two warm-up images),
 peak GPU memory while timing, the warm-up (the first two images, compiles included; the model
 load is not in it), the host-device synchronisations during one image (``torch.cuda`` sync debug
-mode), and for the compiled rows the largest pixel difference (in [0, 1]) from the eager image of
-the same library and seed. Then the ratios the issue asks for. ``--smoke`` runs the same code on
+mode), for the compiled rows the largest pixel difference (in [0, 1]) from the eager image of
+the same library and seed (fp16 rows are checked against :data:`FP16_PIXEL_TOLERANCE`), and the
+time of each phase of one more image (text encoding, denoise loop, VAE decode). Then the ratios
+the issue asks for. ``--smoke`` runs the same code on
 tiny models on the CPU (for checking the script, not for numbers).
 """
 
@@ -29,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +58,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, CFG, PROMPT = 20, 7.5, "a red circle on a white background"
 CONFIGS = ("diffusers", "graphsd", "diffusers_compiled", "graphsd_fast", "graphsd_fast_2nd")
+#: the largest pixel difference (values in [0, 1]) an fp16 fast path may have from eager: fp16
+#: rounding differs between kernels (fused, reordered sums, other convolution algorithms) by
+#: about 2**-11 relative per operation, and 20 steps carry it into the image; four 8-bit levels
+#: bound what was seen (under one level) with room, while a wrong graph is off by far more
+FP16_PIXEL_TOLERANCE = 4 / 255
+#: fast-path tuning presets (values for graphsd.std.models.compile's constants)
+_PLAIN = {"FUSE_QKV": False, "SDPA_BACKENDS": (), "CUDNN_BENCHMARK": False, "INDUCTOR_OPTIONS": {"conv_1x1_as_mm": True}}
+_CUDNN_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+TUNINGS = {
+    "plain": _PLAIN,
+    "qkv": {**_PLAIN, "FUSE_QKV": True},
+    "cudnnattn": {**_PLAIN, "FUSE_QKV": True, "SDPA_BACKENDS": _CUDNN_FIRST},
+    "convbench": {**_PLAIN, "FUSE_QKV": True, "CUDNN_BENCHMARK": True},
+    "all": {
+        "FUSE_QKV": True,
+        "SDPA_BACKENDS": _CUDNN_FIRST,
+        "CUDNN_BENCHMARK": True,
+        "INDUCTOR_OPTIONS": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
+    },
+}
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -190,14 +226,37 @@ def measure(fn, runs: int, device: str) -> dict:
     return {"s": statistics.median(times), "times": times, "gib": peak, "warmup": warmup, "syncs": syncs, "first": first}
 
 
-def run_graphsd(args, fast: bool) -> dict:
-    from graphsd import Engine, Settings
+def prewarm(fn, device: str) -> dict:
+    """One image (compiles, fills the cache), for ``--prewarm``."""
+    t0 = time.perf_counter()
+    first = fn(0)
+    synchronize(device)
+    return {"cold_parallel": time.perf_counter() - t0, "first": first}
 
+
+def timed(fn, device: str):
+    """``fn``'s result and its seconds, the device synchronised before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def run_graphsd(args, mode: str) -> dict:
+    from graphsd import Engine, Settings
+    from graphsd.events import NodeDone
+
+    if args.tuning:
+        import graphsd.std.models.compile as fast_path
+
+        for name, value in TUNINGS[args.tuning].items():
+            setattr(fast_path, name, value)
     size = args.size
     settings = Settings(
         device=args.device,
         output_dir=tempfile.mkdtemp(),
-        compile="reduce-overhead" if fast else "off",
+        compile=mode,
         compile_cache_dir=args.cache,
         compile_backend=args.backend,
     )
@@ -234,7 +293,15 @@ def run_graphsd(args, fast: bool) -> dict:
         assert res.ok, [str(e) for e in res.errors]
         return res.outputs["img"]["image"].pixels[0]
 
-    return {"load": load, **measure(once, args.runs, args.device)}
+    if args.prewarm_only:
+        return {"load": load, **prewarm(once, args.device)}
+    result = measure(once, args.runs, args.device)
+    # phases of one more image: the nodes' own durations (the denoise node ends with the latent on
+    # the CPU and the decode node checks the pixels, so each waits for its GPU work)
+    res = engine.run(doc, params={"seed": 200}, outputs=["img"])
+    nodes = {e.node_id: e.duration_s for e in res.events if isinstance(e, NodeDone)}
+    result["phases"] = {"text": nodes.get("pos", 0.0) + nodes.get("neg", 0.0), "denoise": nodes.get("d"), "decode": nodes.get("img")}
+    return {"load": load, **result}
 
 
 def run_diffusers(args, compiled: bool) -> dict:
@@ -276,23 +343,48 @@ def run_diffusers(args, compiled: bool) -> dict:
         )
         return out.images[0].permute(1, 2, 0).float().cpu()
 
-    return {"load": load, **measure(once, args.runs, device)}
+    if args.prewarm_only:
+        return {"load": load, **prewarm(once, device)}
+    result = measure(once, args.runs, device)
+    # phases of one more image: prompt encoding and VAE decode timed with a sync around each, the
+    # denoise loop is the rest
+    spent = {"text": 0.0, "decode": 0.0}
+
+    def timing(phase: str, fn):
+        def wrapped(*a, **k):
+            out, seconds = timed(lambda: fn(*a, **k), device)
+            spent[phase] += seconds
+            return out
+
+        return wrapped
+
+    pipe.encode_prompt, pipe.vae.decode = timing("text", pipe.encode_prompt), timing("decode", pipe.vae.decode)
+    _, total = timed(lambda: once(200), device)
+    result["phases"] = {**spent, "denoise": total - spent["text"] - spent["decode"]}
+    return {"load": load, **result}
 
 
 def child(args) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache  # each row compiles into its own folder (graphsd's rows share one)
+    config, _, args.tuning = args.config.partition(":")
     result = {
         "diffusers": lambda: run_diffusers(args, False),
         "diffusers_compiled": lambda: run_diffusers(args, True),
-        "graphsd": lambda: run_graphsd(args, False),
-        "graphsd_fast": lambda: run_graphsd(args, True),
-        "graphsd_fast_2nd": lambda: run_graphsd(args, True),
-    }[args.config]()
+        "graphsd": lambda: run_graphsd(args, "off"),
+        "graphsd_fast": lambda: run_graphsd(args, "reduce-overhead"),
+        "graphsd_fast_2nd": lambda: run_graphsd(args, "reduce-overhead"),
+        "graphsd_fp8": lambda: run_graphsd(args, "fp8"),
+    }[config]()
     torch.save(result.pop("first"), args.image)
     print(json.dumps(result))
 
 
 # ---- the whole benchmark ----------------------------------------------------------------------
+
+
+def compiled(config: str) -> bool:
+    """Whether a row compiles (and so can be prewarmed)."""
+    return config.split(":")[0] in ("diffusers_compiled", "graphsd_fast", "graphsd_fp8")
 
 
 def bench_model(name: str, args, tmp: Path, everything: dict) -> dict:
@@ -304,69 +396,102 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> dict:
     print(f"[{name}] built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     size = {"sd15": 512, "sdxl": 1024}.get(name, 64)
     results: dict[str, dict] = everything.setdefault(name, {})
-    for config in args.configs:
+
+    def command(config: str, prewarm_only: bool) -> list[str]:
+        cache = tmp / f"cache-{name}-{'graphsd' if config.startswith('graphsd') else config}"
+        image = tmp / f"{name}-{config}{'-cold' if prewarm_only else ''}.pt"
+        return [
+            sys.executable, __file__, "--config", config, "--model", str(folder), "--size", str(size), "--steps", str(args.steps),
+            "--runs", str(args.runs), "--device", args.device, "--backend", args.backend, "--cache", str(cache), "--image", str(image),
+        ] + (["--prewarm-only"] if prewarm_only else [])  # fmt: skip
+
+    def finish(config: str, out: subprocess.CompletedProcess | None, seconds: float, key: str) -> None:
+        if out is None:
+            results[key] = {"error": f"timed out after {args.timeout} s"}
+        elif out.returncode:
+            results[key] = {"error": out.stderr[-2000:]}
+            print(f"[{name}] {key} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            return
+        else:
+            results[key] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[key]["process"] = seconds
+        print(f"[{name}] {key}: {json.dumps(results[key])}", file=sys.stderr, flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(everything, indent=1))
-        cache = tmp / f"cache-{name}-{'graphsd' if config.startswith('graphsd') else config}"
-        command = [
-            sys.executable,
-            __file__,
-            "--config",
-            config,
-            "--model",
-            str(folder),
-            "--size",
-            str(size),
-            "--steps",
-            str(args.steps),
-            "--runs",
-            str(args.runs),
-            "--device",
-            args.device,
-            "--backend",
-            args.backend,
-            "--cache",
-            str(cache),
-            "--image",
-            str(tmp / f"{name}-{config}.pt"),
-        ]
+
+    def logs_of(config: str) -> tuple[Path, Path]:
+        return tmp / f"prewarm-{name}-{config}.out", tmp / f"prewarm-{name}-{config}.err"
+
+    if args.prewarm:  # compile every compiled row once, in parallel, before timing any
+        env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 2) // args.prewarm))}
+        waiting = [c for c in args.configs if compiled(c) and not c.endswith("_2nd")]
+        running: list[tuple[str, subprocess.Popen, float]] = []
+        while waiting or running:
+            while waiting and len(running) < args.prewarm:
+                config = waiting.pop(0)
+                logs = logs_of(config)
+                with logs[0].open("w") as out, logs[1].open("w") as err:  # files, not pipes: a full pipe would stall the child
+                    # a session of its own: on a timeout the whole group goes, inductor's compile workers too
+                    # (left running, they would slow the rows timed next)
+                    proc = subprocess.Popen(
+                        command(config, True), stdout=out, stderr=err, text=True, cwd=ROOT, env=env, start_new_session=True
+                    )
+                running.append((config, proc, time.perf_counter()))
+            time.sleep(1)
+            for item in [r for r in running if r[1].poll() is not None or time.perf_counter() - r[2] > args.timeout]:
+                config, proc, started = item
+                running.remove(item)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                done = subprocess.CompletedProcess(proc.args, proc.returncode, *(f.read_text() for f in logs_of(config)))
+                finish(config, done if proc.returncode != -9 else None, time.perf_counter() - started, f"{config} (cold)")
+    for config in args.configs:
         t0 = time.perf_counter()
         try:
-            out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+            out = subprocess.run(command(config, False), capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            results[config] = {"error": f"timed out after {args.timeout} s"}
-            print(f"[{name}] {config}: timed out", file=sys.stderr, flush=True)
-            continue
-        if out.returncode:
-            results[config] = {"error": out.stderr[-2000:]}
-            print(f"[{name}] {config} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
-            continue
-        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
-        results[config]["process"] = time.perf_counter() - t0
-        print(f"[{name}] {config}: {json.dumps(results[config])}", file=sys.stderr, flush=True)
-    for fast, eager in (("diffusers_compiled", "diffusers"), ("graphsd_fast", "graphsd"), ("graphsd_fast_2nd", "graphsd")):
+            out = None
+        finish(config, out, time.perf_counter() - t0, config)
+        cold = results.pop(f"{config} (cold)", None)
+        if cold and "error" in cold:
+            results[f"{config} (cold)"] = cold
+        elif cold and "error" not in results[config]:
+            results[config]["cold_parallel"] = cold.get("cold_parallel")
+    for fast in results:
+        eager = "diffusers" if fast.startswith("diffusers") else "graphsd"
         a, b = tmp / f"{name}-{fast}.pt", tmp / f"{name}-{eager}.pt"
-        if fast in results and "error" not in results[fast] and a.exists() and b.exists():
+        if fast != eager and "error" not in results[fast] and a.exists() and b.exists():
             results[fast]["diff"] = float((torch.load(a) - torch.load(b)).abs().max())
+            results[fast]["within_tolerance"] = None if "fp8" in fast else results[fast]["diff"] <= FP16_PIXEL_TOLERANCE
     return results
 
 
 def report(name: str, results: dict, runs: int) -> None:
-    print(f"\n{name}: median of {runs} after 2 warm-up images")
-    print(f"{'configuration':<22} {'s / image':>9} {'peak GiB':>9} {'warm-up s':>10} {'syncs/img':>9} {'max |Δpixel|':>12}")
+    print(f"\n{name}: median of {runs} after 2 warm-up images; phases of one more image (s)")
+    print(
+        f"{'configuration':<26} {'s / image':>9} {'peak GiB':>8} {'warm-up s':>9} {'cold s':>7} {'syncs':>5} {'max |Δpixel|':>12}"
+        f" {'text':>6} {'denoise':>7} {'decode':>6}"
+    )
     for config, r in results.items():
         if "error" in r:
-            print(f"{config:<22} failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+            print(f"{config:<26} failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
             continue
         syncs = "-" if r.get("syncs") is None else str(r["syncs"])
-        diff = f"{r['diff']:.3g}" if "diff" in r else "-"
-        print(f"{config:<22} {r['s']:>9.3f} {r['gib']:>9.2f} {r['warmup']:>10.1f} {syncs:>9} {diff:>12}")
+        diff = f"{r['diff']:.3g}{'' if r.get('within_tolerance') in (True, None) else '!'}" if "diff" in r else "-"
+        cold = f"{r['cold_parallel']:.0f}" if r.get("cold_parallel") else "-"
+        ph = r.get("phases") or {}
+        widths = (("text", 6), ("denoise", 7), ("decode", 6))
+        phases = " ".join(f"{ph[k]:>{w}.3f}" if ph.get(k) is not None else f"{'-':>{w}}" for k, w in widths)
+        print(f"{config:<26} {r['s']:>9.3f} {r['gib']:>8.2f} {r['warmup']:>9.1f} {cold:>7} {syncs:>5} {diff:>12} {phases}")
+    print(f"  ('!': over the fp16 tolerance of {FP16_PIXEL_TOLERANCE:.4f}; 'cold': first compile while other rows compiled too)")
 
     def ratio(a: str, b: str, what: str) -> None:
         if all(c in results and "error" not in results[c] for c in (a, b)):
             print(f"  {what}: {a} / {b} = {results[a]['s'] / results[b]['s']:.2f}")
 
-    ratio("graphsd_fast", "diffusers_compiled", "fast path vs compiled diffusers (issue: <= 0.66 SD1.5, <= 0.70 SDXL)")
+    for fast in [c for c in results if c.startswith(("graphsd_fast", "graphsd_fp8")) and not c.endswith("(cold)")]:
+        ratio(fast, "diffusers_compiled", "vs compiled diffusers (issue: fast path <= 0.66 SD1.5, <= 0.70 SDXL)")
     ratio("graphsd", "diffusers", "eager vs eager (issue: <= 1.02)")
     ratio("graphsd_fast", "graphsd", "graphsd fast path vs graphsd eager")
     ratio("diffusers_compiled", "diffusers", "diffusers compiled vs eager")
@@ -380,6 +505,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds one configuration may take")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, aot_eager: checks the script, measures nothing")
+    parser.add_argument("--prewarm", type=int, default=0, metavar="N", help="compile the compiled rows first, N processes at a time")
+    parser.add_argument("--prewarm-only", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--config", "--model", "--cache", "--image"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -395,6 +522,9 @@ def main() -> None:
         args.device, args.backend, args.steps, args.runs = "cpu", "aot_eager", 2, 1
         args.models = args.models if args.models.startswith("tiny") else "tiny,tinyxl"
     args.configs = args.configs.split(",")
+    unknown = [c for c in args.configs if c.split(":")[0] not in (*CONFIGS, "graphsd_fp8") or c.partition(":")[2] not in ("", *TUNINGS)]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; use {', '.join(CONFIGS)}, graphsd_fp8, CONFIG:{'|'.join(TUNINGS)}")
     everything = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

@@ -395,9 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         const="reduce-overhead",
         default="off",
         metavar="MODE",
-        choices=("off", "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs"),  # = context.COMPILE_MODES
+        choices=("off", "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs", "fp8"),  # = context.COMPILE_MODES
         help="compile the U-Net and VAE decoder with torch.compile (alone: reduce-overhead; also default, max-autotune, "
-        "max-autotune-no-cudagraphs; default off). The first image of each shape pays the compile; later ones run faster",
+        "max-autotune-no-cudagraphs, fp8 = reduce-overhead with float8 linear layers through torchao, not fp16's numbers; "
+        "default off). The first image of each shape pays the compile; later ones run faster",
     )
     run.add_argument(
         "--ram-budget", type=float, metavar="MB", help="keep at most this much model weight in RAM (least recently used models are dropped)"

@@ -13,8 +13,9 @@ import torch
 from graphsd.errors import RunInterrupted
 from graphsd.events import EventCallback, Preview, Progress
 
-#: ``Settings.compile`` values: off, or one of torch.compile's modes
-COMPILE_MODES = ("off", "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``Settings.compile`` values: off, one of torch.compile's modes, or fp8 (reduce-overhead with
+#: the U-Net's linear layers in float8 through torchao; see graphsd.std.models.compile)
+COMPILE_MODES = ("off", "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs", "fp8")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 

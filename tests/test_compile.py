@@ -27,7 +27,7 @@ from graphsd import Engine, Settings
 from graphsd.cli import build_parser
 from graphsd.context import COMPILE_MODES
 from graphsd.events import ModelEvent
-from graphsd.std.models.compile import cache_dir
+from graphsd.std.models.compile import cache_dir, fuse_projections, refresh_projections, twin
 
 SEED = 5
 
@@ -215,6 +215,62 @@ def test_a_model_saved_after_compiling_holds_the_same_weights(fast_engine, eager
     reference = load_file(run(eager_engine, doc, outputs=["save"]).outputs["save"]["path"])
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+# ---- fused attention projections on a twin ----------------------------------------------------
+
+
+def unet_inputs(unet):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g, dtype=torch.float64)
+    return x, torch.tensor(500.0), context
+
+
+@torch.no_grad()
+def test_fused_projections_live_on_a_twin_that_follows_the_weights():
+    """The fast path fuses q/k/v on a twin sharing the U-Net's weights: the U-Net itself keeps its
+    layers (a checkpoint saved later is unchanged), the twin computes the same function, and a
+    weight changed in place (a patch) reaches the fused layers when they are refreshed."""
+    unet = sd_tiny.unet().double()
+    keys = set(unet.state_dict())
+    fused_twin = twin(unet)
+    layers = fuse_projections(fused_twin)
+    assert layers and set(unet.state_dict()) == keys
+    shared = [p for n, p in fused_twin.named_parameters() if "to_qkv" not in n and "to_kv" not in n]
+    assert all(a is b for a, b in zip(unet.parameters(), shared, strict=True))
+    x, t, context = unet_inputs(unet)
+    assert_same(fused_twin(x, t, context).sample, unet(x, t, context).sample, "fused projections")
+    to_k = next(m for m in unet.modules() if hasattr(m, "to_k") and m.is_cross_attention).to_k
+    to_k.weight.mul_(1.5)  # what a LoRA does in place
+    patched = unet(x, t, context).sample
+    assert (fused_twin(x, t, context).sample - patched).abs().max() > 1e-6  # stale until refreshed
+    refresh_projections(layers)
+    assert_same(fused_twin(x, t, context).sample, patched, "after a patch")
+
+
+@pytest.mark.slow
+def test_with_fused_projections_a_lora_strength_change_gives_the_patched_result(models, tmp_path, eager_engine, monkeypatch):
+    """The fast path with FUSE_QKV on: its fused layers are refreshed from the patched weights
+    on each run, so each LoRA strength (and none) gives eager's latent, and the U-Net's own
+    layers stay unfused (a checkpoint saved afterwards has the usual keys)."""
+    monkeypatch.setattr("graphsd.std.models.compile.FUSE_QKV", True)
+    fused = engine(models, tmp_path, compile="reduce-overhead", compile_backend="aot_eager", compile_cache_dir=str(tmp_path / "cache"))
+    for strength in (1.0, -0.8):
+        ours = run(fused, workflow("@lora.unet", LORA), {"strength": strength})
+        assert_same(latent(ours), latent(run(eager_engine, workflow("@lora.unet", LORA), {"strength": strength})), f"strength {strength}")
+    assert_same(latent(run(fused, workflow())), latent(run(eager_engine, workflow())), "LoRA removed")
+    unet = next(e.module for e in fused.models.entries.values() if isinstance(e.module, torch.nn.Module) and hasattr(e.module, "up_blocks"))
+    assert not any("to_qkv" in k or "to_kv" in k for k in unet.state_dict())
+
+
+@pytest.mark.slow
+def test_fp8_is_refused_where_float8_does_not_run(models, tmp_path):
+    result = engine(models, tmp_path, compile="fp8", compile_backend="aot_eager").run(workflow(), outputs=["denoise"])
+    assert not result.ok
+    message = str(result.errors[0])
+    assert "denoise" in message and "compile mode fp8 needs an NVIDIA GPU of compute capability 8.9" in message
+    assert "this run is on cpu" in message
 
 
 # ---- where compiled artefacts persist ---------------------------------------------------------
