@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=108, help="run the first N branches of the grid (default all 108)")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched run's max_batch (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--first", choices=("batched", "one-by-one"), default="batched", help="which run goes first (on a shared machine, try both)"
+    )
     parser.add_argument("--smoke", action="store_true", help="6 branches of 2 steps: a quick check of the set-up")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args()
@@ -122,8 +125,10 @@ def main() -> None:
     warmup = grid_workflow([("a red circle on a white background", 1000), ("a red circle on a white background", 1001)], 1, dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        t_batched, batched, types_b = run_grid(args.device, workflow, warmup, args.max_batch, str(Path(tmp) / "batched"))
-        t_single, single, types_s = run_grid(args.device, workflow, warmup, 1, str(Path(tmp) / "single"))
+        runs = {}
+        for name in ("batched", "one-by-one") if args.first == "batched" else ("one-by-one", "batched"):
+            runs[name] = run_grid(args.device, workflow, warmup, args.max_batch if name == "batched" else 1, str(Path(tmp) / name))
+    (t_batched, batched, types_b), (t_single, single, types_s) = runs["batched"], runs["one-by-one"]
     diff = max(float((batched[n] - single[n]).abs().max()) for n in single)
     levels = max(int(((batched[n] * 255).round() - (single[n] * 255).round()).abs().max()) for n in single)
     figures = {
@@ -133,6 +138,7 @@ def main() -> None:
         "branches": len(branches),
         "steps": args.steps,
         "max_batch": args.max_batch,
+        "first": args.first,
         "batched_s": round(t_batched, 3),
         "one_by_one_s": round(t_single, 3),
         "speedup": round(t_single / t_batched, 2),

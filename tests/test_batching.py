@@ -222,8 +222,9 @@ def models(tmp_path_factory):
     return root
 
 
-def grid(branches, sampler="euler", steps=3):
-    """One branch per (prompt, seed): TextEncode → LatentNoise → UNetDenoiseLoop → VAEDecode."""
+def grid(branches, sampler="euler", steps=3, img2img=False):
+    """One branch per (prompt, seed): TextEncode → LatentNoise → UNetDenoiseLoop → VAEDecode;
+    with ``img2img``, each branch runs image-to-image (denoise 0.4) from its own text-to-image latent of 2 steps."""
     nodes = {
         "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1", "dtype": "fp64"}},
         "neg": {"type": "TextEncode", "inputs": {"clip": "@model.clip", "text": "blurry"}},
@@ -244,6 +245,9 @@ def grid(branches, sampler="euler", steps=3):
             },
         }
         nodes[f"image{i}"] = {"type": "VAEDecode", "inputs": {"vae": "@model.vae", "latent": f"@denoise{i}.latent"}}
+        if img2img:  # the start: the branch's own text-to-image latent of 2 steps
+            nodes[f"start{i}"] = {"type": "UNetDenoiseLoop", "inputs": {**nodes[f"denoise{i}"]["inputs"], "steps": 2}}
+            nodes[f"denoise{i}"]["inputs"].update(latent=f"@start{i}.latent", denoise=0.4)
     return doc(nodes)
 
 
@@ -278,6 +282,17 @@ def test_batched_grid_equals_each_branch_alone(models, tmp_path, sampler):
     # the branches differ from each other (a batch that mixed them up could not pass the check above, but make sure)
     latents = [batched.outputs[f"denoise{i}"]["latent"].samples for i in range(len(BRANCHES))]
     assert all(not torch.equal(latents[0], other) for other in latents[1:])
+
+
+@pytest.mark.slow
+def test_batched_image_to_image_equals_each_branch_alone(models, tmp_path):
+    targets = [f"image{i}" for i in range(3)]
+    batched = sd_engine(models, tmp_path, 16).run(grid(BRANCHES[:3], img2img=True), outputs=targets)
+    alone = sd_engine(models, tmp_path, 1).run(grid(BRANCHES[:3], img2img=True), outputs=targets)
+    assert batched.ok and alone.ok
+    assert_branches_equal(batched, alone, 3)
+    batches = [(e.node_type, e.node_ids) for e in batched.events if e.kind == "node_batch"]
+    assert batches[:2] == [("UNetDenoiseLoop", ("start0", "start1", "start2")), ("UNetDenoiseLoop", ("denoise0", "denoise1", "denoise2"))]
 
 
 @pytest.mark.slow

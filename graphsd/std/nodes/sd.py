@@ -296,7 +296,7 @@ class UNetDenoiseLoop(Node):
             tuple(noise.samples.shape),
             str(noise.samples.dtype),
             noise.generator_state is None,
-            latent is None,
+            None if latent is None else str(latent.samples.dtype),
             inputs.negative is None,
             tuple(shapes),
         )
