@@ -4,7 +4,8 @@ and SDXL-shaped (1024x1024) models with random weights (the real architectures, 
 ``bench/gpu.py``), fp16, batch 1, euler, CFG 7.5.
 
     python bench/vram.py [--models sd15,sdxl] [--budgets none,8,6,4,3,2,1.5,1] \\
-        [--anchors model,sequential,group_block,group_leaf] [--steps 20] [--runs 3] [--json out.json]
+        [--anchors model,sequential,group_block,group_leaf] [--steps 20] [--runs 3] [--json out.json] \\
+        [--timeout 600] [--timeouts diffusers:group_leaf=120,...]
 
 Each configuration runs in its own process, all in one invocation on the same GPU:
 
@@ -12,7 +13,14 @@ Each configuration runs in its own process, all in one invocation on the same GP
 - ``diffusers:model``: ``enable_model_cpu_offload()``;
 - ``diffusers:sequential``: ``enable_sequential_cpu_offload()``;
 - ``diffusers:group_block`` / ``group_leaf``: ``enable_group_offload(offload_type="block_level",
-  num_blocks_per_group=1 | "leaf_level", use_stream=True)``.
+  num_blocks_per_group=1 | "leaf_level", use_stream=True, record_stream=True)`` (without
+  ``record_stream`` every group's offload synchronizes the compute stream: the host waits for the
+  GPU once per group, so the leaf level, thousands of groups per U-Net call, crawls).
+
+Each configuration has its own time limit (``--timeout``, or a ``--timeouts`` entry for it); one
+that runs out is recorded as timed out, with how far it got (the child reports its set-up and each
+image as it goes), and the sweep goes on. The table row of each configuration is printed, and the
+``--json`` file rewritten, as soon as it ends, so a run cut short keeps what it measured.
 
 Printed per configuration: seconds per image (median of ``--runs`` after one warm-up image),
 peak allocated GPU memory while timing (``torch.cuda.max_memory_allocated``), the process's peak
@@ -50,10 +58,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def progress(message: str) -> None:
+    """How far a configuration got (its parent shows the last line if it runs out of time)."""
+    print(f"[{time.perf_counter() - STARTED:.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+STARTED = time.perf_counter()
+
+
 def measure(once, args) -> dict:
     """One warm-up image, then ``--runs`` timed ones with the peak allocation over them."""
+    progress("set up; warm-up image")
     first = once(0)
     _sync(args.device)
+    progress("warm-up image done")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -62,6 +80,7 @@ def measure(once, args) -> dict:
         once(1 + i)
         _sync(args.device)
         times.append(time.perf_counter() - t0)
+        progress(f"image {i + 1}: {times[-1]:.3f} s")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, "first": first}
@@ -146,7 +165,8 @@ def run_diffusers(args, anchor: str) -> dict:
     elif anchor.startswith("group"):
         level = anchor.removeprefix("group_")
         blocks = {"num_blocks_per_group": 1} if level == "block" else {}
-        pipe.enable_group_offload(device, offload_type=f"{level}_level", use_stream=args.device == "cuda", **blocks)
+        stream = args.device == "cuda"
+        pipe.enable_group_offload(device, offload_type=f"{level}_level", use_stream=stream, record_stream=stream, **blocks)
     else:
         pipe.to(device)
 
@@ -204,15 +224,20 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
             "--image",
             str(image),
         ]
+        limit = args.timeouts.get(config, args.timeout)
         t0 = time.perf_counter()
         try:
-            out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            results[config] = {"error": f"timed out after {args.timeout} s"}
+            out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=limit)
+        except subprocess.TimeoutExpired as timeout:
+            stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr or ""
+            reached = [line for line in stderr.splitlines() if line.startswith("[") and " s] " in line]
+            results[config] = {"timeout": limit, "reached": reached[-1] if reached else "start-up"}
+            finished(name, config, results, args)
             continue
         if out.returncode:
             results[config] = {"error": out.stderr[-3000:]}
             print(f"[{name}] {config} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            finished(name, config, results, args)
             continue
         r = results[config] = json.loads(out.stdout.strip().splitlines()[-1])
         r["process_s"] = time.perf_counter() - t0
@@ -227,28 +252,43 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
         if reference is not None and reference.exists() and image.exists():
             r["diff"] = float((torch.load(image) - torch.load(reference)).abs().max())
         print(f"[{name}] {config}: {json.dumps(r)}", file=sys.stderr, flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(everything, indent=1))
+        finished(name, config, results, args)
+
+
+def finished(name: str, config: str, results: dict, args) -> None:
+    """A configuration ended: its table row now, and the JSON with everything so far."""
+    print(f"[{name}] {row(config, results[config], results)}", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(args.everything, indent=1))
+
+
+HEADER = (
+    f"{'configuration':<22} {'s / image':>9} {'× none':>7} {'peak GiB':>9} {'≤ budget':>9} {'RSS GiB':>8} "
+    f"{'streamed GiB/img':>16} {'max |Δpixel|':>12}"
+)
+
+
+def row(config: str, r: dict, results: dict) -> str:
+    """One configuration's line of the table (a failure or a time-out says so)."""
+    if "timeout" in r:
+        return f"{config:<22} timed out after {r['timeout']:.0f} s (last reached: {r['reached']})"
+    if "error" in r:
+        lines = r["error"].strip().splitlines()
+        return f"{config:<22} failed: {lines[-1] if lines else '?'}"
+    base = results.get("graphsd@none", {}).get("s")
+    ratio = f"{r['s'] / base:.2f}" if base else "-"
+    budget = config.partition("@")[2]
+    within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
+    streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
+    diff = f"{r['diff']:.3g}" if "diff" in r else "-"
+    return f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}"
 
 
 def report(name: str, results: dict, args) -> None:
     print(f"\n{name}: {args.steps} euler steps, CFG {CFG}, median of {args.runs} after 1 warm-up image")
-    print(
-        f"{'configuration':<22} {'s / image':>9} {'× none':>7} {'peak GiB':>9} {'≤ budget':>9} {'RSS GiB':>8} "
-        f"{'streamed GiB/img':>16} {'max |Δpixel|':>12}"
-    )
-    base = results.get("graphsd@none", {}).get("s")
+    print(HEADER)
     for config, r in results.items():
-        if "error" in r:
-            lines = r["error"].strip().splitlines()
-            print(f"{config:<22} failed: {lines[-1] if lines else '?'}")
-            continue
-        ratio = f"{r['s'] / base:.2f}" if base else "-"
-        budget = config.partition("@")[2]
-        within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
-        streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
-        diff = f"{r['diff']:.3g}" if "diff" in r else "-"
-        print(f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}")
+        print(row(config, r, results))
 
 
 def main() -> None:
@@ -259,6 +299,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
+    parser.add_argument(
+        "--timeouts", default="", help="limits for single configurations, e.g. diffusers:group_leaf=120,graphsd@1=90 (seconds)"
+    )
     parser.add_argument("--json", help="also write the results here (after every configuration)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     for hidden in ("--config", "--model", "--image"):
@@ -273,11 +316,13 @@ def main() -> None:
     if args.smoke:
         args.device, args.steps, args.runs = "cpu", 2, 1
         args.models = args.models if args.models.startswith("tiny") else "tiny,tinyxl"
-        args.budgets = "none,0.0005" if args.budgets == BUDGETS else args.budgets
+        args.budgets = "none,0.008" if args.budgets == BUDGETS else args.budgets
         args.anchors = "group_block" if args.anchors == ANCHORS else args.anchors
+    args.timeouts = {c: float(v) for c, _, v in (item.rpartition("=") for item in args.timeouts.split(",") if item)}
     args.budgets = args.budgets.split(",")
     args.anchors = [a for a in args.anchors.split(",") if a]
     everything: dict = {}
+    args.everything = everything
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             bench_model(name, args, Path(tmp), everything)

@@ -24,6 +24,14 @@ activations comes from the layout's ``workspace`` estimators, which read the sha
 budget below the smallest working set (the layers that never stream, the largest block, the ring
 and the activations) is refused with a :class:`VramBudgetError` naming that minimum.
 
+**Moves are cheap under a budget.** Each component's weights get a *home* in CPU memory once
+(pinned on CUDA, packed into a few large chunks so the pinned allocator's power-of-two rounding
+wastes little, :func:`pinned_home`): placing a component (whole or its resident blocks) is an
+asynchronous copy from there on the compute stream, and offloading it only points its tensors back
+home, with nothing copied, since outside a use its weights always equal their home (patches are
+undone bit for bit before a use ends). So components taking turns on the device between the
+nodes of an image cost one host-to-device copy of what they keep resident, at the link's speed.
+
 Patches see streamed weights as they see resident ones: a streamed block's parameters *are* its
 pinned CPU copies outside its own forward, so a patch that changes weights in place (a LoRA) changes
 what every later copy carries, and its undo restores them exactly.
@@ -84,6 +92,49 @@ def _nbytes(t: torch.Tensor) -> int:
 def region_bytes(module: torch.nn.Module) -> int:
     """Bytes a block takes in the ring: its tensors, each starting at an :data:`ALIGN` boundary."""
     return sum(-(-_nbytes(t) // ALIGN) * ALIGN for t in _tensors(module))
+
+
+#: Size of the pinned chunks homes are packed into (a power of two: the pinned allocator rounds up to one).
+HOME_CHUNK = 64 * MB
+
+
+def pinned_home(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """CPU copies of ``tensors`` (their values, dtypes, shapes), in pinned memory when ``pin``.
+
+    Contiguous tensors are packed, :data:`ALIGN`-aligned, into chunks of :data:`HOME_CHUNK` bytes
+    (one tensor larger than that gets a chunk of its own), so a component of thousands of tensors
+    takes a few pinned allocations and the rounding wastes at most part of a chunk; others are
+    pinned one by one. A CPU tensor that needs no pinning is its own home (no copy)."""
+    homes: list[torch.Tensor | None] = [None] * len(tensors)
+    packed: list[int] = []
+    for i, t in enumerate(tensors):
+        if not pin:
+            homes[i] = t if t.device.type == "cpu" else t.to("cpu")
+        elif t.is_contiguous() and _nbytes(t) > 0:
+            packed.append(i)
+        else:
+            homes[i] = t.to("cpu").pin_memory()
+    chunk: torch.Tensor | None = None
+    used = 0
+    for i in packed:
+        t, size = tensors[i], _nbytes(tensors[i])
+        if chunk is None or used + size > chunk.numel():
+            chunk, used = torch.empty(max(size, HOME_CHUNK), dtype=torch.uint8, pin_memory=True), 0
+        home = chunk[used : used + size].view(t.dtype).view(t.shape)
+        home.copy_(t)
+        homes[i] = home
+        used += -(-size // ALIGN) * ALIGN
+    return [h for h in homes if h is not None]
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` lives on ``device`` ("cuda" matches any CUDA index)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same memory (``param.data`` is a new object on every read)."""
+    return a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
 def _device_of(module: Any) -> torch.device:
@@ -215,9 +266,24 @@ class Streamer:
     ``bytes_moved`` / ``calls`` count what was copied and how many forwards of the component ran.
     """
 
-    def __init__(self, module: torch.nn.Module, layout: Layout, device: torch.device, resident: set[int], ring_bytes: int):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        layout: Layout,
+        device: torch.device,
+        resident: set[int],
+        ring_bytes: int,
+        home: dict[int, torch.Tensor] | None = None,
+        patched: bool = False,
+    ):
         self.module, self.layout, self.device = module, layout, device
         self.cuda = device.type == "cuda"
+        # the weights' CPU homes by id (ModelManager's): streamed blocks use them as their CPU copies
+        self.home = home or {}
+        # a use's patches are applied now: a block leaving the device copies its (patched) values
+        # home first, and ``resync`` says a home was read while patched, so it is refreshed after the undo
+        self.patched = patched
+        self.resync = False
         self.resident: set[int] = set()
         self.streamed: list[int] = []
         self.tensors: list[list[_Tensor]] = []
@@ -232,7 +298,8 @@ class Streamer:
         in_blocks = {id(t.tensor) for entries in self.tensors for t in entries}
         for t in _tensors(module):  # the layers outside every block live on the device
             if id(t) not in in_blocks:
-                t.data = t.data.to(device)
+                self.resync |= patched and not _on(t, device)
+                t.data = t.data.to(device, non_blocking=True)
         self.ring = torch.empty(0, dtype=torch.uint8, device=device)
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots: deque[_Slot] = deque()  # issued copies not yet used, in issue order
@@ -263,12 +330,17 @@ class Streamer:
             for t in entries:
                 if i in resident:
                     source = t.master if t.master is not None else t.tensor.data
-                    t.tensor.data = source.to(self.device)
+                    self.resync |= self.patched and not _on(source, self.device)
+                    t.tensor.data = source.to(self.device, non_blocking=True)
                     t.master = None
-                elif t.master is None:  # it was resident (or is new): its pinned CPU copy is made once
-                    master = t.tensor.data.to("cpu")
-                    if self.cuda and not master.is_pinned():
-                        master = master.pin_memory()
+                elif t.master is None:  # it was resident (or is new): it streams from its home
+                    master = self.home.get(id(t.tensor))
+                    if master is None:  # no home given: a pinned CPU copy made once
+                        master = t.tensor.data.to("cpu")
+                        if self.cuda and not master.is_pinned():
+                            master = master.pin_memory()
+                    elif self.patched and not _same(master, t.tensor.data):  # keep the use's patched values
+                        master.copy_(t.tensor.data)
                     t.master = master
                     t.tensor.data = master
         self.resident = set(resident)
@@ -449,6 +521,9 @@ class _Entry:
     workspace: int = 0  # activation bytes its calls need (learned from their shapes)
     extra: int = 0  # measured overshoot of the workspace estimate, added to it
     watched: bool = False  # the workspace hooks are installed
+    home: dict[int, torch.Tensor] | None = None  # id(tensor) -> its CPU home (pinned on CUDA), under a budget
+    patched: bool = False  # a use's patches are applied now
+    resync: bool = False  # a move during a patched use read homes: they are refreshed after the undo
 
 
 class KeepOnDevice:
@@ -708,18 +783,68 @@ class ModelManager:
             self.on_device.move_to_end(key)
             return entry.module
 
+    # ---- homes: where weights live off the device under a budget ---------------------------------
+    def _homes(self, entry: _Entry) -> dict[int, torch.Tensor]:
+        """The component's CPU homes (made once, from wherever its weights are, and pinned on
+        CUDA), with every tensor of it pointed at its home."""
+        if entry.home is None:
+            tensors = _tensors(entry.module)
+            homes = pinned_home([t.data for t in tensors], pin=self.device.type == "cuda")
+            entry.resync |= entry.patched  # made from patched values: refreshed after the undo
+            for t, home in zip(tensors, homes, strict=True):
+                t.data = home
+            entry.home = {id(t): home for t, home in zip(tensors, homes, strict=True)}
+        return entry.home
+
+    def _to_device(self, entry: _Entry) -> None:
+        """Place the whole component: asynchronous copies from its homes on the compute stream."""
+        home = self._homes(entry)
+        for t in _tensors(entry.module):
+            if not _on(t, self.device):
+                entry.resync |= entry.patched
+                t.data = home.get(id(t), t.data).to(self.device, non_blocking=True)
+
+    def _to_home(self, entry: _Entry) -> None:
+        """Point every tensor of the component at its home (nothing is copied unless a use's
+        patches are applied: then their values go home first, and are refreshed after the undo)."""
+        home = self._homes(entry)
+        for t in _tensors(entry.module):
+            target = home.get(id(t))
+            if target is None:  # a tensor added since the homes were made
+                target = home[id(t)] = pinned_home([t.data], pin=self.device.type == "cuda")[0]
+            elif entry.patched and not _same(target, t.data):
+                target.copy_(t.data)
+                entry.resync = True
+            t.data = target
+
+    def _resync(self, entry: _Entry) -> None:
+        """After a patched use whose moves read or wrote homes: copy the (undone) weights on the
+        device back to their homes, so homes equal the unpatched weights again."""
+        streamer = entry.streamer
+        if not (entry.resync or (streamer is not None and streamer.resync)) or entry.home is None:
+            return
+        for t in _tensors(entry.module):
+            home = entry.home.get(id(t))
+            if home is not None and not _same(home, t.data):
+                home.copy_(t.data)
+        entry.resync = False
+        if streamer is not None:
+            streamer.resync = False
+
     def _place(self, key: str, entry: _Entry, plan: Plan) -> None:
         """Carry out ``plan`` for ``key`` (nothing moves when it is placed so already)."""
+        # under a budget weights get homes (pinned memory needs CUDA itself, not only the name)
+        homed = self.strategy.vram_budget is not None and (self.device.type != "cuda" or torch.cuda.is_available())
         if plan.resident is None:
             if entry.streamer is not None:
                 self.strategy.make_room(self, key, entry.nbytes + entry.workspace + entry.extra)
                 entry.streamer.remove()
                 entry.streamer = None
-                entry.module.to(self.device)
+                self._to_device(entry) if homed else entry.module.to(self.device)
                 self._emit("place", key, entry.nbytes, str(self.device))
             elif key not in self.on_device:
                 self.strategy.make_room(self, key, entry.nbytes + entry.workspace + entry.extra)
-                entry.module.to(self.device)
+                self._to_device(entry) if homed else entry.module.to(self.device)
                 self._emit("place", key, entry.nbytes, str(self.device))
             self._watch(key, entry)
             return
@@ -728,9 +853,13 @@ class ModelManager:
                 self.offload(other)
         streamer = entry.streamer
         if streamer is None:
-            if key in self.on_device:  # placed whole before: offload first, so the move never holds both
+            # placed whole before: off the device first, so the move never holds both
+            if homed:
+                self._to_home(entry)
+            elif key in self.on_device:
                 entry.module.to("cpu")
-            entry.streamer = Streamer(entry.module, self.layout(key), self.device, plan.resident, plan.ring)
+            home = entry.home if homed else None
+            entry.streamer = Streamer(entry.module, self.layout(key), self.device, plan.resident, plan.ring, home, entry.patched)
         elif streamer.resident != plan.resident or streamer.ring.numel() != plan.ring:
             streamer.configure(plan.resident, plan.ring)
         else:
@@ -798,8 +927,19 @@ class ModelManager:
                     if entry.streamer is not None:
                         entry.streamer.remove()
                         entry.streamer = None
-                    entry.module.to("cpu")
+                    self._to_home(entry) if entry.home is not None else entry.module.to("cpu")
                     self._emit("offload", key, entry.nbytes, "cpu")
+
+    def _set_patched(self, entry: _Entry, patched: bool) -> None:
+        entry.patched = patched
+        if entry.streamer is not None:
+            entry.streamer.patched = patched
+
+    def _end_patched(self, entry: _Entry) -> None:
+        """A use's patches are undone: homes read or written meanwhile get the restored weights."""
+        if entry.patched:
+            self._resync(entry)
+            self._set_patched(entry, False)
 
     def free_device_memory(self) -> None:
         """Offload everything not in use and empty the allocator's cache (OOM recovery)."""
@@ -826,10 +966,12 @@ class ModelManager:
             if streamer is not None:
                 streamer.bytes_moved, streamer.calls, streamer.transfers = 0, 0, []
             with ExitStack() as undo:
+                undo.callback(self._end_patched, entry)  # runs after every patch's undo
                 for patch in ref.patches:
                     restore = patch.apply(role, module)
                     if restore is not None:
                         undo.callback(restore)
+                        self._set_patched(entry, True)
                 try:
                     yield module
                 finally:

@@ -217,3 +217,55 @@ def test_vae_decode_switches_to_tiles_when_the_full_frame_would_break_the_budget
     assert tile is not None and 8 <= tile < 64
     assert weights + decoder_workspace(vae)((torch.empty(1, 4, tile, tile),), {}) <= m.strategy.vram_budget
     assert decode_tile(ModelManager("cpu"), "x", (1, 4, 64, 64)) is None  # no budget: never tiles
+
+
+def test_lora_with_replans_mid_use_and_offloads_between_uses_keeps_every_weight():
+    """Under a budget weights live in their homes off the device: a LoRA use whose call re-plans
+    (whole for a small batch, then partially loaded for a large one) gives the LoRA result, and
+    after the undo, an offload and a second unpatched use, every weight is the original bit for bit."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from sd_tiny import text_encoder
+    from sd_tiny import unet as tiny_unet
+    from test_lora import graphsd_patch, kohya_sd1
+
+    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
+
+    torch.manual_seed(0)
+    model, te = tiny_unet(), text_encoder()
+    t = torch.tensor(10)
+    small, large = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lora.safetensors"
+        save_file(kohya_sd1(model, te), path)
+        patch, _ = graphsd_patch(path, {"unet": model, "text_encoder": te}, 0.8)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    undo = patch.apply("unet", model)
+    with torch.no_grad():
+        expected = model(large, t, encoder_hidden_states=torch.zeros(4, 77, 32)).sample
+    undo()
+    with torch.no_grad():
+        plain = model(small, t, encoder_hidden_states=torch.zeros(1, 77, 32)).sample
+    m, handle, _ = managed(model, 0)
+    layout = m.layout("model")
+    workspace = layout.workspace[""]
+    # whole with the small batch's activations; the large batch's no longer fit beside all weights
+    m.strategy.vram_budget = module_nbytes(model) + workspace((small,), {})
+    assert module_nbytes(model) + workspace((large,), {}) > m.strategy.vram_budget
+    m.add("other", torch.nn.Linear(4, 4))  # a second component takes turns on the device
+    with m.use(handle.with_patches(patch), "unet") as unet, torch.no_grad():
+        unet(small, t, encoder_hidden_states=torch.zeros(1, 77, 32))
+        assert m.entries["model"].streamer is None
+        got = unet(large, t, encoder_hidden_states=torch.zeros(4, 77, 32)).sample
+        assert m.entries["model"].streamer is not None and m.entries["model"].streamer.streamed
+    assert torch.equal(got, expected)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    m.offload("model")
+    with m.use(UNet(m, {"unet": "other"}), "unet"):
+        pass
+    with m.use(handle, "unet") as unet, torch.no_grad():
+        again = unet(small, t, encoder_hidden_states=torch.zeros(1, 77, 32)).sample
+    assert torch.equal(again, plain)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
