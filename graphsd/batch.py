@@ -241,7 +241,7 @@ def run_pool(pool: Any, rows: list[Row], on_done: Callable[[Row], None], stop: t
                 if row is None:
                     return
                 backlog.remove(row)
-                pool.router.reserve(slot)
+                pool.router.reserve(slot, row.identity)
             row.worker = slot.index
             t0 = time.perf_counter()
             try:

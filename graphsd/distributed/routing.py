@@ -89,6 +89,8 @@ class Router:
                 return None
             slot = self._best_for(identity, self.free_slots())
             slot.busy += 1
+            if identity:  # it will hold it: the next choices count it
+                slot.models.add(identity)
             return slot
 
     def pick(self, slot: Slot, backlog: Iterable[tuple[Any, str]]) -> Any:
@@ -108,9 +110,13 @@ class Router:
                     first_new = (rank, job)
         return first_new[1] if first_new is not None else None
 
-    def reserve(self, slot: Slot) -> None:
+    def reserve(self, slot: Slot, identity: str = "") -> None:
+        """Mark ``slot`` busy with a job of ``identity`` (which it will then hold: the next
+        choices count it at once, not when the job ends)."""
         with self._lock:
             slot.busy += 1
+            if identity:
+                slot.models.add(identity)
 
     def release(self, slot: Slot, identity: str | None, reset: bool = False) -> None:
         """The job on ``slot`` ended. ``identity``: the model identity it left loaded (None: it
