@@ -10,6 +10,8 @@ and SDXL-shaped (1024x1024) models with random weights (the real architectures, 
 Each configuration runs in its own process, all in one invocation on the same GPU:
 
 - ``graphsd@B``: ``Engine(Settings(device="cuda", vram_budget_mb=B * 1024))`` (``none``: no budget);
+  ``graphsd@BrN``: the same with a streaming ring of N of the largest block (``ModelOffload.ring_blocks``;
+  the default otherwise);
 - ``diffusers:model``: ``enable_model_cpu_offload()``;
 - ``diffusers:sequential``: ``enable_sequential_cpu_offload()``;
 - ``diffusers:group_block`` / ``group_leaf``: ``enable_group_offload(offload_type="block_level",
@@ -86,7 +88,7 @@ def measure(once, args) -> dict:
     return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, "first": first}
 
 
-def run_graphsd(args, budget: float | None) -> dict:
+def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> dict:
     from graphsd import Engine, Settings
     from graphsd.memory import ModelOffload
 
@@ -94,6 +96,8 @@ def run_graphsd(args, budget: float | None) -> dict:
     engine = Engine(settings)
     if budget and args.device == "cpu":  # --smoke: the budget's mechanics on the CPU
         engine.models.strategy = ModelOffload(int(budget * 2**30), on_cpu=True)
+    if ring_blocks is not None and isinstance(engine.models.strategy, ModelOffload):
+        engine.models.strategy.ring_blocks = ring_blocks
     dtype = "fp16" if args.device == "cuda" else "fp32"
     doc = {
         "version": 1,
@@ -189,7 +193,8 @@ def run_diffusers(args, anchor: str) -> dict:
 def child(args) -> None:
     kind, _, value = args.config.partition("@") if "@" in args.config else args.config.partition(":")
     if kind == "graphsd":
-        result = run_graphsd(args, None if value == "none" else float(value))
+        budget, _, ring = value.partition("r")
+        result = run_graphsd(args, None if budget == "none" else float(budget), int(ring) if ring else None)
     else:
         result = run_diffusers(args, value)
     torch.save(result.pop("first"), args.image)
@@ -277,11 +282,28 @@ def row(config: str, r: dict, results: dict) -> str:
         return f"{config:<22} failed: {lines[-1] if lines else '?'}"
     base = results.get("graphsd@none", {}).get("s")
     ratio = f"{r['s'] / base:.2f}" if base else "-"
-    budget = config.partition("@")[2]
+    budget = config.partition("@")[2].partition("r")[0]
     within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
     streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"
     return f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}"
+
+
+def link_speed() -> dict:
+    """Host-to-device copy speed from pinned memory, GB/s: one 1 GiB copy, and the same bytes in
+    16 KiB copies (what copying a model tensor by tensor costs at worst)."""
+    big = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    dest = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    speeds = {}
+    for label, piece in (("one_copy", 2**30), ("16KiB_copies", 2**14)):
+        dest[: 2**20].copy_(big[: 2**20], non_blocking=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for start in range(0, 2**30 if piece == 2**30 else 2**27, piece):
+            dest[start : start + piece].copy_(big[start : start + piece], non_blocking=True)
+        torch.cuda.synchronize()
+        speeds[label] = (2**30 if piece == 2**30 else 2**27) / (time.perf_counter() - t0) / 1e9
+    return speeds
 
 
 def report(name: str, results: dict, args) -> None:
@@ -323,13 +345,17 @@ def main() -> None:
     args.anchors = [a for a in args.anchors.split(",") if a]
     everything: dict = {}
     args.everything = everything
+    if args.device == "cuda":
+        everything["link_gb_s"] = link_speed()
+        print(f"host-to-device from pinned memory, GB/s: {everything['link_gb_s']}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             bench_model(name, args, Path(tmp), everything)
     if args.device == "cuda":
         print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; fp16, batch 1")
     for name, results in everything.items():
-        report(name, results, args)
+        if name != "link_gb_s":
+            report(name, results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))
 

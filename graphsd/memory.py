@@ -91,40 +91,71 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def region_bytes(module: torch.nn.Module) -> int:
     """Bytes a block takes in the ring: its tensors, each starting at an :data:`ALIGN` boundary."""
-    return sum(-(-_nbytes(t) // ALIGN) * ALIGN for t in _tensors(module))
+    return sum(_aligned(t) for t in _tensors(module))
 
 
 #: Size of the pinned chunks homes are packed into (a power of two: the pinned allocator rounds up to one).
 HOME_CHUNK = 64 * MB
 
 
-def pinned_home(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] | None = None) -> list[torch.Tensor]:
     """CPU copies of ``tensors`` (their values, dtypes, shapes), in pinned memory when ``pin``.
 
-    Contiguous tensors are packed, :data:`ALIGN`-aligned, into chunks of :data:`HOME_CHUNK` bytes
-    (one tensor larger than that gets a chunk of its own), so a component of thousands of tensors
-    takes a few pinned allocations and the rounding wastes at most part of a chunk; others are
-    pinned one by one. A CPU tensor that needs no pinning is its own home (no copy)."""
+    Each of ``groups`` (indices into ``tensors``: a streamed block's tensors in the order
+    :class:`Streamer` lays them out in its ring) is packed first, each tensor at an :data:`ALIGN`
+    boundary and the whole group inside one chunk, so the group's home is one contiguous span laid
+    out exactly like the block's slot in the ring and the block moves in a single copy. A group
+    that shares a tensor with an earlier one or holds a non-contiguous tensor is not packed as a
+    group. The other contiguous tensors are packed, :data:`ALIGN`-aligned, into chunks of
+    :data:`HOME_CHUNK` bytes (one tensor or group larger than that gets a chunk of its own), so a
+    component of thousands of tensors takes a few pinned allocations and the rounding wastes at
+    most part of a chunk; others are pinned one by one. Without ``pin``, grouped tensors are still
+    packed (in plain memory: the CPU device runs the same mechanics) and any other CPU tensor is
+    its own home (no copy)."""
     homes: list[torch.Tensor | None] = [None] * len(tensors)
-    packed: list[int] = []
+    runs: list[list[int]] = []  # index lists packed consecutively within one chunk
+    claimed: set[int] = set()
+    for group in groups or []:
+        if group and not claimed.intersection(group) and all(tensors[i].is_contiguous() for i in group):
+            runs.append(group)
+            claimed.update(group)
     for i, t in enumerate(tensors):
+        if i in claimed:
+            continue
         if not pin:
             homes[i] = t if t.device.type == "cpu" else t.to("cpu")
         elif t.is_contiguous() and _nbytes(t) > 0:
-            packed.append(i)
+            runs.append([i])
         else:
             homes[i] = t.to("cpu").pin_memory()
     chunk: torch.Tensor | None = None
     used = 0
-    for i in packed:
-        t, size = tensors[i], _nbytes(tensors[i])
+    for run in runs:
+        size = sum(_aligned(tensors[i]) for i in run)
         if chunk is None or used + size > chunk.numel():
-            chunk, used = torch.empty(max(size, HOME_CHUNK), dtype=torch.uint8, pin_memory=True), 0
-        home = chunk[used : used + size].view(t.dtype).view(t.shape)
-        home.copy_(t)
-        homes[i] = home
-        used += -(-size // ALIGN) * ALIGN
+            chunk, used = torch.empty(max(size, HOME_CHUNK), dtype=torch.uint8, pin_memory=pin), 0
+        for i in run:
+            t = tensors[i]
+            home = chunk[used : used + _nbytes(t)].view(t.dtype).view(t.shape)
+            home.copy_(t)
+            homes[i] = home
+            used += _aligned(t)
     return [h for h in homes if h is not None]
+
+
+def _aligned(t: torch.Tensor) -> int:
+    """Bytes ``t`` takes in the ring or a packed home: its size rounded up to :data:`ALIGN`."""
+    return -(-_nbytes(t) // ALIGN) * ALIGN
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive places of its storage in some dimension order."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:
@@ -259,11 +290,15 @@ class Streamer:
     calls they are plain CPU tensors, which is what patches see and change). Copies are issued in
     the order the blocks ran in the previous call (the layout's order at first), as far ahead as
     the ring has room, on a side stream that waits only for the block whose ring space it reuses;
-    the compute stream waits for a block's copy just before the block. On a CPU "device" the same
-    bookkeeping runs with plain copies (tests exercise it without CUDA).
+    the compute stream waits for a block's copy just before the block. A block whose CPU copies
+    form one span laid out like its ring slot (the homes :class:`ModelManager` makes are packed
+    so) moves in a single copy of that span, its parameters then being views into the slot; any
+    other block is copied tensor by tensor. On a CPU "device" the same bookkeeping runs with plain
+    copies (tests exercise it without CUDA).
 
     ``transfers`` lists the streamed blocks' names in the order their copies were issued, and
-    ``bytes_moved`` / ``calls`` count what was copied and how many forwards of the component ran.
+    ``bytes_moved`` / ``copies`` / ``calls`` count what was copied, in how many copy operations,
+    and how many forwards of the component ran.
     """
 
     def __init__(
@@ -288,11 +323,12 @@ class Streamer:
         self.streamed: list[int] = []
         self.tensors: list[list[_Tensor]] = []
         self.region: list[int] = []  # bytes each block takes in the ring
+        self.spans: dict[int, torch.Tensor] = {}  # streamed block -> its home as one span laid out like its ring slot
         for block in layout.blocks:
             entries, offset = [], 0
             for t in _tensors(block.module):
                 entries.append(_Tensor(t, offset))
-                offset += -(-_nbytes(t) // ALIGN) * ALIGN
+                offset += _aligned(t)
             self.tensors.append(entries)
             self.region.append(offset)
         in_blocks = {id(t.tensor) for entries in self.tensors for t in entries}
@@ -310,6 +346,7 @@ class Streamer:
         self.seen: list[int] = []  # streamed blocks run so far in this call
         self.transfers: list[str] = []
         self.bytes_moved = 0
+        self.copies = 0  # copy operations issued (one per block whose home is one span)
         self.calls = 0
         self.hooks = [
             h
@@ -345,12 +382,32 @@ class Streamer:
                     t.tensor.data = master
         self.resident = set(resident)
         self.streamed = [i for i in range(len(self.layout.blocks)) if i not in self.resident]
+        self.spans = {i: span for i in self.streamed if (span := self._span(i)) is not None}
         if ring_bytes != self.ring.numel():
             self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)  # freed before the new one is made
             self.ring = torch.empty(ring_bytes, dtype=torch.uint8, device=self.device)
         if set(self.order) != set(self.streamed):  # what streams changed: back to the layout's order until a call shows it
             self.order = list(self.streamed)
         self.next = 0
+
+    def _span(self, i: int) -> torch.Tensor | None:
+        """Block ``i``'s CPU copies as one byte span, when they lie in one storage exactly at
+        their offsets in the block's ring region (:func:`pinned_home` packs a block's home so):
+        the block then moves in one copy. None otherwise (it is copied tensor by tensor)."""
+        entries = [t for t in self.tensors[i] if _nbytes(t.tensor) > 0]
+        if not entries or entries[0].master is None:
+            return None
+        storage = entries[0].master.untyped_storage()
+        start = entries[0].master.data_ptr() - entries[0].offset - storage.data_ptr()
+        if start < 0 or start + self.region[i] > storage.nbytes():
+            return None
+        for t in entries:
+            m = t.master
+            if m is None or not m.is_contiguous() or m.untyped_storage().data_ptr() != storage.data_ptr():
+                return None
+            if m.data_ptr() - storage.data_ptr() != start + t.offset:
+                return None
+        return torch.empty(0, dtype=torch.uint8, device=entries[0].master.device).set_(storage, start, (self.region[i],), (1,))
 
     def device_bytes(self) -> int:
         """Bytes this component holds on the device: the resident layers and the ring."""
@@ -382,6 +439,7 @@ class Streamer:
                 if t.master is not None:
                     t.tensor.data = t.master
                     t.master = None
+        self.spans = {}
         self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)
 
     # ---- the ring ----------------------------------------------------------------------------
@@ -419,9 +477,15 @@ class Streamer:
         with context, torch.no_grad():
             if wait is not None and self.copy_stream is not None:
                 self.copy_stream.wait_event(wait)
-            for t in self.tensors[i]:
-                assert t.master is not None
-                self._view(start + t.offset, t.master).copy_(t.master, non_blocking=True)
+            span = self.spans.get(i)
+            if span is not None:  # the whole block in one copy
+                self.ring[start:end].copy_(span, non_blocking=True)
+                self.copies += 1
+            else:
+                for t in self.tensors[i]:
+                    assert t.master is not None
+                    self._view(start + t.offset, t.master).copy_(t.master, non_blocking=True)
+                self.copies += len(self.tensors[i])
             if self.copy_stream is not None:
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
@@ -431,7 +495,12 @@ class Streamer:
         return True
 
     def _view(self, start: int, like: torch.Tensor) -> torch.Tensor:
-        return self.ring[start : start + _nbytes(like)].view(like.dtype).view(like.shape)
+        """Ring bytes from ``start`` as a tensor like ``like``, with its strides when it is a dense
+        permutation (a transposed weight keeps its memory order, so kernels compute the same bits)."""
+        flat = self.ring[start : start + _nbytes(like)].view(like.dtype)
+        if not like.is_contiguous() and _dense(like):
+            return flat.as_strided(like.shape, like.stride())
+        return flat.view(like.shape)
 
     def _pump(self) -> None:
         """Issue copies of the next blocks in order while the ring has room (at most one call ahead)."""
@@ -555,7 +624,7 @@ class ModelOffload:
 
     name = "model_offload"
 
-    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 3, on_cpu: bool = False):
+    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 2, on_cpu: bool = False):
         self.vram_budget = vram_budget
         self.stream = stream
         self.ring_blocks = ring_blocks
@@ -786,10 +855,15 @@ class ModelManager:
     # ---- homes: where weights live off the device under a budget ---------------------------------
     def _homes(self, entry: _Entry) -> dict[int, torch.Tensor]:
         """The component's CPU homes (made once, from wherever its weights are, and pinned on
-        CUDA), with every tensor of it pointed at its home."""
+        CUDA), with every tensor of it pointed at its home; each block of its layout gets one
+        contiguous span laid out like its slot in a :class:`Streamer`'s ring."""
         if entry.home is None:
             tensors = _tensors(entry.module)
-            homes = pinned_home([t.data for t in tensors], pin=self.device.type == "cuda")
+            index = {id(t): n for n, t in enumerate(tensors)}
+            if entry.layout is None:
+                entry.layout = layout_of(entry.module)
+            groups = [[index[id(t)] for t in _tensors(b.module)] for b in entry.layout.blocks]  # one span per block
+            homes = pinned_home([t.data for t in tensors], pin=self.device.type == "cuda", groups=groups)
             entry.resync |= entry.patched  # made from patched values: refreshed after the undo
             for t, home in zip(tensors, homes, strict=True):
                 t.data = home
@@ -964,7 +1038,7 @@ class ModelManager:
             entry = self.entries[key]
             streamer = entry.streamer
             if streamer is not None:
-                streamer.bytes_moved, streamer.calls, streamer.transfers = 0, 0, []
+                streamer.bytes_moved, streamer.calls, streamer.copies, streamer.transfers = 0, 0, 0, []
             with ExitStack() as undo:
                 undo.callback(self._end_patched, entry)  # runs after every patch's undo
                 for patch in ref.patches:

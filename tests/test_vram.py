@@ -269,3 +269,71 @@ def test_lora_with_replans_mid_use_and_offloads_between_uses_keeps_every_weight(
         again = unet(small, t, encoder_hidden_states=torch.zeros(1, 77, 32)).sample
     assert torch.equal(again, plain)
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+
+
+def test_each_streamed_block_moves_in_one_copy_from_a_home_laid_out_like_its_ring_slot():
+    """Homes are packed so that a streamed block's CPU copies form one span with each tensor at
+    its offset in the block's ring slot: the block moves in one copy, and while it runs its
+    parameters are views into the slot, laid out as in the span."""
+    from sd_tiny import unet as tiny_unet
+
+    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
+
+    torch.manual_seed(0)
+    model = tiny_unet()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=ctx).sample
+    m, handle, _ = managed(model, 0)
+    layout = m.layout("model")
+    two_slots = 2 * max(region_bytes(b.module) for b in layout.blocks)
+    m.strategy.vram_budget = m.minimum_bytes("model") + layout.workspace[""]((x,), {}) + two_slots
+    seen: dict[int, list[int]] = {}  # block -> its tensors' addresses while it ran
+
+    def record(i: int):
+        def hook(mod: torch.nn.Module, _args: tuple) -> None:
+            seen.setdefault(i, [p.data_ptr() for p in mod.parameters()])
+
+        return hook
+
+    for i, block in enumerate(layout.blocks):
+        block.module.register_forward_pre_hook(record(i))
+    with m.use(handle, "unet") as unet, torch.no_grad():
+        got = unet(x, t, encoder_hidden_states=ctx).sample
+        streamer = m.entries["model"].streamer
+        copies, transfers = streamer.copies, list(streamer.transfers)
+    assert torch.equal(got, expected)
+    assert streamer.streamed and set(streamer.spans) == set(streamer.streamed)
+    assert copies == len(transfers) >= len(streamer.streamed)  # one copy per block moved
+    ring = (streamer.ring.data_ptr(), streamer.ring.data_ptr() + streamer.ring.numel())
+    for i in streamer.streamed:
+        span = streamer.spans[i]
+        assert span.numel() == streamer.region[i] == region_bytes(layout.blocks[i].module)
+        offsets = {id(e.tensor): e.offset for e in streamer.tensors[i]}
+        params = list(layout.blocks[i].module.parameters())
+        # outside its forward every tensor is its home, at its slot offset within the span
+        assert all(p.data_ptr() - span.data_ptr() == offsets[id(p)] for p in params)
+        # while it ran: inside the ring, with the same relative layout
+        assert all(ring[0] <= ptr < ring[1] for ptr in seen[i])
+        assert [ptr - seen[i][0] for ptr in seen[i]] == [offsets[id(p)] - offsets[id(params[0])] for p in params]
+
+
+def test_a_block_whose_home_is_not_one_span_is_copied_tensor_by_tensor():
+    """A block holding a non-contiguous weight (a transposed view) gets no span; it streams
+    tensor by tensor and gives the same result, next to blocks that move in one copy."""
+    torch.manual_seed(0)
+    model = Recording([16, 16, 16, 16])
+    model.blocks[1].weight = torch.nn.Parameter(model.blocks[1].weight.detach().t().contiguous().t())
+    assert not model.blocks[1].weight.is_contiguous()
+    layout = recording_layout(model)
+    budget = layout.resident_bytes(model) + 2 * max(region_bytes(b.module) for b in layout.blocks)
+    m, handle, _ = managed(model, budget, layout)
+    x = torch.randn(3, 8)
+    expected = model(x)
+    with m.use(handle, "unet") as mod:
+        got = mod(x)
+        streamer = m.entries["model"].streamer
+        copies, moved = streamer.copies, [int(n.split(".")[1]) for n in streamer.transfers]
+    assert torch.equal(got, expected)
+    assert 1 in streamer.streamed and 1 not in streamer.spans and set(streamer.spans) == set(streamer.streamed) - {1}
+    assert copies == sum(2 if i == 1 else 1 for i in moved)  # weight and bias one by one for block 1
