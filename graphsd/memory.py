@@ -618,7 +618,9 @@ class ModelOffload:
     resident ones fit. With ``stream`` (the default) one that does not fit is partially loaded:
     its blocks of lowest ``rank`` (least computation per byte) stay resident as long as there is
     room, the rest stream through a ring that holds ``ring_blocks`` of its largest block (or more,
-    with the room no further block fits in). Without ``stream`` a component is always placed
+    with the room no further block fits in): two by default, one block running while the next is
+    copied, since the room a third would take keeps another block resident, which spares its copy
+    on every call. Without ``stream`` a component is always placed
     whole (model-level offload only; the budget is then a wish, not a cap). ``on_cpu`` applies
     the policy and the streaming mechanics on a CPU device too (tests)."""
 
