@@ -196,10 +196,14 @@ class Layout:
     """How a component divides for partial loading: ``blocks`` (disjoint submodules, in the
     order they usually run; everything outside them always stays on the device) and
     ``workspace``: for a submodule name ("" is the component itself), a function of that
-    submodule's call arguments giving the activation bytes the call needs on the device."""
+    submodule's call arguments giving the activation bytes the call needs on the device.
+    ``order`` is the order all blocks last ran in (indices), learned by a :class:`Streamer` and
+    kept here for the next one: a component offloaded between images and streamed again copies
+    its blocks in the right order from its first call."""
 
     blocks: list[Block]
     workspace: dict[str, Callable[[tuple, dict], int]] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)
 
     def resident_bytes(self, module: torch.nn.Module) -> int:
         """Bytes of the layers that are in no block (they never stream)."""
@@ -344,6 +348,7 @@ class Streamer:
         self.order: list[int] = []
         self.next = 0  # position in ``order`` of the next block to copy
         self.seen: list[int] = []  # streamed blocks run so far in this call
+        self.ran: list[int] = []  # all blocks run so far in this call (the layout's order once complete)
         self.transfers: list[str] = []
         self.bytes_moved = 0
         self.copies = 0  # copy operations issued (one per block whose home is one span)
@@ -386,8 +391,9 @@ class Streamer:
         if ring_bytes != self.ring.numel():
             self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)  # freed before the new one is made
             self.ring = torch.empty(ring_bytes, dtype=torch.uint8, device=self.device)
-        if set(self.order) != set(self.streamed):  # what streams changed: back to the layout's order until a call shows it
-            self.order = list(self.streamed)
+        if set(self.order) != set(self.streamed):  # what streams changed: the order blocks last ran in, if known
+            learned = [i for i in self.layout.order if i not in self.resident]
+            self.order = learned if sorted(learned) == self.streamed else list(self.streamed)
         self.next = 0
 
     def _span(self, i: int) -> torch.Tensor | None:
@@ -426,7 +432,9 @@ class Streamer:
         self.slots.clear()
         self.released.clear()
         self.current = None
-        self.seen = []
+        if len(self.ran) == len(self.layout.blocks):  # the last call ran every block
+            self.layout.order = self.ran
+        self.seen, self.ran = [], []
         self.next = 0
 
     def remove(self) -> None:
@@ -517,6 +525,7 @@ class Streamer:
     # ---- hooks -------------------------------------------------------------------------------
     def _pre_hook(self, i: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: Any) -> None:
+            self._ran(i)
             if i in self.resident:
                 self._pump()
                 return
@@ -554,6 +563,14 @@ class Streamer:
             self._pump()
 
         return hook
+
+    def _ran(self, i: int) -> None:
+        """Learn the order all blocks run in (for the layout): a block seen twice starts a new call."""
+        if i in self.ran:
+            if len(self.ran) == len(self.layout.blocks):
+                self.layout.order = self.ran
+            self.ran = []
+        self.ran.append(i)
 
     def _record(self, i: int) -> None:
         """Learn the order the streamed blocks run in: a block seen twice starts a new call."""

@@ -337,3 +337,31 @@ def test_a_block_whose_home_is_not_one_span_is_copied_tensor_by_tensor():
     assert torch.equal(got, expected)
     assert 1 in streamer.streamed and 1 not in streamer.spans and set(streamer.spans) == set(streamer.streamed) - {1}
     assert copies == sum(2 if i == 1 else 1 for i in moved)  # weight and bias one by one for block 1
+
+
+def test_a_component_streamed_again_after_an_offload_copies_in_the_order_its_blocks_ran():
+    """The order learned while streaming is kept with the layout: after an offload (a component
+    taking turns with others between images) the new streamer's very first call copies in the
+    order the blocks ran, so no copy made ahead is thrown away."""
+    torch.manual_seed(0)
+    model = Recording([16, 16, 16, 16, 16, 16])
+    layout = recording_layout(model)
+    layout.blocks.reverse()  # the layout guesses the order wrong
+    budget = layout.resident_bytes(model) + 2 * max(region_bytes(b.module) for b in layout.blocks)
+    m, handle, _ = managed(model, budget, layout)
+    x = torch.randn(2, 8)
+    expected = model(x)
+    run_order = [f"blocks.{i}" for i in range(6)]
+    with m.use(handle, "unet") as mod:
+        assert torch.equal(mod(x), expected)
+        first = list(m.entries["model"].streamer.transfers)
+    assert first[:6] != run_order  # the first call ever follows the layout's guess
+    m.offload("model")
+    assert m.entries["model"].streamer is None
+    with m.use(handle, "unet") as mod:
+        assert torch.equal(mod(x), expected)
+        streamer = m.entries["model"].streamer
+        transfers, moved = list(streamer.transfers), streamer.bytes_moved
+    assert transfers[:6] == run_order
+    call = sum(b.nbytes for b in layout.blocks)
+    assert moved < 2 * call  # one call's blocks and the next call's first ones, nothing copied twice
