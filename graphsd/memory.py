@@ -635,15 +635,15 @@ class ModelOffload:
     resident ones fit. With ``stream`` (the default) one that does not fit is partially loaded:
     its blocks of lowest ``rank`` (least computation per byte) stay resident as long as there is
     room, the rest stream through a ring that holds ``ring_blocks`` of its largest block (or more,
-    with the room no further block fits in): two by default, one block running while the next is
-    copied, since the room a third would take keeps another block resident, which spares its copy
-    on every call. Without ``stream`` a component is always placed
+    with the room no further block fits in): three by default, so that two copies are in flight
+    while a block runs (measured on an H200, SD1.5 512² under 1 GiB: 1.20 s / image with three,
+    1.66 s with two, although two keep one more block resident). Without ``stream`` a component is always placed
     whole (model-level offload only; the budget is then a wish, not a cap). ``on_cpu`` applies
     the policy and the streaming mechanics on a CPU device too (tests)."""
 
     name = "model_offload"
 
-    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 2, on_cpu: bool = False):
+    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 3, on_cpu: bool = False):
         self.vram_budget = vram_budget
         self.stream = stream
         self.ring_blocks = ring_blocks
