@@ -131,8 +131,9 @@ SLOW_STEPS = 60  # the kill lands at the first of them: the rest is the margin f
 
 
 def two_branch_prompt() -> dict:
-    """A quick branch that saves an image first (nodes 5-7), then a longer one (8, 9, 99): the
-    test kills the server while node 8 samples, between the two saves."""
+    """A quick branch that saves an image (nodes 5-7), then a longer one that starts from that
+    image (10, 8, 9, 99), so it samples only once the first image is saved: the test kills the
+    server while node 8 samples, between the two saves."""
     prompt = txt2img(seed=4, steps=2, prefix="kill/quick")
     prompt = {
         "1": prompt["4"],
@@ -147,7 +148,8 @@ def two_branch_prompt() -> dict:
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "kill/quick"}},
     }
     prompt["2"]["inputs"]["clip"] = prompt["3"]["inputs"]["clip"] = ["1", 1]
-    prompt["8"] = {"class_type": "KSampler", "inputs": {**prompt["5"]["inputs"], "steps": SLOW_STEPS}}
+    prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["6", 0], "vae": ["1", 2]}}
+    prompt["8"] = {"class_type": "KSampler", "inputs": {**prompt["5"]["inputs"], "steps": SLOW_STEPS, "latent_image": ["10", 0]}}
     prompt["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}}
     prompt["99"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "kill/slow"}}
     return prompt
