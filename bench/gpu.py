@@ -81,6 +81,32 @@ TUNINGS = {
 
 
 # ---- models -----------------------------------------------------------------------------------
+def txt2img_document(model: str, dtype: str, size: int, steps: int) -> dict:
+    """The benchmarks' graphsd workflow: text-to-image with ``model`` at ``size``², euler, CFG
+    7.5, the seed a param; node ``img`` is the decoded image."""
+    return {
+        "version": 1,
+        "params": {"seed": 0},
+        "nodes": {
+            "m": {"type": "CheckpointLoader", "inputs": {"path": model, "dtype": dtype}},
+            "pos": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": PROMPT}},
+            "neg": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": ""}},
+            "noise": {"type": "LatentNoise", "inputs": {"seed": "${seed}", "width": size, "height": size}},
+            "d": {
+                "type": "UNetDenoiseLoop",
+                "inputs": {
+                    "unet": "@m.unet",
+                    "positive": "@pos.cond",
+                    "negative": "@neg.cond",
+                    "noise": "@noise.noise",
+                    "steps": steps,
+                    "cfg": CFG,
+                    "sampler": "euler",
+                },
+            },
+            "img": {"type": "VAEDecode", "inputs": {"vae": "@m.vae", "latent": "@d.latent"}},
+        },
+    }
 
 
 def build_model(name: str, folder: Path, device: str) -> None:
@@ -261,29 +287,7 @@ def run_graphsd(args, mode: str) -> dict:
         compile_backend=args.backend,
     )
     engine = Engine(settings)
-    doc = {
-        "version": 1,
-        "params": {"seed": 0},
-        "nodes": {
-            "m": {"type": "CheckpointLoader", "inputs": {"path": args.model, "dtype": "fp16" if args.device == "cuda" else "fp32"}},
-            "pos": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": PROMPT}},
-            "neg": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": ""}},
-            "noise": {"type": "LatentNoise", "inputs": {"seed": "${seed}", "width": size, "height": size}},
-            "d": {
-                "type": "UNetDenoiseLoop",
-                "inputs": {
-                    "unet": "@m.unet",
-                    "positive": "@pos.cond",
-                    "negative": "@neg.cond",
-                    "noise": "@noise.noise",
-                    "steps": args.steps,
-                    "cfg": CFG,
-                    "sampler": "euler",
-                },
-            },
-            "img": {"type": "VAEDecode", "inputs": {"vae": "@m.vae", "latent": "@d.latent"}},
-        },
-    }
+    doc = txt2img_document(args.model, "fp16" if args.device == "cuda" else "fp32", size, args.steps)
     t0 = time.perf_counter()
     assert engine.run(doc, outputs=["m"]).ok
     load = time.perf_counter() - t0

@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import CFG, PROMPT, build_model  # noqa: E402 - the model builders of the GPU benchmark
+from gpu import CFG, PROMPT, build_model, txt2img_document  # noqa: E402 - the model builders of the GPU benchmark
 
 BUDGETS = "none,8,6,4,3,2,1.5,1"
 ANCHORS = "model,sequential,group_block,group_leaf"
@@ -99,29 +99,7 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> d
     if ring_blocks is not None and isinstance(engine.models.strategy, ModelOffload):
         engine.models.strategy.ring_blocks = ring_blocks
     dtype = "fp16" if args.device == "cuda" else "fp32"
-    doc = {
-        "version": 1,
-        "params": {"seed": 0},
-        "nodes": {
-            "m": {"type": "CheckpointLoader", "inputs": {"path": args.model, "dtype": dtype}},
-            "pos": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": PROMPT}},
-            "neg": {"type": "TextEncode", "inputs": {"clip": "@m.clip", "text": ""}},
-            "noise": {"type": "LatentNoise", "inputs": {"seed": "${seed}", "width": args.size, "height": args.size}},
-            "d": {
-                "type": "UNetDenoiseLoop",
-                "inputs": {
-                    "unet": "@m.unet",
-                    "positive": "@pos.cond",
-                    "negative": "@neg.cond",
-                    "noise": "@noise.noise",
-                    "steps": args.steps,
-                    "cfg": CFG,
-                    "sampler": "euler",
-                },
-            },
-            "img": {"type": "VAEDecode", "inputs": {"vae": "@m.vae", "latent": "@d.latent"}},
-        },
-    }
+    doc = txt2img_document(args.model, dtype, args.size, args.steps)
     assert engine.run(doc, outputs=["m"]).ok
     streamed: list[dict] = []
 
@@ -338,7 +316,7 @@ def main() -> None:
     if args.smoke:
         args.device, args.steps, args.runs = "cpu", 2, 1
         args.models = args.models if args.models.startswith("tiny") else "tiny,tinyxl"
-        args.budgets = "none,0.008" if args.budgets == BUDGETS else args.budgets
+        args.budgets = "none,0.016" if args.budgets == BUDGETS else args.budgets
         args.anchors = "group_block" if args.anchors == ANCHORS else args.anchors
     args.timeouts = {c: float(v) for c, _, v in (item.rpartition("=") for item in args.timeouts.split(",") if item)}
     args.budgets = args.budgets.split(",")
