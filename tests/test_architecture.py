@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "graphsd"
 
@@ -72,6 +73,7 @@ def test_graphsd_imports_none_of_the_plugin_packages():
         assert not imported & plugins, path
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_loading_every_plugin_imports_neither_diffusers_nor_scipy():
     """Registering the nodes of graphsd and of every installed plugin stays cheap: diffusers and
     scipy (seconds of imports each) load only when a node that needs them runs, so a workflow
