@@ -109,6 +109,22 @@ def txt2img_document(model: str, dtype: str, size: int, steps: int) -> dict:
     }
 
 
+def pipeline_image(pipe, seed: int, steps: int, size: int) -> torch.Tensor:
+    """The benchmarks' diffusers generation (the same prompt, CFG and sampler as
+    :func:`txt2img_document`): one image as an (H, W, 3) float tensor on the CPU."""
+    out = pipe(
+        PROMPT,
+        negative_prompt="",
+        num_inference_steps=steps,
+        guidance_scale=CFG,
+        height=size,
+        width=size,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
+    return out.images[0].permute(1, 2, 0).float().cpu()
+
+
 def build_model(name: str, folder: Path, device: str) -> None:
     """A diffusers folder with random weights of the real architecture (fp16 on CUDA)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -335,17 +351,7 @@ def run_diffusers(args, compiled: bool) -> dict:
     load = time.perf_counter() - t0
 
     def once(seed: int) -> torch.Tensor:
-        out = pipe(
-            PROMPT,
-            negative_prompt="",
-            num_inference_steps=args.steps,
-            guidance_scale=CFG,
-            height=args.size,
-            width=args.size,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-        )
-        return out.images[0].permute(1, 2, 0).float().cpu()
+        return pipeline_image(pipe, seed, args.steps, args.size)
 
     if args.prewarm_only:
         return {"load": load, **prewarm(once, device)}

@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import CFG, PROMPT, build_model, txt2img_document  # noqa: E402 - the model builders of the GPU benchmark
+from gpu import CFG, build_model, pipeline_image, txt2img_document  # noqa: E402 - the model builders of the GPU benchmark
 
 BUDGETS = "none,8,6,4,3,2,1.5,1"
 ANCHORS = "model,sequential,group_block,group_leaf"
@@ -153,17 +153,7 @@ def run_diffusers(args, anchor: str) -> dict:
         pipe.to(device)
 
     def once(seed: int) -> torch.Tensor:
-        out = pipe(
-            PROMPT,
-            negative_prompt="",
-            num_inference_steps=args.steps,
-            guidance_scale=CFG,
-            height=args.size,
-            width=args.size,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-        )
-        return out.images[0].permute(1, 2, 0).float().cpu()
+        return pipeline_image(pipe, seed, args.steps, args.size)
 
     return measure(once, args)
 
