@@ -509,17 +509,12 @@ class VAEDecode(Node):
     def run_batch(cls, inputs: list[Inputs], ctxs: list[Context]) -> list[NodeIO]:
         """The latents decoded as one batch, each image as :meth:`run` decodes it alone."""
         first, ctx = inputs[0], ctxs[0]
-        info = model_info(first.vae, "vae")
         need = sum(cls.batch_item_bytes(one, ctx) for one in inputs)
         require_memory(ctx.device, need, f"decoding {len(inputs)} latents at once", "lower max_batch")
-        with ctx.models.use(first.vae, "vae") as vae, torch.no_grad():
-            work = working_dtype(vae.dtype)
-            samples = torch.cat([one.latent.samples for one in inputs])
-            z = (samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
-            x = fast(ctx, first.vae, "vae", vae).decode(z, return_dict=False)[0]
+        x = _vae_decode(ctx, first.vae, torch.cat([one.latent.samples for one in inputs]), None, 0)
         if not torch.isfinite(x).all():
             raise NodeError(_not_finite("a decoded image", first.vae), field="vae")  # each one is decoded alone to tell which
-        pixels = (x.to(work) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        pixels = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
         return [cls.Outputs(image=Image(part.clone())) for part in pixels.split(first.latent.samples.shape[0])]
 
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
@@ -536,19 +531,13 @@ class VAEDecode(Node):
                        f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
         # under a VRAM budget a frame whose decode would not fit is decoded in tiles that do
         tile = inputs.tile_size // down if inputs.tiled else decode_tile(ctx.models, inputs.vae.keys["vae"], tuple(inputs.latent.samples.shape))
-        with ctx.models.use(inputs.vae, "vae") as vae, torch.no_grad():
-            work = working_dtype(vae.dtype)
-            z = (inputs.latent.samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
-            if tile is not None:
-                overlap = inputs.tile_overlap // down if inputs.tiled else min(inputs.tile_overlap // down, tile // 4)
-                x = decode_tiled(vae, z, tile, overlap, down)
-            else:
-                x = fast(ctx, inputs.vae, "vae", vae).decode(z, return_dict=False)[0]  # compiled when Settings.compile asks
+        overlap = 0 if tile is None else inputs.tile_overlap // down if inputs.tiled else min(inputs.tile_overlap // down, tile // 4)
+        x = _vae_decode(ctx, inputs.vae, inputs.latent.samples, tile, overlap)
         if not torch.isfinite(x).all():
             if not torch.isfinite(inputs.latent.samples).all():
                 raise NodeError("the latent to decode holds NaN or infinite values; the node that made it went wrong", field="latent")
             raise NodeError(_not_finite("the decoded image", inputs.vae), field="vae")
-        pixels = (x.to(work) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        pixels = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
         return self.Outputs(image=Image(pixels))
 
 
@@ -560,6 +549,21 @@ def _not_finite(what: str, handle: Any) -> str:
                       "with broken or too strong weights: try without it or at a lower strength")
     causes.append("fp16 overflow: load the checkpoint with dtype fp32 or bf16 (an SD1/SDXL VAE often overflows in fp16)")
     return f"{what} holds NaN or infinite values (it would be a black image). Likely causes: " + "; ".join(causes)
+
+
+def _vae_decode(ctx: Context, vae_ref: Vae, samples: torch.Tensor, tile: int | None, overlap: int) -> torch.Tensor:
+    """Scaled latents decoded by the VAE (whole, compiled when Settings.compile asks, or in tiles
+    of ``tile`` latent pixels overlapping by ``overlap``), in the VAE's working precision; NaN
+    and infinite values are left for the caller to report."""
+    info = model_info(vae_ref, "vae")
+    with ctx.models.use(vae_ref, "vae") as vae, torch.no_grad():
+        work = working_dtype(vae.dtype)
+        z = (samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
+        if tile is not None:
+            x = decode_tiled(vae, z, tile, overlap, info.latent_downscale)
+        else:
+            x = fast(ctx, vae_ref, "vae", vae).decode(z, return_dict=False)[0]
+    return x.to(work)
 
 
 def decode_tiled(vae: Any, z: torch.Tensor, tile: int, overlap: int, down: int) -> torch.Tensor:
