@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 
 from graphsd import Engine, Settings, WorkflowError
+from graphsd.cli import main
 from graphsd.std.comfy_ui import class_definitions, ui_to_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,27 +360,34 @@ def test_the_example_ui_workflow_makes_the_image_of_the_api_example(tmp_path):
     assert np.array_equal(ui[0], api[0])
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "graphsd.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+def cli(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess[str]:
+    """The graphsd command run in this process (``graphsd.cli.main``, what ``graphsd`` calls) in
+    the folder ``cwd``: its exit code and what it printed. A separate process is not what these
+    tests are about, and one would pay seconds of imports."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the command sets it for itself
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["graphsd", *args], code, out, err)
 
 
 @pytest.mark.slow
-def test_graphsd_run_takes_a_ui_file(tmp_path):
+def test_graphsd_run_takes_a_ui_file(tmp_path, monkeypatch, capsys):
     ui = tmp_path / "ui_file.json"
     ui.write_text((FIXTURES / "mixed.json").read_text())
-    done = cli("run", str(ui), "--output-dir", str(tmp_path / "out"), "--json", "-q", cwd=tmp_path)
+    done = cli("run", str(ui), "--output-dir", str(tmp_path / "out"), "--json", "-q", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 0, done.stderr
     [written] = json.loads(done.stdout)["files"]
     assert Path(written).is_file() and Path(written).parent == tmp_path / "out"
 
 
 @pytest.mark.slow
-def test_graphsd_validate_names_the_unknown_class_of_a_ui_file_without_a_traceback(tmp_path):
+def test_graphsd_validate_names_the_unknown_class_of_a_ui_file_without_a_traceback(tmp_path, monkeypatch, capsys):
     ui = load("txt2img")
     ui["nodes"].append({"id": 42, "type": "SUPIR_Upscale", "mode": 0})
     (tmp_path / "ui.json").write_text(json.dumps(ui))
-    done = cli("validate", "ui.json", cwd=tmp_path)
+    done = cli("validate", "ui.json", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 2
     assert "ComfyUI UI-format workflow" in done.stderr and "'SUPIR_Upscale', which graphsd lacks" in done.stderr
     assert "Traceback" not in done.stderr
