@@ -111,12 +111,20 @@ def main() -> None:
     parser.add_argument(
         "--first", choices=("batched", "one-by-one"), default="batched", help="which run goes first (on a shared machine, try both)"
     )
+    parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="CUDA float32: exact float32 matrix products and convolutions (PyTorch lets cuDNN use TF32 by default)",
+    )
     parser.add_argument("--smoke", action="store_true", help="6 branches of 2 steps: a quick check of the set-up")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if args.smoke:
         args.branches, args.steps = 6, 2
     dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -139,6 +147,7 @@ def main() -> None:
         "steps": args.steps,
         "max_batch": args.max_batch,
         "first": args.first,
+        "tf32": torch.backends.cudnn.allow_tf32 and args.device.startswith("cuda"),
         "batched_s": round(t_batched, 3),
         "one_by_one_s": round(t_single, 3),
         "speedup": round(t_single / t_batched, 2),

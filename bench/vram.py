@@ -116,6 +116,8 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> d
 
     result = measure(once, args)
     uses = [e for e in streamed if e["action"] == "use"]
+    if args.trace:
+        result["trace"] = trace(engine, doc, args)
     plans = {e["key"].rsplit(":", 1)[-1] if ":" in e["key"] else e["key"]: e for e in streamed if e["action"] == "plan"}
     result["streamed_gib"] = sum(e["bytes_moved"] for e in uses) / 2**30
     result["split"] = {
@@ -128,6 +130,65 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> d
         for key, e in plans.items()
     }
     return result
+
+
+def trace(engine, doc: dict, args) -> dict:
+    """Where one more image's time goes: each node's seconds (the device synchronised at every
+    node's start and end), and over the image the device's kernel time, its host-to-device copy
+    time and bytes, and the wall time (torch.profiler). Kernels + copies close to the wall time
+    means the copies did not overlap the computation; a wall time far above both means the host
+    (Python, hooks, launches) or waits between the streams held the device up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nodes: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def on_event(event) -> None:
+        if event.kind in ("node_start", "node_done"):
+            _sync(args.device)
+            now = time.perf_counter()
+            name = event.node_id
+            if event.kind == "node_start":
+                started[name] = now
+            elif name in started:
+                nodes[name] = round(now - started.pop(name), 4)
+
+    engine.cache.clear()
+    activities = [ProfilerActivity.CUDA] if args.device == "cuda" else [ProfilerActivity.CPU]  # host-side profiling would slow the host
+    _sync(args.device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        assert engine.run(doc, params={"seed": 99}, outputs=["img"], on_event=on_event).ok
+        _sync(args.device)
+    wall = time.perf_counter() - t0
+    kernels, copies = [], []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        if "memcpy htod" in name:
+            copies.append((e.time_range.start, e.time_range.end))
+        elif "memcpy" not in name and "memset" not in name:
+            kernels.append((e.time_range.start, e.time_range.end))
+    kernel, copy, both = _covered(kernels), _covered(copies), _covered(kernels + copies)
+    return {
+        "wall_s": round(wall, 4),
+        "kernel_s": round(kernel, 4),  # time at least one kernel ran
+        "htod_s": round(copy, 4),  # time a host-to-device copy ran
+        "overlap_s": round(kernel + copy - both, 4),  # both at once
+        "idle_s": round(wall - both, 4),  # neither (the host or a wait held the device up)
+        "nodes": nodes,
+    }
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by a union of (start, end) intervals in microseconds."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e6
 
 
 def run_diffusers(args, anchor: str) -> dict:
@@ -196,7 +257,7 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
             args.device,
             "--image",
             str(image),
-        ]
+        ] + (["--trace"] if args.trace else [])
         limit = args.timeouts.get(config, args.timeout)
         t0 = time.perf_counter()
         try:
@@ -294,6 +355,9 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the results here (after every configuration)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    parser.add_argument(
+        "--trace", action="store_true", help="graphsd rows: also time each node and the device's kernels and copies of one image"
+    )
     for hidden in ("--config", "--model", "--image"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)

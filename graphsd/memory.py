@@ -341,6 +341,7 @@ class Streamer:
                 self.resync |= patched and not _on(t, device)
                 t.data = t.data.to(device, non_blocking=True)
         self.ring = torch.empty(0, dtype=torch.uint8, device=device)
+        self.views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (block, ring offset) -> its tensors' views there
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots: deque[_Slot] = deque()  # issued copies not yet used, in issue order
         self.current: _Slot | None = None  # the streamed block running now
@@ -389,6 +390,7 @@ class Streamer:
         self.streamed = [i for i in range(len(self.layout.blocks)) if i not in self.resident]
         self.spans = {i: span for i in self.streamed if (span := self._span(i)) is not None}
         if ring_bytes != self.ring.numel():
+            self.views = {}
             self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)  # freed before the new one is made
             self.ring = torch.empty(ring_bytes, dtype=torch.uint8, device=self.device)
         if set(self.order) != set(self.streamed):  # what streams changed: the order blocks last ran in, if known
@@ -447,7 +449,7 @@ class Streamer:
                 if t.master is not None:
                     t.tensor.data = t.master
                     t.master = None
-        self.spans = {}
+        self.spans, self.views = {}, {}
         self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)
 
     # ---- the ring ----------------------------------------------------------------------------
@@ -540,8 +542,13 @@ class Streamer:
             slot = self.slots.popleft()
             if slot.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(slot.ready)
-            for t in self.tensors[i]:
-                t.tensor.data = self._view(slot.start + t.offset, t.tensor.data)
+            views = self.views.get((i, slot.start))
+            if views is None:  # a block lands at a few places of the ring, cycle after cycle: its views are kept
+                if len(self.views) >= 8 * len(self.tensors):  # (bounded, should the places drift)
+                    self.views = {}
+                views = self.views[(i, slot.start)] = [self._view(slot.start + t.offset, t.tensor.data) for t in self.tensors[i]]
+            for t, view in zip(self.tensors[i], views, strict=True):
+                t.tensor.data = view
             self.current = slot
             self._pump()
 
