@@ -6,6 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny models: one thread is faster than two fighting over small kernels. Tolerances must not
@@ -13,21 +14,26 @@ import torch  # noqa: E402
 # the tests start also follow) set to 2 or 4 too (kernels then split and order their sums differently).
 torch.set_num_threads(int(os.environ.get("GRAPHSD_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or "1"))
 
-# pytest-xdist (--dist loadfile, pyproject.toml) gives each worker whole files, one after another
-# in collection order (--no-loadscope-reorder: otherwise the files with the most tests go first,
-# which puts the few-test files of servers, subprocesses and Ray last and leaves one worker
-# running them alone for minutes at the end). These files take longest (tens of seconds each, on
-# 2 cores), so they start first and the many short files fill in around them. Longest first;
-# a file not listed runs after them in the usual order.
+# pytest-xdist (--dist loadgroup, pyproject.toml) gives each worker whole groups of tests, one
+# after another in collection order (--no-loadscope-reorder: otherwise the groups with the most
+# tests go first, which puts the few-test files of servers, subprocesses and Ray last and leaves
+# one worker running them alone for minutes at the end). A group is a file, or SHARED_SERVER.
+# These files take longest (tens of seconds each, on 2 cores), so they start first and the many
+# short files fill in around them. Longest first; a file not listed runs after them in the usual order.
+SHARED_SERVER = [  # in this order: the first needs a fresh server, the last restarts and stops it
+    "tests/test_server.py",
+    "tests/test_server_preview.py",
+    "tests/test_server_load.py",
+]
 LONGEST_FIRST = [
+    *SHARED_SERVER,
     "tests/test_ray.py",
     "tests/test_main_job.py",
     "tests/test_single_file.py",
-    "tests/test_comfy_ui_format.py",
-    "tests/test_server_load.py",
     "tests/test_hostile.py",
     "tests/test_samplers_comfy.py",
     "tests/test_frontend.py",
+    "tests/test_comfy_ui_format.py",
     "tests/test_lora_style.py",
     "tests/test_sd_nodes.py",
     "tests/test_compile.py",
@@ -39,13 +45,29 @@ LONGEST_FIRST = [
     "tests/test_server_security.py",
     "tests/test_signals.py",
     "tests/test_comfy_sampling.py",
-    "tests/test_server.py",
-    "tests/test_server_preview.py",
     "tests/test_merge.py",
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Longest files first (see LONGEST_FIRST); each file's tests stay together, in their order."""
+    """Longest first (see LONGEST_FIRST), each file's tests together and in their order; each
+    test in the xdist group of its file, or of SHARED_SERVER."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("served" if path in SHARED_SERVER else path))
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """{"server": one ``graphsd serve`` with the default options, shared by the files in
+    SHARED_SERVER (one process, its model loaded once); a test that restarts it puts the new one
+    here. Each of those tests tolerates what the ones before it ran (histories, images, cache)."""
+    from test_server_harness import Served
+
+    holder = {"server": Served(tmp_path_factory.mktemp("served")).start()}
+    yield holder
+    assert holder["server"].stop() == 0, holder["server"].log()

@@ -1,8 +1,8 @@
 """graphsd serve speaks ComfyUI's API: the routes the ComfyUI frontend needs to start, /object_info
 from the node schemas, a prompt's websocket events in ComfyUI's order, the image it made through
 /history and /view, validation errors in ComfyUI's node_errors shape, graphsd-native nodes in a
-prompt, interruption and cancelling, uploads read by LoadImage. One real server process for the
-module (tests/test_server_harness.py)."""
+prompt, interruption and cancelling, uploads read by LoadImage. One real server process
+(tests/test_server_harness.py), shared with the other server test files (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_harness import ROOT, Served, events_until_done, pngs, quote, receive, txt2img
+from test_server_harness import ROOT, events_until_done, pngs, quote, receive, txt2img
 
 from graphsd import Engine, Settings
 
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    served = Served(tmp_path_factory.mktemp("server")).start()
-    yield served
-    assert served.stop() == 0, served.log()
+def server(shared_server):
+    """The server process these tests share with test_server_preview.py and test_server_load.py
+    (tests/conftest.py); they run first, on a fresh one."""
+    return shared_server["server"]
 
 
 def test_the_frontend_startup_routes_answer_with_and_without_the_api_prefix(server):

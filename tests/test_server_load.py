@@ -2,8 +2,9 @@
 exactly once with their events in order and only to their own client, memory stays bounded; a
 server killed with ``kill -9`` in the middle of a prompt, with more queued, comes back and
 finishes all of them exactly once, re-running the interrupted one from the start without leaving
-the files of its first attempt. The two tests share one server (its model loaded once); the kill
-test replaces it with the restarted one. Each test clears the history first and writes its images
+the files of its first attempt. The two tests share one server with test_server.py and
+test_server_preview.py (tests/conftest.py: its model loaded once); the kill test, the last to use
+it, replaces it with the restarted one. Each test clears the history first and writes its images
 into its own output subfolder, so neither depends on the other having run."""
 
 from __future__ import annotations
@@ -18,16 +19,6 @@ from test_server_harness import Served, events_until_done, pngs, receive, tempor
 pytestmark = pytest.mark.slow
 
 CLIENTS, PROMPTS = 8, 25
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """{"server": the module's running server}; a test that restarts it puts the new one here."""
-    holder = {"server": Served(tmp_path_factory.mktemp("load")).start()}
-    try:
-        yield holder
-    finally:
-        holder["server"].stop()
 
 
 def fresh_history(server: Served) -> None:
@@ -72,8 +63,8 @@ def check_prompt_events(events: list[dict], prompt_id: str) -> None:
     assert kinds.index("executed") > max(i for i, k in enumerate(kinds) if k == "progress")
 
 
-def test_eight_clients_with_25_prompts_each_complete_exactly_once_in_order(shared):
-    server = shared["server"]
+def test_eight_clients_with_25_prompts_each_complete_exactly_once_in_order(shared_server):
+    server = shared_server["server"]
     fresh_history(server)
     out = server.dirs["output"] / "load"
     log_start = len(server.log())
@@ -155,8 +146,8 @@ def two_branch_prompt() -> dict:
     return prompt
 
 
-def test_kill_9_with_prompts_queued_then_restart_finishes_each_exactly_once(shared):
-    server = shared["server"]
+def test_kill_9_with_prompts_queued_then_restart_finishes_each_exactly_once(shared_server):
+    server = shared_server["server"]
     fresh_history(server)
     out = server.dirs["output"] / "kill"
     ws = server.ws("survivor")
@@ -175,7 +166,7 @@ def test_kill_9_with_prompts_queued_then_restart_finishes_each_exactly_once(shar
     ws.close()
     assert [p.name for p in pngs(out)] == ["quick_00001_.png"]
 
-    server = shared["server"] = Served(server.base).start()
+    server = shared_server["server"] = Served(server.base).start()
     server.wait_idle(timeout=600)
     status, history = server.json("GET", "/history")
     assert sorted(history) == sorted([first, *others])

@@ -91,10 +91,9 @@ def test_engine_previews_show_each_step_and_change_nothing(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    served = Served(tmp_path_factory.mktemp("preview")).start()
-    yield served
-    served.stop()
+def server(shared_server):
+    """The server process shared with test_server.py and test_server_load.py (tests/conftest.py)."""
+    return shared_server["server"]
 
 
 def run_prompt(server: Served, seed: int, announce: bool, **extra) -> tuple[str, list[dict], list[bytes]]:
