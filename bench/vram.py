@@ -103,9 +103,13 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> d
     assert engine.run(doc, outputs=["m"]).ok
     streamed: list[dict] = []
 
+    grown: list[str] = []
+
     def on_event(event) -> None:
         if event.kind == "stream":
             streamed.append(event.to_dict())
+        elif event.kind == "model" and event.action == "workspace_grown":  # a call went past the budget's estimate
+            grown.append(f"{event.key.rsplit(':', 2)[-2] if ':' in event.key else event.key} +{event.nbytes / 2**20:.0f} MiB")
 
     def once(seed: int) -> torch.Tensor:
         streamed.clear()
@@ -115,6 +119,7 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> d
         return res.outputs["img"]["image"].pixels[0]
 
     result = measure(once, args)
+    result["grown"] = grown
     uses = [e for e in streamed if e["action"] == "use"]
     if args.trace:
         result["trace"] = trace(engine, doc, args)

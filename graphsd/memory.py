@@ -857,6 +857,22 @@ class ModelManager:
             return None
         return budget - self.in_use_bytes(exclude=key)
 
+    def overshoot(self, key: str) -> int:
+        """Bytes by which calls of component ``key`` went past their activation estimates (measured
+        on CUDA, kept for later calls): a caller sizing work against :meth:`room` adds it."""
+        entry = self.entries.get(key)
+        return entry.extra if entry is not None else 0
+
+    def expect(self, key: str, workspace: int) -> None:
+        """The calls of the next use of ``key`` need at most ``workspace`` bytes of activations
+        (a node that has just chosen how to divide its work, a tile size say, knows this): the
+        reservation placement makes for them becomes that, down as well as up, where otherwise
+        it only grows with the largest call seen (a call that needs more still grows it)."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            with self._lock:
+                entry.workspace = workspace
+
     def minimum_bytes(self, key: str) -> int:
         """The least device memory component ``key`` runs in (weights only: the layers that
         never stream plus its largest block and the ring it needs)."""
@@ -942,10 +958,11 @@ class ModelManager:
                 entry.streamer = None
                 self._to_device(entry) if homed else entry.module.to(self.device)
                 self._emit("place", key, entry.nbytes, str(self.device))
-            elif key not in self.on_device:
+            else:  # placed whole now or already: with the room its activations need now (grown since, perhaps)
                 self.strategy.make_room(self, key, entry.nbytes + entry.workspace + entry.extra)
-                self._to_device(entry) if homed else entry.module.to(self.device)
-                self._emit("place", key, entry.nbytes, str(self.device))
+                if key not in self.on_device:
+                    self._to_device(entry) if homed else entry.module.to(self.device)
+                    self._emit("place", key, entry.nbytes, str(self.device))
             self._watch(key, entry)
             return
         for other in list(self.on_device):  # a component that streams gets all the room the budget has

@@ -219,6 +219,30 @@ def test_vae_decode_switches_to_tiles_when_the_full_frame_would_break_the_budget
     assert decode_tile(ModelManager("cpu"), "x", (1, 4, 64, 64)) is None  # no budget: never tiles
 
 
+def test_a_decode_that_went_past_its_estimate_tiles_next_time_and_is_placed_for_its_tile():
+    """On CUDA a decode whose peak went past the budget leaves its overshoot on the VAE's entry;
+    the next decode of the frame, which fitted by the estimate alone, then runs in tiles, and the
+    VAE is placed with room for a tile's activations, not the earlier whole frame's."""
+    from sd_tiny import vae as tiny_vae
+
+    from graphsd.std.models.streaming import decode_tile, decoder_workspace
+
+    vae = tiny_vae()
+    m, handle, _ = managed(vae, 0)
+    estimate = decoder_workspace(vae)
+    full = estimate((torch.empty(1, 4, 64, 64),), {})
+    weights = sum(p.numel() * 4 for p in vae.parameters())
+    m.strategy.vram_budget = weights + full
+    assert decode_tile(m, "model", (1, 4, 64, 64)) is None
+    with m.use(handle, "unet"):  # placed whole with the whole frame's activations reserved
+        assert m.entries["model"].workspace == full and m.entries["model"].streamer is None
+    m.entries["model"].extra = full // 2  # what the CUDA peak hook records when the decode went past the budget by that much
+    tile = decode_tile(m, "model", (1, 4, 64, 64))
+    assert tile is not None and weights + estimate((torch.empty(1, 4, tile, tile),), {}) + full // 2 <= m.strategy.vram_budget
+    with m.use(handle, "unet"):  # placed for the tile: no error, the reservation is the tile's
+        assert m.entries["model"].workspace == estimate((torch.empty(1, 4, tile, tile),), {})
+
+
 def test_lora_with_replans_mid_use_and_offloads_between_uses_keeps_every_weight():
     """Under a budget weights live in their homes off the device: a LoRA use whose call re-plans
     (whole for a small batch, then partially loaded for a large one) gives the LoRA result, and

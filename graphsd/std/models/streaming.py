@@ -171,9 +171,11 @@ def sd_layout(module: torch.nn.Module) -> Layout | None:
 def decode_tile(models: ModelManager, key: str, latent_shape: tuple[int, ...]) -> int | None:
     """The latent tile edge for decoding ``latent_shape`` with the VAE ``key`` within what the
     VRAM budget leaves it, or None when the whole frame fits (or there is no budget): the largest
-    multiple of 8 up to 64 (512 pixels, diffusers' tile) whose decode fits next to the VAE's
-    weights (all of them, or the least it streams with); 8 when none does (placing the VAE then
-    names the minimum budget)."""
+    multiple of 8 up to 64 (512 pixels, diffusers' tile) whose decode, plus what earlier decodes
+    needed beyond the estimate, fits next to the VAE's weights (all of them, or the least it
+    streams with); 8 when none does (placing the VAE then names the minimum budget). The VAE's
+    activation reservation is set to what the chosen decode needs, so a smaller decode after a
+    larger one is placed for its own size."""
     room = models.room(key)
     if room is None:
         return None
@@ -181,14 +183,21 @@ def decode_tile(models: ModelManager, key: str, latent_shape: tuple[int, ...]) -
     estimate = decoder_workspace(vae)
     weights = (module_nbytes(vae), models.minimum_bytes(key))
     batch, channels, height, width = latent_shape
+    overshoot = models.overshoot(key)  # what earlier decodes needed beyond the estimate
+
+    def need(h: int, w: int) -> int:
+        return estimate((torch.empty(batch, channels, h, w, device="meta"),), {})
 
     def fits(h: int, w: int) -> bool:
-        need = estimate((torch.empty(batch, channels, h, w, device="meta"),), {})
-        return any(nbytes + need <= room for nbytes in weights)
+        return any(nbytes + need(h, w) + overshoot <= room for nbytes in weights)
 
-    if fits(height, width):
-        return None
-    return next((tile for tile in range(min(64, max(height, width)) // 8 * 8, 8, -8) if fits(min(tile, height), min(tile, width))), 8)
+    tile: int | None = None
+    if not fits(height, width):
+        tiles = range(min(64, max(height, width)) // 8 * 8, 8, -8)
+        tile = next((t for t in tiles if fits(min(t, height), min(t, width))), 8)
+    # the decode's calls need this much, whatever a larger decode before needed
+    models.expect(key, need(height, width) if tile is None else need(min(tile, height), min(tile, width)))
+    return tile
 
 
 register_splitter(sd_layout)
