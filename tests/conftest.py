@@ -14,12 +14,13 @@ import torch  # noqa: E402
 # the tests start also follow) set to 2 or 4 too (kernels then split and order their sums differently).
 torch.set_num_threads(int(os.environ.get("GRAPHSD_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or "1"))
 
-# pytest-xdist (--dist loadgroup, pyproject.toml) gives each worker whole groups of tests, one
-# after another in collection order (--no-loadscope-reorder: otherwise the groups with the most
-# tests go first, which puts the few-test files of servers, subprocesses and Ray last and leaves
-# one worker running them alone for minutes at the end). A group is a file, or SHARED_SERVER.
-# These files take longest (tens of seconds each, on 2 cores), so they start first and the many
-# short files fill in around them. Longest first; a file not listed runs after them in the usual order.
+# pytest-xdist (--dist loadfile, pyproject.toml) gives each worker whole files, one after another
+# in collection order (--no-loadscope-reorder: otherwise the files with the most tests go first,
+# which puts the few-test files of servers, subprocesses and Ray last and leaves one worker running
+# them alone for minutes at the end). The files in SHARED_SERVER go to one worker together, as one
+# unit (pytest_xdist_make_scheduler below). These files take longest (tens of seconds each, on 2
+# cores), so they start first and the many short files fill in around them. Longest first; a file
+# not listed runs after them in the usual order.
 SHARED_SERVER = [  # in this order: the first needs a fresh server, the last restarts and stops it
     "tests/test_server.py",
     "tests/test_server_preview.py",
@@ -49,16 +50,30 @@ LONGEST_FIRST = [
 ]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Longest first (see LONGEST_FIRST), each file's tests together and in their order; each
-    test in the xdist group of its file, or of SHARED_SERVER."""
+    """Longest first (see LONGEST_FIRST), each file's tests together and in their order."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group("served" if path in SHARED_SERVER else path))
+    items.sort(key=lambda item: rank.get(_file_of(item.nodeid), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """With --dist loadfile: xdist's file scheduling, but the SHARED_SERVER files are one unit
+    (their server is a session fixture, so one worker starts it once). xdist_group marks cannot
+    do this here: --dist loadgroup's group suffix does not reach the node ids under pytest 9."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesSharingAServer(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = _file_of(nodeid)
+            return "shared server" if path in SHARED_SERVER else path
+
+    return FilesSharingAServer(config, log)
 
 
 @pytest.fixture(scope="session")
