@@ -25,8 +25,9 @@ budget below the smallest working set (the layers that never stream, the largest
 and the activations) is refused with a :class:`VramBudgetError` naming that minimum.
 
 **Moves are cheap under a budget.** Each component's weights get a *home* in CPU memory once
-(pinned on CUDA, packed into a few large chunks so the pinned allocator's power-of-two rounding
-wastes little, :func:`pinned_home`): placing a component (whole or its resident blocks) is an
+(pinned on CUDA, packed into a few chunks of power-of-two sizes so the pinned allocator's
+rounding wastes little, :func:`pinned_home`, and made tensor by tensor, each one's old memory freed
+as its copy is made): placing a component (whole or its resident blocks) is an
 asynchronous copy from there on the compute stream, and offloading it only points its tensors back
 home, with nothing copied, since outside a use its weights always equal their home (patches are
 undone bit for bit before a use ends). So components taking turns on the device between the
@@ -94,24 +95,64 @@ def region_bytes(module: torch.nn.Module) -> int:
     return sum(_aligned(t) for t in _tensors(module))
 
 
-#: Size of the pinned chunks homes are packed into (a power of two: the pinned allocator rounds up to one).
-HOME_CHUNK = 64 * MB
+#: The largest chunk homes are packed into (each chunk's size is a power of two: the pinned
+#: allocator rounds every allocation up to one).
+HOME_CHUNK = 1024 * MB
 
 
-def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] | None = None) -> list[torch.Tensor]:
+def _power_of_two(n: int, down: bool = False) -> int:
+    """The power of two at or above ``n`` (at or below it with ``down``)."""
+    n = max(n, 1)
+    up = 1 << (n - 1).bit_length()
+    return up // 2 if down and up > n else up
+
+
+def chunk_plan(sizes: list[int], largest: int = HOME_CHUNK) -> list[tuple[int, list[int]]]:
+    """Pack items of ``sizes`` bytes into chunks whose sizes are powers of two, as
+    ``(chunk bytes, item indices)`` in allocation order, wasting little of what the chunks hold.
+
+    Chunks are filled first-fit from the largest item down; each chunk's size is the power of two
+    at or below what is left to pack (at most ``largest``, at least the largest item left), or
+    the one above when that wastes at most an eighth, so only the last chunk or two are partly
+    empty. Measured on the layouts of SD1.5's and SDXL's U-Nets (44 and 91 blocks of up to 94
+    MB, plus the loose tensors), the chunks hold under 10 % more than the items (test_vram)."""
+    left = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    plan: list[tuple[int, list[int]]] = []
+    while left:
+        total = sum(sizes[i] for i in left)
+        floor = _power_of_two(sizes[left[0]])
+        capacity = _power_of_two(total)
+        if capacity - total > total // 8:
+            capacity = _power_of_two(total, down=True)
+        capacity = max(floor, min(capacity, max(largest, floor)))
+        taken, used = [], 0
+        for i in left:
+            if used + sizes[i] <= capacity:
+                taken.append(i)
+                used += sizes[i]
+        plan.append((capacity, taken))
+        chosen = set(taken)
+        left = [i for i in left if i not in chosen]
+    return plan
+
+
+def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] | None = None, adopt: bool = False) -> list[torch.Tensor]:
     """CPU copies of ``tensors`` (their values, dtypes, shapes), in pinned memory when ``pin``.
 
     Each of ``groups`` (indices into ``tensors``: a streamed block's tensors in the order
-    :class:`Streamer` lays them out in its ring) is packed first, each tensor at an :data:`ALIGN`
-    boundary and the whole group inside one chunk, so the group's home is one contiguous span laid
-    out exactly like the block's slot in the ring and the block moves in a single copy. A group
-    that shares a tensor with an earlier one or holds a non-contiguous tensor is not packed as a
-    group. The other contiguous tensors are packed, :data:`ALIGN`-aligned, into chunks of
-    :data:`HOME_CHUNK` bytes (one tensor or group larger than that gets a chunk of its own), so a
-    component of thousands of tensors takes a few pinned allocations and the rounding wastes at
-    most part of a chunk; others are pinned one by one. Without ``pin``, grouped tensors are still
-    packed (in plain memory: the CPU device runs the same mechanics) and any other CPU tensor is
-    its own home (no copy)."""
+    :class:`Streamer` lays them out in its ring) is packed as one run, each tensor at an
+    :data:`ALIGN` boundary, so the group's home is one contiguous span laid out exactly like the
+    block's slot in the ring and the block moves in a single copy. A group that shares a tensor
+    with an earlier one or holds a non-contiguous tensor is not packed as a group. With ``pin``
+    the other contiguous tensors are runs of their own; runs are packed into a few chunks of
+    power-of-two sizes (:func:`chunk_plan`), so a component of thousands of tensors takes a few
+    pinned allocations that the allocator's rounding does not inflate; non-contiguous tensors are
+    pinned one by one. Without ``pin``, grouped tensors are still packed (in plain memory: the CPU
+    device runs the same mechanics) and any other CPU tensor is its own home (no copy).
+
+    With ``adopt`` (``tensors`` are a module's parameters and buffers) each tensor is pointed at
+    its home as soon as it is copied, so the memory it held is freed while the homes are made
+    rather than after: a component costs its size once, not twice, at its peak."""
     homes: list[torch.Tensor | None] = [None] * len(tensors)
     runs: list[list[int]] = []  # index lists packed consecutively within one chunk
     claimed: set[int] = set()
@@ -123,22 +164,24 @@ def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] 
         if i in claimed:
             continue
         if not pin:
-            homes[i] = t if t.device.type == "cpu" else t.to("cpu")
+            homes[i] = t.data if t.device.type == "cpu" else t.data.to("cpu")
         elif t.is_contiguous() and _nbytes(t) > 0:
             runs.append([i])
         else:
-            homes[i] = t.to("cpu").pin_memory()
-    chunk: torch.Tensor | None = None
-    used = 0
-    for run in runs:
-        size = sum(_aligned(tensors[i]) for i in run)
-        if chunk is None or used + size > chunk.numel():
-            chunk, used = torch.empty(max(size, HOME_CHUNK), dtype=torch.uint8, pin_memory=pin), 0
-        for i in run:
+            homes[i] = t.data.to("cpu").pin_memory()
+        home = homes[i]
+        if adopt and home is not None:
+            t.data = home
+    for capacity, members in chunk_plan([sum(_aligned(tensors[i]) for i in run) for run in runs]):
+        chunk = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+        used = 0
+        for i in (i for r in members for i in runs[r]):
             t = tensors[i]
             home = chunk[used : used + _nbytes(t)].view(t.dtype).view(t.shape)
-            home.copy_(t)
+            home.copy_(t.data)
             homes[i] = home
+            if adopt:
+                t.data = home
             used += _aligned(t)
     return [h for h in homes if h is not None]
 
@@ -905,7 +948,7 @@ class ModelManager:
             if entry.layout is None:
                 entry.layout = layout_of(entry.module)
             groups = [[index[id(t)] for t in _tensors(b.module)] for b in entry.layout.blocks]  # one span per block
-            homes = pinned_home([t.data for t in tensors], pin=self.device.type == "cuda", groups=groups)
+            homes = pinned_home(tensors, pin=self.device.type == "cuda", groups=groups, adopt=True)
             entry.resync |= entry.patched  # made from patched values: refreshed after the undo
             for t, home in zip(tensors, homes, strict=True):
                 t.data = home
