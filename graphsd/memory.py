@@ -332,9 +332,11 @@ class Streamer:
     outside any block on ``device``, and every other block streamed through a ring buffer of
     ``ring_bytes`` on the device.
 
-    Forward pre-hooks on the blocks drive it: before a streamed block runs its parameters are
-    pointed at its copy in the ring, after it they point back at the pinned CPU copy (so between
-    calls they are plain CPU tensors, which is what patches see and change). Copies are issued in
+    Forward pre-hooks on the blocks drive it: before a streamed block runs, its modules'
+    parameter and buffer entries are pointed at views of its copy in the ring (views kept from the
+    block's earlier landings at the same place), after it at the parameters themselves again, whose
+    data are the pinned CPU copies (so between calls a streamed block's weights are plain CPU
+    tensors, which is what patches see and change). Copies are issued in
     the order the blocks ran in the previous call (the layout's order at first), as far ahead as
     the ring has room, on a side stream that waits only for the block whose ring space it reuses;
     the compute stream waits for a block's copy just before the block. A block whose CPU copies
@@ -378,6 +380,21 @@ class Streamer:
                 offset += _aligned(t)
             self.tensors.append(entries)
             self.region.append(offset)
+        # where each block's tensors are registered (its modules' ``_parameters`` / ``_buffers``
+        # entries, as (table, name, index into the block's tensors)): a streamed block runs with
+        # those entries holding views into the ring, put back to the tensors themselves after it
+        self.entries: list[list[tuple[dict[str, Any], str, int]]] = []
+        for block, entries in zip(layout.blocks, self.tensors, strict=True):
+            position = {id(t.tensor): k for k, t in enumerate(entries)}
+            self.entries.append(
+                [
+                    (table, name, position[id(value)])
+                    for sub in block.module.modules()
+                    for table in (sub._parameters, sub._buffers)
+                    for name, value in table.items()
+                    if value is not None and id(value) in position
+                ]
+            )
         in_blocks = {id(t.tensor) for entries in self.tensors for t in entries}
         for t in _tensors(module):  # the layers outside every block live on the device
             if id(t) not in in_blocks:
@@ -470,10 +487,8 @@ class Streamer:
         and forget the queue, so the next call starts clean."""
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
-        if self.current is not None:  # a block that raised: its weights point back at their CPU copies
-            for t in self.tensors[self.current.block]:
-                if t.master is not None:
-                    t.tensor.data = t.master
+        if self.current is not None:  # a block that raised: its modules hold their own tensors again
+            self._restore(self.current.block)
         self.slots.clear()
         self.released.clear()
         self.current = None
@@ -555,6 +570,18 @@ class Streamer:
             return flat.as_strided(like.shape, like.stride())
         return flat.view(like.shape)
 
+    def _ring_tensor(self, start: int, t: _Tensor) -> torch.Tensor:
+        """What a streamed block's module holds in place of ``t`` while the block runs from the
+        ring slot at ``start``: a view of the slot (a Parameter, when ``t`` is one)."""
+        view = self._view(start + t.offset, t.tensor.data)
+        return torch.nn.Parameter(view, requires_grad=False) if isinstance(t.tensor, torch.nn.Parameter) else view
+
+    def _restore(self, i: int) -> None:
+        """Block ``i``'s modules hold their own tensors again (whose data are the pinned CPU copies)."""
+        tensors = self.tensors[i]
+        for table, name, k in self.entries[i]:
+            table[name] = tensors[k].tensor
+
     def _pump(self) -> None:
         """Issue copies of the next blocks in order while the ring has room (at most one call ahead)."""
         if not self.order:
@@ -589,9 +616,9 @@ class Streamer:
             if views is None:  # a block lands at a few places of the ring, cycle after cycle: its views are kept
                 if len(self.views) >= 8 * len(self.tensors):  # (bounded, should the places drift)
                     self.views = {}
-                views = self.views[(i, slot.start)] = [self._view(slot.start + t.offset, t.tensor.data) for t in self.tensors[i]]
-            for t, view in zip(self.tensors[i], views, strict=True):
-                t.tensor.data = view
+                views = self.views[(i, slot.start)] = [self._ring_tensor(slot.start, t) for t in self.tensors[i]]
+            for table, name, k in self.entries[i]:  # a dictionary store each, not a tensor swap
+                table[name] = views[k]
             self.current = slot
             self._pump()
 
@@ -601,9 +628,7 @@ class Streamer:
         def hook(_module: torch.nn.Module, _args: Any, _output: Any) -> None:
             if i in self.resident or self.current is None or self.current.block != i:
                 return
-            for t in self.tensors[i]:
-                assert t.master is not None
-                t.tensor.data = t.master
+            self._restore(i)
             done = None
             if self.cuda:
                 done = torch.cuda.Event()
