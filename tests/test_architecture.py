@@ -34,6 +34,7 @@ def import_graph() -> nx.DiGraph:
     return graph
 
 
+@pytest.mark.slow
 def test_module_level_imports_form_no_cycle():
     graph = import_graph()
     assert graph.number_of_nodes() > 30 and graph.number_of_edges() > 60  # it really read the package

@@ -185,6 +185,7 @@ def test_missing_lora_lists_where_it_looked(engine, models):
     assert "'nope' not found" in issue.message and str(models / "loras") in issue.message
 
 
+@pytest.mark.slow
 def test_hypernetwork_loader_matches_reference(engine, models, monkeypatch):
     monkeypatch.setattr(engine.settings, "allow_pickle", True)  # as --allow-pickle does
     extra = {"hn": {"type": "HypernetworkLoader", "inputs": {"unet": "@model.unet", "hypernetwork": "hn", "strength": 0.7}}}

@@ -121,6 +121,7 @@ def test_sdxl_second_tokenizer_pads_with_exclamation_mark():
     assert tok2("a cat", padding="max_length", max_length=8).input_ids == [BOS, 320, 2368, EOS, 0, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_files_regenerate_byte_for_byte(tmp_path):
     """build_clip_tokenizer_files on a merge list in OpenAI's format (header line, then more
     merges than CLIP uses) reproduces the shipped vocab.json and merges.txt exactly."""

@@ -85,6 +85,7 @@ def test_arbitrary_text_files_only_raise_workflow_error(tmp_path_factory, text, 
         pass
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.text(max_size=3), st.fixed_dictionaries({"class_type": st.sampled_from(["KSampler", "CheckpointLoaderSimple", "CLIPTextEncode", "Nope", "SaveImage"]), "inputs": json_values}), min_size=1, max_size=4))
 def test_comfy_like_prompts_only_raise_workflow_error(prompt):
