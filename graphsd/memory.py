@@ -114,8 +114,8 @@ def chunk_plan(sizes: list[int], largest: int = HOME_CHUNK) -> list[tuple[int, l
     Chunks are filled first-fit from the largest item down; each chunk's size is the power of two
     at or below what is left to pack (at most ``largest``, at least the largest item left), or
     the one above when that wastes at most an eighth, so only the last chunk or two are partly
-    empty. Measured on the layouts of SD1.5's and SDXL's U-Nets (44 and 91 blocks of up to 94
-    MB, plus the loose tensors), the chunks hold under 10 % more than the items (test_vram)."""
+    empty. On the layouts of SD1.5's and SDXL's U-Nets (44 and 91 blocks of up to 94 MB, plus
+    the loose tensors) the chunks hold 0.1 % more than the items (test_vram checks under 2 %)."""
     left = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     plan: list[tuple[int, list[int]]] = []
     while left:
@@ -973,10 +973,8 @@ class ModelManager:
             if entry.layout is None:
                 entry.layout = layout_of(entry.module)
             groups = [[index[id(t)] for t in _tensors(b.module)] for b in entry.layout.blocks]  # one span per block
-            homes = pinned_home(tensors, pin=self.device.type == "cuda", groups=groups, adopt=True)
+            homes = pinned_home(tensors, pin=self.device.type == "cuda", groups=groups, adopt=True)  # each tensor now at its home
             entry.resync |= entry.patched  # made from patched values: refreshed after the undo
-            for t, home in zip(tensors, homes, strict=True):
-                t.data = home
             entry.home = {id(t): home for t, home in zip(tensors, homes, strict=True)}
         return entry.home
 
