@@ -5,7 +5,7 @@ and SDXL-shaped (1024x1024) models with random weights (the real architectures, 
 
     python bench/vram.py [--models sd15,sdxl] [--budgets none,8,6,4,3,2,1.5,1] \\
         [--anchors model,sequential,group_block,group_leaf] [--steps 20] [--runs 3] [--json out.json] \\
-        [--timeout 600] [--timeouts diffusers:group_leaf=120,...]
+        [--timeout 600] [--timeouts diffusers:group_leaf=120,...] [--trace]
 
 Each configuration runs in its own process, all in one invocation on the same GPU:
 
@@ -28,7 +28,11 @@ Printed per configuration: seconds per image (median of ``--runs`` after one war
 peak allocated GPU memory while timing (``torch.cuda.max_memory_allocated``), the process's peak
 RSS, the weight bytes streamed per image (graphsd's StreamEvents), and the largest pixel
 difference from the unconstrained graphsd image of the same seed (graphsd rows) or from the
-first diffusers row (diffusers rows). ``--smoke`` runs tiny models on the CPU with the budget
+first diffusers row (diffusers rows), and any ``workspace_grown`` events (a call that went past
+the budget's activation estimate; the next call plans with the difference). ``--trace`` adds, for
+the graphsd rows, one more image timed node by node with the device synchronised at each node's
+start and end, and the device's kernel, host-to-device copy, overlap and idle time over it
+(torch.profiler). ``--smoke`` runs tiny models on the CPU with the budget
 policy applied to the CPU (checks the script, measures nothing).
 """
 
