@@ -952,6 +952,17 @@ class ModelManager:
             return entry.nbytes
         return layout.resident_bytes(entry.module) + max(region_bytes(b.module) for b in layout.blocks)
 
+    def check_budget(self, key: str) -> None:
+        """Refuse component ``key`` now if it cannot run within the VRAM budget even with all its
+        blocks streamed, by what its weights alone need (:class:`VramBudgetError`, naming that
+        minimum). Loaders call this right after loading, so the error comes before any node has
+        computed anything; the activations a call needs on top are checked when it is placed."""
+        with self._lock:
+            entry = self._entry(key)
+            if (self.device.type == "cpu" and not self.strategy.on_cpu) or not isinstance(entry.module, torch.nn.Module):
+                return
+            self.strategy.plan(self, key)  # raises below the minimum; moves nothing
+
     def place(self, key: str) -> Any:
         with self._lock:
             entry = self._entry(key)

@@ -281,6 +281,27 @@ def test_homes_of_a_real_unet_pack_into_power_of_two_chunks_with_little_waste(fa
     assert len(plan) <= 16
 
 
+def test_a_budget_below_what_a_models_weights_need_is_refused_by_its_loader_before_anything_runs(tmp_path):
+    """The checkpoint's loader node names the minimum; no node that computes with the model starts."""
+    from pathlib import Path
+
+    from graphsd import Engine, Settings
+
+    engine = Engine(Settings(output_dir=str(tmp_path)))
+    engine.models.strategy = ModelOffload(64 * 1024, on_cpu=True)  # 64 KiB: below any block of graphsd-tiny
+    events: list = []
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "txt2img.yaml"
+    result = engine.run(workflow, on_event=events.append)
+    assert not result.ok and not list(tmp_path.iterdir())
+    [failed] = [e for e in events if e.kind == "node_error"]
+    assert failed.node_type == "CheckpointLoader"
+    assert "--vram-budget" in failed.message and "raise the budget to at least" in failed.message
+    started = {e.node_type for e in events if e.kind == "node_start"}
+    assert not started & {"TextEncode", "UNetDenoiseLoop", "VAEDecode", "SaveImage"}
+    engine.models.strategy.vram_budget = 2**40  # the same models then run
+    assert engine.run(workflow).ok
+
+
 def test_lora_with_replans_mid_use_and_offloads_between_uses_keeps_every_weight():
     """Under a budget weights live in their homes off the device: a LoRA use whose call re-plans
     (whole for a small batch, then partially loaded for a large one) gives the LoRA result, and

@@ -97,6 +97,8 @@ def load_checkpoint(manager: Any, path: Path, dtype: str = "fp32", allow_pickle:
     else:
         loaders, scheduler_config, family = _single_file_loaders(manager, path, fingerprint, dtype, allow_pickle)
     keys = {role: manager.load(f"{fingerprint}:{role}:{dtype}", fn) for role, fn in loaders.items()}
+    for key in keys.values():  # a VRAM budget too small for a component is refused before anything runs with it
+        manager.check_budget(key)
     return build_handles(manager, keys, scheduler_config, family=family)
 
 
@@ -106,9 +108,7 @@ def build_handles(manager: Any, keys: dict[str, str], scheduler_config: dict[str
     components' configs (``family`` defaults to what the U-Net config says)."""
     encoders = [r for r in TOKENIZER_OF_ENCODER if r in keys]
     tokenizers = {r: manager.get(keys[TOKENIZER_OF_ENCODER[r]]) for r in encoders if TOKENIZER_OF_ENCODER[r] in keys}
-    info = detect_model_info(
-        manager.get(keys["unet"]).config, manager.get(keys["vae"]).config, scheduler_config, tokenizers, family
-    )
+    info = detect_model_info(manager.get(keys["unet"]).config, manager.get(keys["vae"]).config, scheduler_config, tokenizers, family)
     info = replace(info, vae_key=keys["vae"])
     unet = UNet(manager, {"unet": keys["unet"]}, info)
     clip = Clip(manager, {r: keys[r] for r in encoders}, info)
@@ -134,7 +134,8 @@ def _folder_loaders(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple
         if not (isinstance(spec, list) and len(spec) == 2 and all(x is None or isinstance(x, str) for x in spec)):
             raise ModelLoadError(
                 f"{path}/model_index.json: {role} is {spec!r}, expected [library, class name] (e.g. "
-                '["diffusers", "UNet2DConditionModel"]) or [null, null]; fix or replace the file')
+                '["diffusers", "UNet2DConditionModel"]) or [null, null]; fix or replace the file'
+            )
         if spec[0] is None:
             continue
         if not (path / role).is_dir():
@@ -173,14 +174,18 @@ def _component_class(path: Path, role: str, library: str, name: str | None) -> t
     if library.split(".")[0] not in TRUSTED_LIBRARIES:
         raise ModelLoadError(
             f"{where}: refused, graphsd imports classes from {' and '.join(TRUSTED_LIBRARIES)} only "
-            f"(a model folder must not make it run other code); use a standard diffusers model folder")
+            f"(a model folder must not make it run other code); use a standard diffusers model folder"
+        )
     try:
         module = importlib.import_module(library)
     except ImportError as exc:
         raise ModelLoadError(f"{where}: module {library} cannot be imported ({exc})") from None
     cls = getattr(module, name or "", None)
-    base, kind = ((PreTrainedTokenizerBase, "tokenizer class (PreTrainedTokenizerBase)") if role.startswith("tokenizer")
-                  else (torch.nn.Module, "model class (torch.nn.Module)"))
+    base, kind = (
+        (PreTrainedTokenizerBase, "tokenizer class (PreTrainedTokenizerBase)")
+        if role.startswith("tokenizer")
+        else (torch.nn.Module, "model class (torch.nn.Module)")
+    )
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ModelLoadError(f"{where}: that is not a {kind} of {library}; the folder's model_index.json is wrong")
     return cls

@@ -120,7 +120,9 @@ def file_identity(name: Any, kind: str, ctx: Context, folders_ok: bool = False) 
 def _load(ctx: Context, key: str, loader: Any, field: str) -> str:
     """``ctx.models.load`` with a file's problems reported on ``field``."""
     try:
-        return ctx.models.load(key, loader)
+        key = ctx.models.load(key, loader)
+        ctx.models.check_budget(key)  # a VRAM budget too small for it is refused before anything runs with it
+        return key
     except NodeError:
         raise
     except GraphsdError as exc:
