@@ -281,6 +281,7 @@ def test_homes_of_a_real_unet_pack_into_power_of_two_chunks_with_little_waste(fa
     assert len(plan) <= 16
 
 
+@pytest.mark.slow
 def test_a_budget_below_what_a_models_weights_need_is_refused_by_its_loader_before_anything_runs(tmp_path):
     """The checkpoint's loader node names the minimum; no node that computes with the model starts."""
     from pathlib import Path
