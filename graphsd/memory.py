@@ -22,7 +22,9 @@ blocks ahead, so the copies overlap the computation (:class:`Streamer`). The roo
 activations comes from the layout's ``workspace`` estimators, which read the shape of each call
 (the latent batch and size): a larger batch or image re-plans the split before the call runs. A
 budget below the smallest working set (the layers that never stream, the largest block, the ring
-and the activations) is refused with a :class:`VramBudgetError` naming that minimum.
+and the activations) is refused with a :class:`VramBudgetError` naming that minimum: by a loader
+right after loading when the weights alone do not fit (:meth:`ModelManager.check_budget`), else
+when the component is placed.
 
 **Moves are cheap under a budget.** Each component's weights get a *home* in CPU memory once
 (pinned on CUDA, packed into a few chunks of power-of-two sizes so the pinned allocator's
