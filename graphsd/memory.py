@@ -23,7 +23,7 @@ activations comes from the layout's ``workspace`` estimators, which read the sha
 (the latent batch and size): a larger batch or image re-plans the split before the call runs. A
 budget below the smallest working set (the layers that never stream, the largest block, the ring
 and the activations) is refused with a :class:`VramBudgetError` naming that minimum: by a loader
-right after loading when the weights alone do not fit (:meth:`ModelManager.check_budget`), else
+right after loading when the weights alone do not fit (:meth:`ModelManager.load`), else
 when the component is placed.
 
 **Moves are cheap under a budget.** Each component's weights get a *home* in CPU memory once
@@ -821,31 +821,38 @@ class ModelManager:
         )
 
     # ---- loading --------------------------------------------------------------------------
-    def load(self, key: str, loader: Callable[[], Any]) -> str:
+    def load(self, key: str, loader: Callable[[], Any], check: bool = True) -> str:
         """Load the component named ``key`` with ``loader()`` unless it is already held.
 
         ``key`` must identify the content (file fingerprint + component + dtype). The loaded
         object stays on the CPU until :meth:`use` places it. The loader is kept: a component
-        evicted under the RAM budget is loaded again by it when it is used next."""
+        evicted under the RAM budget is loaded again by it when it is used next. With ``check``
+        a component that cannot run within the VRAM budget even with all its blocks streamed is
+        refused here (:class:`VramBudgetError`, naming the minimum), so the loading node reports
+        it before any node has computed anything with it."""
         with self._lock:
-            if key in self.entries:
+            held = key in self.entries
+            if held:
                 self.entries.move_to_end(key)
                 self._emit("reuse", key, self.entries[key].nbytes, "cpu")
-                return key
-        module = loader()
-        if isinstance(module, torch.nn.Module):
-            module.eval().requires_grad_(False)
-        entry = _Entry(module, module_nbytes(module), loader)
-        with self._lock:
-            self.entries[key] = entry
-            self._loaders[key] = loader
-            self._emit("load", key, entry.nbytes, str(_device_of(module)))
-            self._evict_ram(keep=key)
+        if not held:
+            module = loader()
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+            entry = _Entry(module, module_nbytes(module), loader)
+            with self._lock:
+                self.entries[key] = entry
+                self._loaders[key] = loader
+                self._emit("load", key, entry.nbytes, str(_device_of(module)))
+                self._evict_ram(keep=key)
+        if check:
+            self._check_budget(key)
         return key
 
     def add(self, key: str, module: Any) -> str:
-        """Register an object built in memory (e.g. by a training node) under ``key``."""
-        return self.load(key, lambda: module)
+        """Register an object built in memory (e.g. by a training node) under ``key``; the node
+        that built it uses it next, and placing it then checks the VRAM budget."""
+        return self.load(key, lambda: module, check=False)
 
     def has(self, key: str) -> bool:
         return key in self.entries
@@ -954,11 +961,10 @@ class ModelManager:
             return entry.nbytes
         return layout.resident_bytes(entry.module) + max(region_bytes(b.module) for b in layout.blocks)
 
-    def check_budget(self, key: str) -> None:
-        """Refuse component ``key`` now if it cannot run within the VRAM budget even with all its
-        blocks streamed, by what its weights alone need (:class:`VramBudgetError`, naming that
-        minimum). Loaders call this right after loading, so the error comes before any node has
-        computed anything; the activations a call needs on top are checked when it is placed."""
+    def _check_budget(self, key: str) -> None:
+        """Raise :class:`VramBudgetError` if component ``key`` cannot run within the VRAM budget
+        even with all its blocks streamed, by what its weights alone need (the activations a call
+        needs on top are checked when it is placed)."""
         with self._lock:
             entry = self._entry(key)
             if (self.device.type == "cpu" and not self.strategy.on_cpu) or not isinstance(entry.module, torch.nn.Module):

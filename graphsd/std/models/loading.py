@@ -97,8 +97,6 @@ def load_checkpoint(manager: Any, path: Path, dtype: str = "fp32", allow_pickle:
     else:
         loaders, scheduler_config, family = _single_file_loaders(manager, path, fingerprint, dtype, allow_pickle)
     keys = {role: manager.load(f"{fingerprint}:{role}:{dtype}", fn) for role, fn in loaders.items()}
-    for key in keys.values():  # a VRAM budget too small for a component is refused before anything runs with it
-        manager.check_budget(key)
     return build_handles(manager, keys, scheduler_config, family=family)
 
 

@@ -120,9 +120,7 @@ def file_identity(name: Any, kind: str, ctx: Context, folders_ok: bool = False) 
 def _load(ctx: Context, key: str, loader: Any, field: str) -> str:
     """``ctx.models.load`` with a file's problems reported on ``field``."""
     try:
-        key = ctx.models.load(key, loader)
-        ctx.models.check_budget(key)  # a VRAM budget too small for it is refused before anything runs with it
-        return key
+        return ctx.models.load(key, loader)
     except NodeError:
         raise
     except GraphsdError as exc:

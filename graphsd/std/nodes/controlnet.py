@@ -117,9 +117,7 @@ def _load(ctx: Context, path: Path, precision: str, base: UNet | None = None) ->
             def loader() -> Any:
                 return load_controlnet(path, dtype, allow_pickle, "control_net_name")
 
-        key = ctx.models.load(key, loader)
-        ctx.models.check_budget(key)  # a VRAM budget too small for it is refused before anything runs with it
-        return ControlNet(ctx.models, {"controlnet": key})
+        return ControlNet(ctx.models, {"controlnet": ctx.models.load(key, loader)})
     except NodeError:
         raise
     except GraphsdError as exc:
