@@ -53,6 +53,20 @@ def managed(model: torch.nn.Module, budget: int, layout: Layout | None = None) -
     return m, UNet(m, {"unet": key}), events
 
 
+def tiny_unet_call() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The suite's tiny SD U-Net (with the SD layouts registered), the inputs of one call
+    (sample, timestep, text context; a batch of two) and that call's unconstrained output."""
+    from sd_tiny import unet as tiny_unet
+
+    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
+
+    model = tiny_unet()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=ctx).sample
+    return model, (x, t, ctx), expected
+
+
 def in_ring(m: ModelManager, ptr: int) -> bool:
     ring = m.entries["model"].streamer.ring
     return ring.data_ptr() <= ptr < ring.data_ptr() + ring.numel()
@@ -146,14 +160,7 @@ def test_activations_of_a_call_are_kept_room_for():
 
 
 def test_streamed_tiny_unet_gives_the_unconstrained_numbers():
-    from sd_tiny import unet as tiny_unet
-
-    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
-
-    model = tiny_unet()
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, 32)
-    with torch.no_grad():
-        expected = model(x, t, encoder_hidden_states=ctx).sample
+    model, (x, t, ctx), expected = tiny_unet_call()
     m, handle, events = managed(model, 0)
     layout = m.layout("model")
     names = [b.name for b in layout.blocks]
@@ -359,15 +366,8 @@ def test_each_streamed_block_moves_in_one_copy_from_a_home_laid_out_like_its_rin
     """Homes are packed so that a streamed block's CPU copies form one span with each tensor at
     its offset in the block's ring slot: the block moves in one copy, and while it runs its
     parameters are views into the slot, laid out as in the span."""
-    from sd_tiny import unet as tiny_unet
-
-    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
-
     torch.manual_seed(0)
-    model = tiny_unet()
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, 32)
-    with torch.no_grad():
-        expected = model(x, t, encoder_hidden_states=ctx).sample
+    model, (x, t, ctx), expected = tiny_unet_call()
     m, handle, _ = managed(model, 0)
     layout = m.layout("model")
     two_slots = 2 * max(region_bytes(b.module) for b in layout.blocks)
