@@ -67,6 +67,20 @@ def tiny_unet_call() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor,
     return model, (x, t, ctx), expected
 
 
+def misordered_six() -> tuple[Recording, ModelManager, UNet, torch.Tensor, torch.Tensor]:
+    """Six equal recording blocks whose layout lists them in the reverse of the order they run,
+    managed under a budget with room for the layers outside them and two blocks (all six stream),
+    with a call's input and its unconstrained output."""
+    torch.manual_seed(0)
+    model = Recording([16, 16, 16, 16, 16, 16])
+    layout = recording_layout(model)
+    layout.blocks.reverse()  # the layout guesses the order wrong
+    budget = layout.resident_bytes(model) + 2 * max(region_bytes(b.module) for b in layout.blocks)
+    m, handle, _ = managed(model, budget, layout)
+    x = torch.randn(2, 8)
+    return model, m, handle, x, model(x)
+
+
 def in_ring(m: ModelManager, ptr: int) -> bool:
     ring = m.entries["model"].streamer.ring
     return ring.data_ptr() <= ptr < ring.data_ptr() + ring.numel()
@@ -104,15 +118,8 @@ def test_split_keeps_low_rank_blocks_resident_and_streams_the_rest_in_order():
 
 
 def test_copies_follow_the_order_blocks_ran_in_not_the_layout_order():
-    torch.manual_seed(0)
-    model = Recording([16, 16, 16, 16, 16, 16])
-    layout = recording_layout(model)
-    layout.blocks.reverse()  # the layout guesses the order wrong
-    budget = layout.resident_bytes(model) + 2 * max(region_bytes(b.module) for b in layout.blocks)
-    m, handle, _ = managed(model, budget, layout)
+    model, m, handle, x, expected = misordered_six()
     m.strategy.ring_blocks = 2
-    x = torch.randn(2, 8)
-    expected = model(x)
     with m.use(handle, "unet") as mod:
         outputs = [mod(x) for _ in range(3)]
         transfers = m.entries["model"].streamer.transfers
@@ -427,14 +434,7 @@ def test_a_component_streamed_again_after_an_offload_copies_in_the_order_its_blo
     """The order learned while streaming is kept with the layout: after an offload (a component
     taking turns with others between images) the new streamer's very first call copies in the
     order the blocks ran, so no copy made ahead is thrown away."""
-    torch.manual_seed(0)
-    model = Recording([16, 16, 16, 16, 16, 16])
-    layout = recording_layout(model)
-    layout.blocks.reverse()  # the layout guesses the order wrong
-    budget = layout.resident_bytes(model) + 2 * max(region_bytes(b.module) for b in layout.blocks)
-    m, handle, _ = managed(model, budget, layout)
-    x = torch.randn(2, 8)
-    expected = model(x)
+    model, m, handle, x, expected = misordered_six()
     run_order = [f"blocks.{i}" for i in range(6)]
     with m.use(handle, "unet") as mod:
         assert torch.equal(mod(x), expected)
@@ -447,5 +447,5 @@ def test_a_component_streamed_again_after_an_offload_copies_in_the_order_its_blo
         streamer = m.entries["model"].streamer
         transfers, moved = list(streamer.transfers), streamer.bytes_moved
     assert transfers[:6] == run_order
-    call = sum(b.nbytes for b in layout.blocks)
+    call = sum(b.nbytes for b in m.layout("model").blocks)
     assert moved < 2 * call  # one call's blocks and the next call's first ones, nothing copied twice
