@@ -477,3 +477,23 @@ def test_loha_tucker_cores_rebuild_the_conv_kernel(tmp_path):
     assert match.matched == 1
     patch.apply("unet", unet)
     check_weights(unet, expected)
+
+
+def test_a_delta_does_not_depend_on_the_order_its_rank_terms_are_summed():
+    """Under a VRAM budget a streamed layer's delta is computed on the CPU and a resident one's on
+    the GPU, whose matrix products sum the rank terms in another order: the delta must be the
+    same either way, or an fp16 weight rounds differently where it streams. Reordering the rank
+    components (the same LoRA) stands in for the other device's order; the delta must also be the
+    exact product rounded once to float32."""
+    from graphsd.std.models.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(3)
+    rank = 64
+    down, up = torch.randn(rank, 96, generator=gen), torch.randn(80, rank, generator=gen)
+    order = torch.randperm(rank, generator=gen)
+    shape = torch.Size((80, 96))
+    delta = LoraLayer("lora", {"down": down, "up": up}, alpha=8.0).delta(shape)
+    reordered = LoraLayer("lora", {"down": down[order], "up": up[:, order]}, alpha=8.0).delta(shape)
+    assert delta.dtype == torch.float32
+    assert torch.equal(delta, reordered)
+    assert torch.equal(delta, (up.double() @ down.double() * (8.0 / rank)).float())

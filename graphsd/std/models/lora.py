@@ -175,9 +175,14 @@ class LoraLayer:
     alpha: float | None = None
 
     def delta(self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight delta at strength 1, reshaped to ``shape``, computed in ``dtype``
-        (float32; float64 for a float64 model)."""
-        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
+        """The weight delta at strength 1, reshaped to ``shape``, in ``dtype`` (float32; float64 for
+        a float64 model). The factors are multiplied in float64 and the product rounded once to
+        ``dtype``, so the delta is the same whichever device computes it (the GPU for resident
+        weights, the CPU for the pinned copies of streamed ones under a VRAM budget): float32
+        products summed in a device's own order would differ in their last bits, and an fp16
+        weight would then round differently where it is streamed than where it is resident."""
+        exact = dtype if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+        t = {k: v.to(device=device, dtype=exact) for k, v in self.tensors.items()}
         if self.kind == "lora":
             d, rank = _lora_matrix(t), t["down"].shape[0]
         elif self.kind == "loha":
@@ -187,7 +192,7 @@ class LoraLayer:
         if d.numel() != shape.numel():
             raise LoraFormatError(f"a {self.kind} delta of shape {tuple(d.shape)} does not fit a weight of shape {tuple(shape)}")
         scale = self.alpha / rank if self.alpha is not None and rank else 1.0
-        return d.reshape(shape) * scale
+        return (d.reshape(shape) * scale).to(dtype)
 
 
 def _lora_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
