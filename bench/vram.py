@@ -12,6 +12,10 @@ Each configuration runs in its own process, all in one invocation on the same GP
 - ``graphsd@B``: ``Engine(Settings(device="cuda", vram_budget_mb=B * 1024))`` (``none``: no budget);
   ``graphsd@BrN``: the same with a streaming ring of N of the largest block (``ModelOffload.ring_blocks``;
   the default otherwise);
+- ``graphsd+lora@B`` (``--lora``): the same with a LoRA on the U-Net (``LoraLoader``, a random rank-8
+  PEFT-format file over every attention projection, written once per model): its difference is
+  from ``graphsd+lora@none`` (streaming must not change the LoRA image), and ``lora_effect`` is
+  its largest difference from the unpatched ``graphsd@none`` image (the LoRA must show);
 - ``diffusers:model``: ``enable_model_cpu_offload()``;
 - ``diffusers:sequential``: ``enable_sequential_cpu_offload()``;
 - ``diffusers:group_block`` / ``group_leaf``: ``enable_group_offload(offload_type="block_level",
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -72,6 +77,18 @@ def progress(message: str) -> None:
 STARTED = time.perf_counter()
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory, GiB: the kernel's high-water mark of its own address
+    space (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``, which a child started by ``exec`` inherits
+    from its parent: the sweep's parent, which builds the models, would set every row's floor."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # no /proc: KiB -> GiB
+
+
 def measure(once, args) -> dict:
     """One warm-up image, then ``--runs`` timed ones with the peak allocation over them."""
     progress("set up; warm-up image")
@@ -88,11 +105,30 @@ def measure(once, args) -> dict:
         times.append(time.perf_counter() - t0)
         progress(f"image {i + 1}: {times[-1]:.3f} s")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    rss = peak_rss_gib()
     return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, "first": first}
 
 
-def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> dict:
+def write_lora(model: Path, path: Path, rank: int = 8) -> None:
+    """A random rank-``rank`` LoRA over every attention projection of ``model``'s U-Net, in PEFT /
+    diffusers spelling (``unet.<module>.lora_A.weight`` / ``lora_B.weight``, no alpha: scale 1).
+    Each delta's elements have a fifth of its weight's spread: a style that shows in the image."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+            down = torch.randn(rank, module.in_features, generator=gen)
+            up = torch.randn(module.out_features, rank, generator=gen) * (0.2 * float(module.weight.std()) / rank**0.5)
+            tensors[f"unet.{name}.lora_A.weight"] = down.half().contiguous()
+            tensors[f"unet.{name}.lora_B.weight"] = up.half().contiguous()
+    save_file(tensors, str(path))
+
+
+def run_graphsd(args, budget: float | None, ring_blocks: int | None = None, lora: Path | None = None) -> dict:
     from graphsd import Engine, Settings
     from graphsd.memory import ModelOffload
 
@@ -104,6 +140,9 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None) -> d
         engine.models.strategy.ring_blocks = ring_blocks
     dtype = "fp16" if args.device == "cuda" else "fp32"
     doc = txt2img_document(args.model, dtype, args.size, args.steps)
+    if lora is not None:
+        doc["nodes"]["l"] = {"type": "LoraLoader", "inputs": {"unet": "@m.unet", "clip": "@m.clip", "lora": str(lora), "strength_clip": 0.0}}
+        doc["nodes"]["d"]["inputs"]["unet"] = "@l.unet"
     assert engine.run(doc, outputs=["m"]).ok
     streamed: list[dict] = []
 
@@ -230,9 +269,10 @@ def run_diffusers(args, anchor: str) -> dict:
 
 def child(args) -> None:
     kind, _, value = args.config.partition("@") if "@" in args.config else args.config.partition(":")
-    if kind == "graphsd":
+    if kind.startswith("graphsd"):
         budget, _, ring = value.partition("r")
-        result = run_graphsd(args, None if budget == "none" else float(budget), int(ring) if ring else None)
+        lora = Path(args.model) / "bench-lora.safetensors" if kind == "graphsd+lora" else None
+        result = run_graphsd(args, None if budget == "none" else float(budget), int(ring) if ring else None, lora)
     else:
         result = run_diffusers(args, value)
     torch.save(result.pop("first"), args.image)
@@ -247,6 +287,9 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
     size = {"sd15": 512, "sdxl": 1024}.get(name, 64)
     results: dict = everything.setdefault(name, {})
     configs = [f"graphsd@{b}" for b in args.budgets] + [f"diffusers:{a}" for a in args.anchors]
+    if args.lora:
+        write_lora(folder, folder / "bench-lora.safetensors")
+        configs[len(args.budgets) : len(args.budgets)] = [f"graphsd+lora@{b}" for b in args.lora]
     for config in configs:
         image = tmp / f"{name}-{config.replace(':', '-').replace('@', '-')}.pt"
         command = [
@@ -294,6 +337,9 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
         )
         if reference is not None and reference.exists() and image.exists():
             r["diff"] = float((torch.load(image) - torch.load(reference)).abs().max())
+        plain = tmp / f"{name}-graphsd-none.pt"
+        if config.startswith("graphsd+lora") and plain.exists() and image.exists():
+            r["lora_effect"] = float((torch.load(image) - torch.load(plain)).abs().max())
         print(f"[{name}] {config}: {json.dumps(r)}", file=sys.stderr, flush=True)
         finished(name, config, results, args)
 
@@ -318,13 +364,14 @@ def row(config: str, r: dict, results: dict) -> str:
     if "error" in r:
         lines = r["error"].strip().splitlines()
         return f"{config:<22} failed: {lines[-1] if lines else '?'}"
-    base = results.get("graphsd@none", {}).get("s")
+    base = results.get(f"{config.partition('@')[0]}@none", {}).get("s") if config.startswith("graphsd") else results.get("graphsd@none", {}).get("s")
     ratio = f"{r['s'] / base:.2f}" if base else "-"
     budget = config.partition("@")[2].partition("r")[0]
     within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
     streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"
-    return f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}"
+    effect = f"  (LoRA changes the image by {r['lora_effect']:.3g})" if "lora_effect" in r else ""
+    return f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}{effect}"
 
 
 def link_speed() -> dict:
@@ -356,6 +403,7 @@ def main() -> None:
     parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (tiny, tinyxl with --smoke)")
     parser.add_argument("--budgets", default=BUDGETS, help="GiB, comma-separated; none = no budget")
     parser.add_argument("--anchors", default=ANCHORS, help="diffusers offloading: model, sequential, group_block, group_leaf")
+    parser.add_argument("--lora", default="", help="budgets (GiB, or none) for graphsd+lora rows, e.g. none,1")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
@@ -384,6 +432,7 @@ def main() -> None:
     args.timeouts = {c: float(v) for c, _, v in (item.rpartition("=") for item in args.timeouts.split(",") if item)}
     args.budgets = args.budgets.split(",")
     args.anchors = [a for a in args.anchors.split(",") if a]
+    args.lora = [b for b in args.lora.split(",") if b]
     everything: dict = {}
     args.everything = everything
     if args.device == "cuda":
