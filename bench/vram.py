@@ -141,7 +141,8 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None, lora
     dtype = "fp16" if args.device == "cuda" else "fp32"
     doc = txt2img_document(args.model, dtype, args.size, args.steps)
     if lora is not None:
-        doc["nodes"]["l"] = {"type": "LoraLoader", "inputs": {"unet": "@m.unet", "clip": "@m.clip", "lora": str(lora), "strength_clip": 0.0}}
+        lora_inputs = {"unet": "@m.unet", "clip": "@m.clip", "lora": str(lora), "strength_clip": 0.0}
+        doc["nodes"]["l"] = {"type": "LoraLoader", "inputs": lora_inputs}
         doc["nodes"]["d"]["inputs"]["unet"] = "@l.unet"
     assert engine.run(doc, outputs=["m"]).ok
     streamed: list[dict] = []
@@ -364,7 +365,8 @@ def row(config: str, r: dict, results: dict) -> str:
     if "error" in r:
         lines = r["error"].strip().splitlines()
         return f"{config:<22} failed: {lines[-1] if lines else '?'}"
-    base = results.get(f"{config.partition('@')[0]}@none", {}).get("s") if config.startswith("graphsd") else results.get("graphsd@none", {}).get("s")
+    kind = config.partition("@")[0] if config.startswith("graphsd") else "graphsd"
+    base = results.get(f"{kind}@none", {}).get("s")
     ratio = f"{r['s'] / base:.2f}" if base else "-"
     budget = config.partition("@")[2].partition("r")[0]
     within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
