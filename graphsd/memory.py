@@ -700,7 +700,7 @@ class KeepOnDevice:
     def make_room(self, manager: ModelManager, key: str, nbytes: int) -> None:
         return None
 
-    def plan(self, manager: ModelManager, key: str) -> Plan:
+    def plan(self, manager: ModelManager, key: str, weights_only: bool = False) -> Plan:
         return Plan(None)
 
 
@@ -734,9 +734,14 @@ class ModelOffload:
             if other != key and other not in manager.in_use:
                 manager.offload(other)
 
-    def plan(self, manager: ModelManager, key: str) -> Plan:
+    def plan(self, manager: ModelManager, key: str, weights_only: bool = False) -> Plan:
+        """Where component ``key``'s blocks go now (resident or streamed), next to the components
+        in use and the activations its calls need; raises :class:`VramBudgetError` below the
+        least it runs in. ``weights_only`` leaves the activations out (the check at load time:
+        what a call adds depends on its input, and a tiled VAE decode needs less than the
+        full-frame one a previous image may have reserved)."""
         entry = manager.entries[key]
-        workspace = entry.workspace + entry.extra
+        workspace = 0 if weights_only else entry.workspace + entry.extra
         others = manager.in_use_bytes(exclude=key)
         room = self.vram_budget - others - workspace
         if not self.stream or entry.nbytes <= room or not isinstance(entry.module, torch.nn.Module):
@@ -969,7 +974,7 @@ class ModelManager:
             entry = self._entry(key)
             if (self.device.type == "cpu" and not self.strategy.on_cpu) or not isinstance(entry.module, torch.nn.Module):
                 return
-            self.strategy.plan(self, key)  # raises below the minimum; moves nothing
+            self.strategy.plan(self, key, weights_only=True)  # raises below the minimum; moves nothing
 
     def place(self, key: str) -> Any:
         with self._lock:

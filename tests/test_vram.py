@@ -145,6 +145,24 @@ def test_budget_below_the_smallest_working_set_is_refused_before_any_call():
         assert torch.equal(mod(torch.ones(1, 8)), Recording.forward(model, torch.ones(1, 8)))
 
 
+def test_a_loader_run_again_checks_the_weights_not_the_activations_an_earlier_call_reserved():
+    """A workflow run a second time runs its loader node again on the held component: the check
+    at load time is about what the weights need. An earlier call's reservation (a full-frame VAE
+    decode, which the next image will tile) must not refuse the component there; a call that
+    really needs more than the budget is still refused when it is placed."""
+    model = Recording([16, 64, 16])
+    layout = recording_layout(model)
+    minimum = layout.resident_bytes(model) + max(region_bytes(b.module) for b in layout.blocks)
+    m, handle, _ = managed(model, minimum + 4096, layout)
+    m.expect("model", 2 * minimum)  # what the last call needed: more than the budget leaves
+    assert m.load("model", lambda: model) == "model"  # the loader node again: its weights fit
+    with pytest.raises(VramBudgetError), m.use(handle, "unet"):
+        pass
+    m.expect("model", 1024)  # the next call is smaller (a tile): it runs
+    with m.use(handle, "unet") as mod:
+        assert torch.equal(mod(torch.ones(1, 8)), Recording.forward(model, torch.ones(1, 8)))
+
+
 def test_activations_of_a_call_are_kept_room_for():
     """A layout's workspace estimate re-plans before a larger call: the component placed whole for
     a small batch is partially loaded for a large one, and weights + activations keep the budget."""
