@@ -89,6 +89,18 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # no /proc: KiB -> GiB
 
 
+def rss_now_gib() -> dict:
+    """Resident memory now, split into anonymous (the process's own copies: converted weights,
+    pageable CPU tensors), shared (where the CUDA driver's pinned allocations show) and
+    file-backed (weights used in place from their memory-mapped ``.safetensors`` files, which
+    the kernel can drop and read again)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return {}
+    fields = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in status.read_text().splitlines() if line.startswith("Rss")}
+    return {"anon_gib": fields.get("RssAnon", 0.0), "shmem_gib": fields.get("RssShmem", 0.0), "file_gib": fields.get("RssFile", 0.0)}
+
+
 def measure(once, args) -> dict:
     """One warm-up image, then ``--runs`` timed ones with the peak allocation over them."""
     progress("set up; warm-up image")
@@ -106,7 +118,7 @@ def measure(once, args) -> dict:
         progress(f"image {i + 1}: {times[-1]:.3f} s")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
     rss = peak_rss_gib()
-    return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, "first": first}
+    return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, **rss_now_gib(), "first": first}
 
 
 def write_lora(model: Path, path: Path, rank: int = 8) -> None:
