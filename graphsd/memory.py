@@ -47,6 +47,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,7 +70,8 @@ class Patch(Protocol):
     def apply(self, role: str, module: torch.nn.Module) -> Callable[[], None] | None:
         """Modify ``module`` (the component playing ``role``: "unet", "text_encoder", ...)
         in place and return a function that restores it exactly, or None if this patch does not
-        touch that role."""
+        touch that role. A patch that keeps copies of the weights it changes makes them with
+        :func:`patch_backup`, which keeps them off the device under a VRAM budget."""
 
 
 def module_nbytes(module: Any) -> int:
@@ -770,6 +772,22 @@ class ModelOffload:
         return Plan(resident, ring + max(0, space) // ALIGN * ALIGN)
 
 
+# ---- patches' backups ------------------------------------------------------------------------------
+
+#: Set while :meth:`ModelManager.use` applies the patches of a component under a VRAM budget.
+_BACKUPS_ON_HOST: ContextVar[bool] = ContextVar("graphsd_backups_on_host", default=False)
+
+
+def patch_backup(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` for a patch that changes it in place to restore it from, bit for bit,
+    when the use ends: beside it on its device, or in CPU memory while a VRAM budget is kept (a
+    backup on the device is memory the budget did not plan for: SDXL with a LoRA under 3 GiB
+    peaked at 3.86 GiB with its resident weights' backups on the GPU)."""
+    if _BACKUPS_ON_HOST.get() and tensor.device.type != "cpu":
+        return tensor.detach().to("cpu")
+    return tensor.detach().clone()
+
+
 # ---- the manager -----------------------------------------------------------------------------------
 
 
@@ -1174,11 +1192,15 @@ class ModelManager:
                 streamer.bytes_moved, streamer.calls, streamer.copies, streamer.transfers = 0, 0, 0, []
             with ExitStack() as undo:
                 undo.callback(self._end_patched, entry)  # runs after every patch's undo
-                for patch in ref.patches:
-                    restore = patch.apply(role, module)
-                    if restore is not None:
-                        undo.callback(restore)
-                        self._set_patched(entry, True)
+                budgeted = _BACKUPS_ON_HOST.set(self.strategy.vram_budget is not None)
+                try:
+                    for patch in ref.patches:
+                        restore = patch.apply(role, module)
+                        if restore is not None:
+                            undo.callback(restore)
+                            self._set_patched(entry, True)
+                finally:
+                    _BACKUPS_ON_HOST.reset(budgeted)
                 try:
                     yield module
                 finally:

@@ -497,3 +497,24 @@ def test_a_delta_does_not_depend_on_the_order_its_rank_terms_are_summed():
     assert delta.dtype == torch.float32
     assert torch.equal(delta, reordered)
     assert torch.equal(delta, (up.double() @ down.double() * (8.0 / rank)).float())
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_delta_added_in_pieces_of_rows_equals_the_whole_delta(monkeypatch, kernel):
+    """A LoRA is added into each weight a few rows at a time (bounded temporaries on the device):
+    the pieces must cover every row once and equal the whole delta to the bit (the addition is
+    elementwise, so the patched weight is then the one the whole delta gives)."""
+    import graphsd.std.models.lora as lora_module
+    from graphsd.std.models.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(6, 10, kernel)
+    down = torch.randn(3, 6, kernel, kernel, generator=gen)
+    up = torch.randn(10, 3, 1, 1, generator=gen)
+    layer = LoraLayer("lora", {"down": down, "up": up}, alpha=2.0)
+    shape = conv.weight.shape
+    whole = layer.delta(shape)
+    monkeypatch.setattr(lora_module, "DELTA_PIECE", 2 * 6 * kernel * kernel + 1)  # two rows a piece, the last one alone
+    pieces = list(layer.pieces(shape))
+    assert [rows for rows, _ in pieces] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    assert torch.equal(torch.cat([d for _, d in pieces]), whole)

@@ -52,12 +52,13 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from graphsd.memory import patch_backup
 from graphsd.paths import file_fingerprint
 from graphsd.std.models.family import CONTEXT_WIDTHS
 from graphsd.std.models.formats import ModelFileError, read_weights
@@ -166,6 +167,10 @@ def _peft_alpha(config: dict, path: str, rank: int, name: str) -> float:
     return alpha * math.sqrt(r) if config.get("use_rslora") else alpha
 
 
+#: Elements of a LoRA delta computed at once when it is added into a weight (:meth:`LoraLayer.pieces`).
+DELTA_PIECE = 1 << 20
+
+
 @dataclass
 class LoraLayer:
     """The tensors that make up one layer's delta (``kind``: lora, loha or lokr)."""
@@ -174,15 +179,23 @@ class LoraLayer:
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
 
-    def delta(self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def delta(
+        self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, rows: slice | None = None
+    ) -> torch.Tensor:
         """The weight delta at strength 1, reshaped to ``shape``, in ``dtype`` (float32; float64 for
-        a float64 model). The factors are multiplied in float64 and the product rounded once to
-        ``dtype``, so the delta is the same whichever device computes it (the GPU for resident
-        weights, the CPU for the pinned copies of streamed ones under a VRAM budget): float32
-        products summed in a device's own order would differ in their last bits, and an fp16
-        weight would then round differently where it is streamed than where it is resident."""
+        a float64 model); with ``rows`` only those rows (first dimension) of it, which a plain
+        LoRA computes alone (:meth:`pieces`). The factors are multiplied in float64 and the
+        product rounded once to ``dtype``, so the delta is the same whichever device computes it
+        (the GPU for resident weights, the CPU for the pinned copies of streamed ones under a VRAM
+        budget): float32 products summed in a device's own order would differ in their last bits,
+        and an fp16 weight would then round differently where it is streamed than where it is
+        resident."""
         exact = dtype if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
-        t = {k: v.to(device=device, dtype=exact) for k, v in self.tensors.items()}
+        tensors = self.tensors
+        if rows is not None:
+            tensors = {**tensors, "up": tensors["up"][rows]}
+            shape = torch.Size((len(range(shape[0])[rows]), *shape[1:]))
+        t = {k: v.to(device=device, dtype=exact) for k, v in tensors.items()}
         if self.kind == "lora":
             d, rank = _lora_matrix(t), t["down"].shape[0]
         elif self.kind == "loha":
@@ -193,6 +206,22 @@ class LoraLayer:
             raise LoraFormatError(f"a {self.kind} delta of shape {tuple(d.shape)} does not fit a weight of shape {tuple(shape)}")
         scale = self.alpha / rank if self.alpha is not None and rank else 1.0
         return (d.reshape(shape) * scale).to(dtype)
+
+    def pieces(
+        self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The delta as (rows, delta of those rows) pieces of at most :data:`DELTA_PIECE` elements,
+        so adding it into a weight on the device needs temporaries of a piece, not of the whole
+        layer (a VRAM budget plans for the weights, not for these). A plain LoRA's rows are
+        independent products; the other kinds (LoHa, LoKr, Tucker cores) come whole."""
+        width = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if self.kind != "lora" or "mid" in self.tensors or not shape or shape[0] * width <= DELTA_PIECE:
+            yield slice(None), self.delta(shape, device, dtype)
+            return
+        step = max(1, DELTA_PIECE // width)
+        for start in range(0, shape[0], step):
+            rows = slice(start, min(start + step, shape[0]))
+            yield rows, self.delta(shape, device, dtype, rows)
 
 
 def _lora_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -495,10 +524,11 @@ class LoraPatch:
         with torch.no_grad():
             for path, layer in layers.items():
                 weight = module.get_submodule(path).weight
-                backups.append((weight, weight.detach().clone()))
+                backups.append((weight, patch_backup(weight)))
                 work = working_dtype(weight.dtype)
-                delta = layer.delta(weight.shape, weight.device, work) * strength
-                weight.copy_((weight.to(work) + delta).to(weight.dtype))
+                for rows, delta in layer.pieces(weight.shape, weight.device, work):
+                    part = weight[rows]
+                    part.copy_((part.to(work) + delta * strength).to(weight.dtype))
 
         def undo() -> None:
             with torch.no_grad():
