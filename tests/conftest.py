@@ -77,12 +77,23 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 @pytest.fixture(scope="session")
-def shared_server(tmp_path_factory):
+def shared_server(tmp_path_factory, forks):
     """{"server": one ``graphsd serve`` with the default options, shared by the files in
     SHARED_SERVER (one process, its model loaded once); a test that restarts it puts the new one
     here. Each of those tests tolerates what the ones before it ran (histories, images, cache)."""
     from test_server_harness import Served
 
-    holder = {"server": Served(tmp_path_factory.mktemp("served")).start()}
+    holder = {"server": Served(tmp_path_factory.mktemp("served"), forks=forks).start()}
     yield holder
     assert holder["server"].stop() == 0, holder["server"].log()
+
+
+@pytest.fixture(scope="session")
+def forks(tmp_path_factory):
+    """The fork server (forkserver.py): graphsd's command in a process of its own, without the
+    seconds of imports a fresh interpreter pays. One for the run, shared by the xdist workers."""
+    from forkserver import ForkServer
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    return ForkServer(base.parent if worker else base, os.getppid() if worker else os.getpid())

@@ -176,8 +176,8 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    server = Served(tmp_path_factory.mktemp("frontend")).start(timeout=120)
+def served(tmp_path_factory, forks):
+    server = Served(tmp_path_factory.mktemp("frontend"), forks=forks).start(timeout=120)
     try:
         yield server
     finally:

@@ -3,7 +3,8 @@ code and a message that names what was wrong, never a traceback; nothing is writ
 the output directory, nothing that was there is changed or deleted, no temporary file stays,
 no pickled code runs, memory stays bounded and no case hangs.
 
-The cases run in one fresh process under a data-size limit (``ulimit -d``) of DATA_LIMIT, so
+The cases run in one process of their own (forked past graphsd's imports: forkserver.py) under
+a data-size limit (``ulimit -d``) of DATA_LIMIT, so
 an input that makes graphsd allocate gigabytes fails there (and the memory estimates see the
 same limit on every machine), and each case's peak RSS must stay within RSS_GROWTH of what the
 process had after importing graphsd.
@@ -13,14 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import hostile_cases
+import pytest
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
@@ -30,18 +28,13 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, forks):
     base = tmp_path_factory.mktemp("hostile")
     out = base / "results.json"
     (base / "cases").mkdir()
-
-    def limit_data() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (DATA_LIMIT, DATA_LIMIT))
-
-    proc = subprocess.run(
+    proc = forks.run(
         [sys.executable, str(HERE / "hostile_cases.py"), str(out), str(base / "cases")],
-        preexec_fn=limit_data, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        rlimit_data=DATA_LIMIT, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.exists(), proc.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -86,13 +86,15 @@ def test_comfy_prompt_runs_on_the_builtin_model(engine):
     assert (reading.color, reading.shape, reading.background) == ("red", "circle", "white")
 
 
-def test_ctrl_c_stops_between_steps_and_leaves_no_file(tmp_path):
+def test_ctrl_c_stops_between_steps_and_leaves_no_file(tmp_path, forks):
+    """The command in a process forked past its imports (forkserver.py; the test above runs a
+    fresh one end to end)."""
     import signal
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(
+    proc = forks.popen(
         [sys.executable, "-m", "graphsd.cli", "run", str(WORKFLOWS / "txt2img.yaml"), "--set", "steps=400", "--output-dir", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     for line in proc.stderr:  # wait until the denoise loop is running
         if "(UNetDenoiseLoop) run" in line:

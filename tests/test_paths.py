@@ -73,7 +73,7 @@ def test_concurrent_writers_never_share_a_name(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_save_into_one_folder(tmp_path):
+def test_two_processes_save_into_one_folder(tmp_path, forks):
     """Two graphsd processes saving into one folder at the same moment: two files, neither
     replacing the other (a copy workflow, so both reach SaveImage right after starting)."""
     from PIL import Image
@@ -87,7 +87,7 @@ def test_two_processes_save_into_one_folder(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "graphsd.cli", "run", str(workflow), "--output-dir", str(out), "-q"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [forks.popen(cmd, cwd=tmp_path, env=env) for _ in range(2)]  # two processes forked past their imports
     printed = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
@@ -98,6 +98,7 @@ def test_two_processes_save_into_one_folder(tmp_path):
 
 @pytest.mark.slow
 def test_outputs_get_the_umasks_permissions(tmp_path):
+    """A fresh interpreter: graphsd reads the umask when graphsd.paths is imported."""
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")

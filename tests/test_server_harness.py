@@ -29,9 +29,12 @@ URL_RE = re.compile(r"graphsd serve: (http://\S+?)/?$")
 
 
 class Served:
-    """One server process with its own output, input, data and models folders under ``base``."""
+    """One server process with its own output, input, data and models folders under ``base``:
+    forked past its imports by ``forks`` (conftest.py, forkserver.py) when given, else a fresh
+    interpreter."""
 
-    def __init__(self, base: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None, data_limit: int | None = None):
+    def __init__(self, base: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None, data_limit: int | None = None,
+                 forks: Any = None):
         self.base = base
         self.dirs = {name: base / name for name in ("output", "input", "data", "models")}
         for d in self.dirs.values():
@@ -40,6 +43,7 @@ class Served:
         self.token = token or (env or {}).get("GRAPHSD_SERVER_TOKEN")
         self.extra_env = dict(env or {})
         self.data_limit = data_limit  # bytes (ulimit -d), so memory checks do not depend on the machine
+        self.forks = forks
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.lines: queue.Queue[str] = queue.Queue()
@@ -77,9 +81,13 @@ class Served:
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
-        self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=log, text=True, cwd=self.base, env=env, preexec_fn=limit_memory
-        )
+        if self.forks is not None:
+            self.proc = self.forks.popen(self.command(), stdout=subprocess.PIPE, stderr=log, cwd=self.base, env=env, rlimit_data=limit)
+        else:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=subprocess.PIPE, stderr=log, text=True, cwd=self.base, env=env, preexec_fn=limit_memory
+            )
+        log.close()
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

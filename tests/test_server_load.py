@@ -166,7 +166,7 @@ def test_kill_9_with_prompts_queued_then_restart_finishes_each_exactly_once(shar
     ws.close()
     assert [p.name for p in pngs(out)] == ["quick_00001_.png"]
 
-    server = shared_server["server"] = Served(server.base).start()
+    server = shared_server["server"] = Served(server.base, forks=server.forks).start()
     server.wait_idle(timeout=600)
     status, history = server.json("GET", "/history")
     assert sorted(history) == sorted([first, *others])

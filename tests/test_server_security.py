@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -23,9 +22,9 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, forks):
     base = tmp_path_factory.mktemp("secure")
-    served = Served(base, "--max-upload-mb", "0.05", env={"GRAPHSD_SERVER_TOKEN": TOKEN}, data_limit=8 * 1024**3).start()
+    served = Served(base, "--max-upload-mb", "0.05", env={"GRAPHSD_SERVER_TOKEN": TOKEN}, data_limit=8 * 1024**3, forks=forks).start()
     yield served
     assert served.stop() == 0, served.log()
     assert "internal error" not in served.log(), served.log()  # nothing ever reached a 500
@@ -225,13 +224,11 @@ def test_malformed_prompts_get_comfyui_errors_and_never_crash_the_server(server)
     assert "execution_success" in [e["type"] for e in events]
 
 
-def test_listening_on_another_address_needs_a_token(tmp_path):
+def test_listening_on_another_address_needs_a_token(tmp_path, forks):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("GRAPHSD_SERVER_TOKEN", None)
-    result = subprocess.run(
+    result = forks.run(  # the command in a process forked past its imports (forkserver.py)
         [sys.executable, "-m", "graphsd.cli", "serve", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
         timeout=300,
         env=env,
         cwd=tmp_path,

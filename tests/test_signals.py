@@ -1,16 +1,19 @@
 """Signals on the real command: SIGTERM is handled like Ctrl-C; a second Ctrl-C aborts at once
 even inside a long torch operation and deletes the temporary file of the write in progress;
-Ctrl-C during start-up (inside ``import torch``) exits quietly."""
+Ctrl-C during start-up (inside ``import torch``) exits quietly. Start-up needs a fresh
+interpreter; the other two run the command in a process forked from one that has imported
+graphsd already (forkserver.py), which is the same command past its imports."""
 
 from __future__ import annotations
 
-import pytest
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") skips this module
 
@@ -19,9 +22,12 @@ WORKFLOWS = HERE.parent / "workflows"
 SLOW_PLUGINS = HERE / "fixtures" / "slow_plugins"
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "graphsd.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def start(*args: str, forks=None):
+    """``graphsd ARGS`` in a process of its own: forked by ``forks`` (conftest.py), else a fresh interpreter."""
+    cmd, env = [sys.executable, "-m", "graphsd.cli", *args], {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if forks is not None:
+        return forks.popen(cmd, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_until_torch_is_loading(proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -44,9 +50,9 @@ def wait_for(stream, text: str) -> None:
     raise AssertionError(f"the process ended before printing {text!r}")
 
 
-def test_sigterm_stops_between_steps_and_leaves_no_file(tmp_path):
+def test_sigterm_stops_between_steps_and_leaves_no_file(tmp_path, forks):
     out = tmp_path / "out"
-    proc = start("run", str(WORKFLOWS / "txt2img.yaml"), "--set", "steps=400", "--output-dir", str(out))
+    proc = start("run", str(WORKFLOWS / "txt2img.yaml"), "--set", "steps=400", "--output-dir", str(out), forks=forks)
     wait_for(proc.stderr, "(UNetDenoiseLoop) run")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -55,11 +61,11 @@ def test_sigterm_stops_between_steps_and_leaves_no_file(tmp_path):
     assert stdout == "" and (not out.exists() or list(out.rglob("*")) == [])
 
 
-def test_second_ctrl_c_aborts_a_long_torch_operation_and_removes_its_temporary(tmp_path):
+def test_second_ctrl_c_aborts_a_long_torch_operation_and_removes_its_temporary(tmp_path, forks):
     out = tmp_path / "out"
     workflow = tmp_path / "slow.yaml"
     workflow.write_text("version: 1\nnodes:\n  w: {type: SlowWrite, inputs: {size: 6000}}\n")  # minutes in one call
-    proc = start("run", str(workflow), "--plugins-dir", str(SLOW_PLUGINS), "--output-dir", str(out))
+    proc = start("run", str(workflow), "--plugins-dir", str(SLOW_PLUGINS), "--output-dir", str(out), forks=forks)
     wait_for(proc.stdout, "writing")
     assert [p.name for p in out.iterdir() if p.name.startswith(".graphsd-")], "the write should be in progress"
     proc.send_signal(signal.SIGINT)
