@@ -130,8 +130,8 @@ def test_routing_keeps_model_loads_of_a_mixed_stream_within_models_plus_workers(
     assert model_loads <= 2 + pool.size, loads
 
 
-def test_serve_ray_runs_comfyui_prompts_from_the_websocket_client_on_the_workers(cluster, tmp_path):
-    served = Served(tmp_path, "--ray", cluster["address"], "--workers", "2").start(timeout=300)
+def test_serve_ray_runs_comfyui_prompts_from_the_websocket_client_on_the_workers(cluster, tmp_path, forks):
+    served = Served(tmp_path, "--ray", cluster["address"], "--workers", "2", forks=forks).start(timeout=300)
     try:
         ws = served.ws("ray-client")
         assert receive(ws)["type"] == "status"
