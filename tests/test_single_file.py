@@ -127,6 +127,20 @@ def saved(request, tmp_path_factory):
     return components, path, diffusers_folder(components, tmp / "diffusers")
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """``tiny_folder(save)``: the diffusers folder ``save`` (sd_tiny.save_sd1, save_sdxl_base)
+    writes, made once for the module; the tests only read it."""
+    made: dict = {}
+
+    def get(save) -> Path:
+        if save not in made:
+            made[save] = save(tmp_path_factory.mktemp(save.__name__) / "tiny")
+        return made[save]
+
+    return get
+
+
 # ---- round trip ------------------------------------------------------------------------------------
 def test_save_then_load_gives_identical_weights_and_configs(saved):
     components, path, _ = saved
@@ -385,8 +399,8 @@ def kohya_lora(unet: torch.nn.Module, te: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def test_checkpoint_save_exports_the_patched_model(tmp_path):
-    model = save_sd1(tmp_path / "tiny")
+def test_checkpoint_save_exports_the_patched_model(tiny_folder, tmp_path):
+    model = tiny_folder(save_sd1)
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
     lora = kohya_lora(pipe.unet, pipe.text_encoder, tmp_path / "style.safetensors")
     engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path)))
@@ -417,8 +431,8 @@ def test_checkpoint_save_exports_the_patched_model(tmp_path):
     assert_same_weights(reference.unet, exported["unet"], "unet read by diffusers")
 
 
-def test_checkpoint_save_refuses_a_hypernetwork(tmp_path):
-    model = save_sd1(tmp_path / "tiny")
+def test_checkpoint_save_refuses_a_hypernetwork(tiny_folder, tmp_path):
+    model = tiny_folder(save_sd1)
     meta = {"layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False, "activate_output": False,
             "dropout_structure": [0, 0, 0], "use_dropout": False, "last_layer_dropout": False}
     hn = Hypernetwork({32: (build_net(32, meta), build_net(32, meta))}, meta)
@@ -435,10 +449,10 @@ def test_checkpoint_save_refuses_a_hypernetwork(tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.safetensors"))
 
 
-def test_checkpoint_save_after_the_text_encoder_has_run(tmp_path):
+def test_checkpoint_save_after_the_text_encoder_has_run(tiny_folder, tmp_path):
     """Hooks that libraries add for their own bookkeeping (transformers captures outputs through
     forward hooks once a text encoder has run) are no patch: the checkpoint is saved, unchanged."""
-    model = save_sd1(tmp_path / "tiny")
+    model = tiny_folder(save_sd1)
     engine = Engine(Settings(device="cpu", output_dir=str(tmp_path / "out"), models_dir=str(tmp_path)))
     workflow = {"version": 1, "nodes": {
         "model": {"type": "CheckpointLoader", "inputs": {"path": str(model)}},
@@ -459,8 +473,8 @@ def test_checkpoint_save_after_the_text_encoder_has_run(tmp_path):
     ("link/model.safetensors", "outside the output directory"),
     ("model.ckpt", "written as .safetensors only"),
 ])
-def test_checkpoint_save_confines_the_path(tmp_path, filename, message):
-    model = save_sd1(tmp_path / "tiny")
+def test_checkpoint_save_confines_the_path(tiny_folder, tmp_path, filename, message):
+    model = tiny_folder(save_sd1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "link").symlink_to(tmp_path, target_is_directory=True)
@@ -490,7 +504,7 @@ def fp64_txt2img(source: str, tag: str, positive: str, negative: str, size: int,
 
 
 @pytest.mark.parametrize("save_model", [save_sd1, save_sdxl_base], ids=["sd1", "sdxl"])
-def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
+def test_checkpoint_loader_reads_a_saved_checkpoint(tiny_folder, tmp_path, save_model):
     """CheckpointSave → CheckpointLoader of the file generates the image of the original folder.
 
     The weights are equal bit for bit (tests above), so both images are the same arithmetic;
@@ -498,7 +512,7 @@ def test_checkpoint_loader_reads_a_saved_checkpoint(tmp_path, save_model):
     (not at the 64-byte alignment of fresh allocations), and CPU matrix kernels may take another
     code path, hence another summation order, for other alignments. So both are drawn in float64
     and may differ by rounding only: reference.py's bound."""
-    model = save_model(tmp_path / "tiny")
+    model = tiny_folder(save_model)
     out = tmp_path / "out"
     engine = Engine(Settings(device="cpu", output_dir=str(out), models_dir=str(tmp_path)))
     saved = engine.run({"version": 1, "nodes": {
@@ -532,7 +546,7 @@ def test_checkpoint_save_keeps_the_tokenizer_of_the_builtin_model(tmp_path):
     assert saved.ok, saved.to_dict()
     written = out / "tiny.safetensors"
 
-    prompts = ("a red circle on a white background", "", 128, 4)
+    prompts = ("a red circle on a white background", "", 64, 4)
     nodes = {**fp64_txt2img("graphsd-tiny", "a", *prompts), **fp64_txt2img(str(written), "b", *prompts)}
     result = engine.run({"version": 1, "nodes": nodes},
                         outputs=["posa", "posb", "nega", "negb", "imagea", "imageb"])
