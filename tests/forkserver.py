@@ -163,8 +163,14 @@ def serve(path: str, owner: int) -> None:
             if key.fileobj is listener:
                 conn, _ = listener.accept()
                 data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-                while not data.endswith(b"\n"):
-                    data += conn.recv(1 << 16)
+                while data and not data.endswith(b"\n"):
+                    more = conn.recv(1 << 16)
+                    data = data + more if more else b""
+                if not data:  # a probe (ForkServer._answers) or a client gone: no request
+                    for fd in fds:
+                        os.close(fd)
+                    conn.close()
+                    continue
                 request = json.loads(data)
                 _flush()
                 pid = os.fork()
