@@ -42,7 +42,11 @@ what every later copy carries, and its undo restores them exactly.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
+import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
@@ -156,7 +160,9 @@ def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] 
 
     With ``adopt`` (``tensors`` are a module's parameters and buffers) each tensor is pointed at
     its home as soon as it is copied, so the memory it held is freed while the homes are made
-    rather than after: a component costs its size once, not twice, at its peak."""
+    rather than after, and the pages of a memory-mapped file it was read from leave the process's
+    resident memory (:func:`drop_file_pages`): a component costs its size once, not twice, at its
+    peak."""
     homes: list[torch.Tensor | None] = [None] * len(tensors)
     runs: list[list[int]] = []  # index lists packed consecutively within one chunk
     claimed: set[int] = set()
@@ -175,6 +181,8 @@ def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] 
             homes[i] = t.data.to("cpu").pin_memory()
         home = homes[i]
         if adopt and home is not None:
+            if not _same(home, t.data):
+                drop_file_pages(t.data)
             t.data = home
     for capacity, members in chunk_plan([sum(_aligned(tensors[i]) for i in run) for run in runs]):
         chunk = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
@@ -185,9 +193,55 @@ def pinned_home(tensors: list[torch.Tensor], pin: bool, groups: list[list[int]] 
             home.copy_(t.data)
             homes[i] = home
             if adopt:
+                drop_file_pages(t.data)
                 t.data = home
             used += _aligned(t)
     return [h for h in homes if h is not None]
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+_FILE_PAGE = 1 << 61  # a /proc/self/pagemap flag: file page or shared (bit 63, present, is the sign)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def drop_file_pages(t: torch.Tensor) -> int:
+    """Take the pages of CPU tensor ``t`` that are file (or shared-memory) pages out of this
+    process's resident memory (``madvise(MADV_DONTNEED)``); returns the bytes dropped. For a
+    tensor of a memory-mapped ``.safetensors`` file whose values were just copied to their home:
+    its pages would otherwise count in the process's RSS until the last tensor of that file is
+    gone, so a component's peak was its size twice. No value can change: such a page stays in the
+    page cache (or the shared object) and comes back from it if touched again; a page written
+    since it was mapped (copy-on-write) is a private page, which /proc/self/pagemap tells apart,
+    and stays. Linux only (elsewhere nothing is dropped)."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or _nbytes(t) < _PAGE:
+        return 0
+    first = -(-t.data_ptr() // _PAGE)  # whole pages inside the tensor only: its neighbours keep theirs
+    last = (t.data_ptr() + _nbytes(t)) // _PAGE
+    if last <= first:
+        return 0
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first * 8)
+            raw = pagemap.read((last - first) * 8)
+    except OSError:
+        return 0
+    flags = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    droppable = ((flags & _FILE_PAGE) != 0) & (flags < 0)  # file page, present (bit 63: the sign)
+    if not bool(droppable.any()):
+        return 0
+    libc = _libc()
+    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), droppable.to(torch.int8), torch.zeros(1, dtype=torch.int8)]))
+    starts, ends = torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()
+    dropped = 0
+    for a, b in zip(starts, ends, strict=True):
+        if libc.madvise(ctypes.c_void_p((first + a) * _PAGE), ctypes.c_size_t((b - a) * _PAGE), _MADV_DONTNEED) == 0:
+            dropped += (b - a) * _PAGE
+    return dropped
 
 
 def _aligned(t: torch.Tensor) -> int:

@@ -7,6 +7,9 @@ buffer just before their block runs and point back at their CPU copies after it.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -467,3 +470,33 @@ def test_a_component_streamed_again_after_an_offload_copies_in_the_order_its_blo
     assert transfers[:6] == run_order
     call = sum(b.nbytes for b in m.layout("model").blocks)
     assert moved < 2 * call  # one call's blocks and the next call's first ones, nothing copied twice
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
+def test_pages_of_a_mapped_file_leave_resident_memory_and_no_value_changes(tmp_path):
+    """When a streamed block's weights are copied to their pinned home, the pages of the memory-
+    mapped .safetensors they were read from leave the process's resident memory. Only file pages
+    go: they come back from the file, so every value reads the same afterwards; a page written
+    since it was mapped (copy-on-write: private) stays with its new values; memory of the
+    process's own (a tensor made in memory) is never touched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from graphsd.memory import drop_file_pages
+
+    values = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0))  # 1 MiB: 256 pages
+    save_file({"w": values}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        mapped = f.get_tensor("w")
+    assert torch.equal(mapped, values)  # every page read in
+    mapped[32, 0] = 7.0  # its page (in the middle) is now the process's own
+    expected = values.clone()
+    expected[32, 0] = 7.0
+    dropped = drop_file_pages(mapped)
+    page = os.sysconf("SC_PAGE_SIZE")
+    # every page wholly inside the tensor but the written one (the two at its ends are shared with the file's other bytes)
+    assert values.nbytes - 3 * page <= dropped <= values.nbytes - page
+    assert torch.equal(mapped, expected)  # read again from the file, and the written page kept
+    own = torch.randn(64, 4096)
+    before = own.clone()
+    assert drop_file_pages(own) == 0 and torch.equal(own, before)
