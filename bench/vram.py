@@ -432,7 +432,9 @@ def main() -> None:
     for hidden in ("--config", "--model", "--image"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--device", default="cuda", help="cpu: the budget's policy applied on the CPU (fp32; its peak RSS is meaningful, its times are not)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.config:
