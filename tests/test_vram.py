@@ -254,6 +254,28 @@ def test_vae_decode_switches_to_tiles_when_the_full_frame_would_break_the_budget
     assert decode_tile(ModelManager("cpu"), "x", (1, 4, 64, 64)) is None  # no budget: never tiles
 
 
+def test_vae_encode_switches_to_tiles_when_the_full_frame_would_break_the_budget():
+    from sd_tiny import vae as tiny_vae
+
+    from graphsd.std.models.streaming import encode_tile, encoder_workspace
+
+    vae = tiny_vae()
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (1, 3, 64 * down, 64 * down)
+    m, _, _ = managed(vae, 0)
+    estimate = encoder_workspace(vae)
+    full = estimate((torch.empty(shape, device="meta"),), {})
+    weights = sum(p.numel() * 4 for p in vae.parameters())
+    m.strategy.vram_budget = weights + full
+    assert encode_tile(m, "model", shape, down) is None
+    m.strategy.vram_budget = weights + full // 4
+    tile = encode_tile(m, "model", shape, down)
+    assert tile is not None and 8 <= tile < 64
+    assert weights + estimate((torch.empty(1, 3, tile * down, tile * down, device="meta"),), {}) <= m.strategy.vram_budget
+    assert m.entries["model"].workspace == estimate((torch.empty(1, 3, tile * down, tile * down, device="meta"),), {})
+    assert encode_tile(ModelManager("cpu"), "x", shape, down) is None  # no budget: never tiles
+
+
 def test_a_decode_that_went_past_its_estimate_tiles_next_time_and_is_placed_for_its_tile():
     """On CUDA a decode whose peak went past the budget leaves its overshoot on the VAE's entry;
     the next decode of the frame, which fitted by the estimate alone, then runs in tiles, and the

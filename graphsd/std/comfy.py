@@ -16,7 +16,7 @@ classes, unsupported samplers, dangling links) is reported at once in one Workfl
 | KSampler | LatentNoise + UNetDenoiseLoop |
 | KSamplerAdvanced | LatentNoise + UNetDenoiseLoop (start_step, end_step, add_noise, leftover_noise) |
 | VAEDecode / VAEDecodeTiled | VAEDecode |
-| VAEEncode | VAEEncode |
+| VAEEncode / VAEEncodeTiled | VAEEncode |
 | LoadImage | LoadImage |
 | SaveImage | SaveImage |
 | LoraLoader | LoraLoader |
@@ -102,6 +102,7 @@ RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "LoraLoader": {"strength_model": (-100.0, 100.0), "strength_clip": (-100.0, 100.0)},
     "HypernetworkLoader": {"strength": (-10.0, 10.0)},
     "VAEDecodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
+    "VAEEncodeTiled": {"tile_size": (64, 4096), "overlap": (0, 4096)},
     "CLIPSetLastLayer": {"stop_at_clip_layer": (-24, -1)},
     "LatentUpscale": {"width": (0, MAX_RESOLUTION), "height": (0, MAX_RESOLUTION)},
     "LatentUpscaleBy": {"scale_by": (0.01, 8.0)},
@@ -164,6 +165,7 @@ INPUT_NAMES: dict[str, dict[str, str]] = {
     "VAEDecode": {"vae": "vae", "latent": "samples"},
     "VAEDecodeTiled": {"vae": "vae", "latent": "samples", "tiled": "tile_size", "tile_size": "tile_size", "tile_overlap": "overlap"},
     "VAEEncode": {"vae": "vae", "image": "pixels"},
+    "VAEEncodeTiled": {"vae": "vae", "image": "pixels", "tiled": "tile_size", "tile_size": "tile_size", "tile_overlap": "overlap"},
     "LoadImage": {"path": "image"},
     "SaveImage": {"image": "images", "prefix": "filename_prefix"},
     "LoraLoader": {
@@ -535,6 +537,20 @@ def _vae_encode(c: _Conversion, cid: str, gid: str) -> None:
     c.add(gid, "VAEEncode", {"vae": c.value(cid, "vae"), "image": c.value(cid, "pixels")})
 
 
+def _vae_encode_tiled(c: _Conversion, cid: str, gid: str) -> None:
+    c.add(
+        gid,
+        "VAEEncode",
+        {
+            "vae": c.value(cid, "vae"),
+            "image": c.value(cid, "pixels"),
+            "tiled": True,
+            "tile_size": c.value(cid, "tile_size", default=512),
+            "tile_overlap": c.value(cid, "overlap", default=64),
+        },
+    )
+
+
 def _load_image(c: _Conversion, cid: str, gid: str) -> None:
     c.add(gid, "LoadImage", {"path": c.file_name(cid, "image", "input")})
 
@@ -607,6 +623,7 @@ CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
     "VAEDecode": _vae_decode,
     "VAEDecodeTiled": _vae_decode_tiled,
     "VAEEncode": _vae_encode,
+    "VAEEncodeTiled": _vae_encode_tiled,
     "LoadImage": _load_image,
     "SaveImage": _save_image,
     "LoraLoader": _lora,
@@ -628,6 +645,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "VAEDecode": ("image",),
     "VAEDecodeTiled": ("image",),
     "VAEEncode": ("latent",),
+    "VAEEncodeTiled": ("latent",),
     "LoadImage": ("image", "mask"),
     "SaveImage": (),
     "LoraLoader": ("unet", "clip"),
@@ -1033,6 +1051,19 @@ def object_info(models_dir: str | Path, input_dir: str | Path) -> dict[str, dict
             "latent",
             "Encodes images into latents (graphsd: VAEEncode).",
             {"pixels": ["IMAGE"], "vae": ["VAE"]},
+            ["LATENT"],
+        ),
+        "VAEEncodeTiled": entry(
+            "VAEEncodeTiled",
+            "VAE Encode (Tiled)",
+            "_for_testing",
+            "Encodes images into latents in tiles (graphsd: VAEEncode, tiled).",
+            {
+                "pixels": ["IMAGE"],
+                "vae": ["VAE"],
+                "tile_size": ["INT", {"default": 512, "min": 64, "max": 4096, "step": 64}],
+                "overlap": ["INT", {"default": 64, "min": 0, "max": 4096, **tile}],
+            },
             ["LATENT"],
         ),
         "LoadImage": entry(

@@ -176,17 +176,38 @@ def decode_tile(models: ModelManager, key: str, latent_shape: tuple[int, ...]) -
     streams with); 8 when none does (placing the VAE then names the minimum budget). The VAE's
     activation reservation is set to what the chosen decode needs, so a smaller decode after a
     larger one is placed for its own size."""
+    batch, channels, height, width = latent_shape
+    return _tile(models, key, decoder_workspace, lambda h, w: (batch, channels, h, w), height, width)
+
+
+def encode_tile(models: ModelManager, key: str, pixel_shape: tuple[int, ...], down: int) -> int | None:
+    """The same for encoding pixels of ``pixel_shape`` (``[batch, channels, height, width]``, sides
+    multiples of the VAE's downscale ``down``): the tile edge in latent cells (``× down`` pixels),
+    or None when the whole frame's encode fits."""
+    batch, channels, height, width = pixel_shape
+    return _tile(models, key, encoder_workspace, lambda h, w: (batch, channels, h * down, w * down), height // down, width // down)
+
+
+def _tile(
+    models: ModelManager,
+    key: str,
+    workspace: Callable[[torch.nn.Module], Callable[[tuple, dict], int]],
+    call_shape: Callable[[int, int], tuple[int, ...]],
+    height: int,
+    width: int,
+) -> int | None:
+    """:func:`decode_tile` / :func:`encode_tile` for a frame of ``height`` × ``width`` latent cells,
+    whose call on a tile of h × w cells takes an input of ``call_shape(h, w)``."""
     room = models.room(key)
     if room is None:
         return None
     vae = models.get(key)
-    estimate = decoder_workspace(vae)
+    estimate = workspace(vae)
     weights = (module_nbytes(vae), models.minimum_bytes(key))
-    batch, channels, height, width = latent_shape
-    overshoot = models.overshoot(key)  # what earlier decodes needed beyond the estimate
+    overshoot = models.overshoot(key)  # what earlier calls needed beyond the estimate
 
     def need(h: int, w: int) -> int:
-        return estimate((torch.empty(batch, channels, h, w, device="meta"),), {})
+        return estimate((torch.empty(*call_shape(h, w), device="meta"),), {})
 
     def fits(h: int, w: int) -> bool:
         return any(nbytes + need(h, w) + overshoot <= room for nbytes in weights)
@@ -195,7 +216,7 @@ def decode_tile(models: ModelManager, key: str, latent_shape: tuple[int, ...]) -
     if not fits(height, width):
         tiles = range(min(64, max(height, width)) // 8 * 8, 8, -8)
         tile = next((t for t in tiles if fits(min(t, height), min(t, width))), 8)
-    # the decode's calls need this much, whatever a larger decode before needed
+    # the calls need this much, whatever a larger call before needed
     models.expect(key, need(height, width) if tile is None else need(min(tile, height), min(tile, width)))
     return tile
 

@@ -24,7 +24,7 @@ from graphsd.resources import feature_map_bytes, latent_working_set, require_mem
 from graphsd.std.models.compile import fast
 from graphsd.std.models.family import SD_LATENT_CHANNELS, SD_LATENT_DOWNSCALE, model_info
 from graphsd.std.models.loading import load_checkpoint, resolve_model_path
-from graphsd.std.models.streaming import decode_tile
+from graphsd.std.models.streaming import decode_tile, encode_tile
 from graphsd.std.sampling.guidance import is_plain, max_passes
 from graphsd.std.sampling.inpaint import is_inpainting_unet
 from graphsd.std.sampling.kdiffusion import denoise_comfy
@@ -434,6 +434,9 @@ class VAEEncode(Node):
     class Inputs(NodeIO):
         vae: Vae = Field(description="The VAE (from CheckpointLoader)")
         image: Image = Field(description="RGB image; width and height must be multiples of 8 (alpha is dropped)")
+        tiled: bool = Field(False, description="Encode in tiles (for images too large to encode at once)")
+        tile_size: int = Field(512, ge=16, le=4096, multiple_of=8, description="Tiled mode: tile edge in pixels")
+        tile_overlap: int = Field(128, ge=0, le=2048, multiple_of=8, description="Tiled mode: overlap between tiles in pixels, blended")
 
     class Outputs(NodeIO):
         latent: Latent = Field(description="Latent [batch, 4, height/8, width/8], × the VAE scale factor")
@@ -449,24 +452,49 @@ class VAEEncode(Node):
                 f"{width // down * down}x{height // down * down})",
                 field="image",
             )
-        return self.Outputs(latent=Latent(encode_pixels(ctx, inputs.vae, pixels, "image")))
+        if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
+            raise NodeError(
+                f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap"
+            )
+        tiles = (inputs.tile_size // down, inputs.tile_overlap // down) if inputs.tiled else None
+        return self.Outputs(latent=Latent(encode_pixels(ctx, inputs.vae, pixels, "image", tiles)))
 
 
-def encode_pixels(ctx: Context, vae_ref: Vae, pixels: torch.Tensor, field: str) -> torch.Tensor:
+def encode_pixels(ctx: Context, vae_ref: Vae, pixels: torch.Tensor, field: str, tiles: tuple[int, int] | None = None) -> torch.Tensor:
     """``pixels`` ``[B, H, W, C]`` (sides multiples of the VAE's downscale; grey expanded, alpha
-    dropped) as scaled latents on the CPU: the mode of the VAE's posterior, deterministic. Too
-    little memory is a mistake in ``field``."""
+    dropped) as scaled latents on the CPU: the mode of the VAE's posterior, deterministic. With
+    ``tiles`` (edge, overlap, in latent cells) encoded in tiles (:func:`encode_tiled`); under a
+    VRAM budget also when the whole frame's encode would not fit, in tiles that do, overlapping
+    by a quarter (diffusers' tiling). Too little memory is a mistake in ``field``."""
     info = model_info(vae_ref, "vae")
-    height, width = pixels.shape[1:3]
+    down = info.latent_downscale
+    batch, height, width = pixels.shape[:3]
     if pixels.shape[-1] == 1:
         pixels = pixels.expand(-1, -1, -1, 3)
+    if tiles is None and (tile := encode_tile(ctx.models, vae_ref.keys["vae"], (batch, 3, height, width), down)) is not None:
+        tiles = (tile, tile // 4)
     channels, dtype = _first_channels(ctx, vae_ref, "vae")
-    require_memory(ctx.device, feature_map_bytes(pixels.shape[0], channels, height, width, dtype),
-                   f"encoding {pixels.shape[0]} image(s) of {width}x{height}", "use a smaller image", field=field)
+    frame = (height, width) if tiles is None else (min(height, tiles[0] * down), min(width, tiles[0] * down))
+    require_memory(ctx.device, feature_map_bytes(batch, channels, *frame, dtype),
+                   f"encoding {batch} image(s) of {width}x{height}", "encode in tiles (VAEEncode tiled: true) or use a smaller image",
+                   field=field)
     with ctx.models.use(vae_ref, "vae") as vae, torch.no_grad():
         x = pixels[..., :3].permute(0, 3, 1, 2).to(ctx.device, vae.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.mode()
+        z = vae.encode(x).latent_dist.mode() if tiles is None else encode_tiled(vae, x, *tiles, down)
     return ((z.to(working_dtype(z.dtype)) - info.shift_factor) * info.scaling_factor).cpu()
+
+
+def encode_tiled(vae: Any, x: torch.Tensor, tile: int, overlap: int, down: int) -> torch.Tensor:
+    """The posterior mode of pixels ``x`` encoded in tiles of ``tile`` × ``tile`` latent cells
+    (``tile × down`` pixels) that start every ``(tile - overlap) × down`` pixels, joined as
+    :func:`join_tiles` does over ``overlap`` cells: the scheme of diffusers'
+    ``AutoencoderKL.tiled_encode`` (a quarter's overlap there)."""
+    size, stride = tile * down, (tile - overlap) * down
+    rows = [
+        [vae.encode(x[:, :, i : i + size, j : j + size]).latent_dist.mode() for j in range(0, x.shape[3], stride)]
+        for i in range(0, x.shape[2], stride)
+    ]
+    return join_tiles(rows, overlap, tile - overlap)
 
 
 class VAEDecode(Node):
@@ -567,18 +595,21 @@ def _vae_decode(ctx: Context, vae_ref: Vae, samples: torch.Tensor, tile: int | N
 
 
 def decode_tiled(vae: Any, z: torch.Tensor, tile: int, overlap: int, down: int) -> torch.Tensor:
-    """Decode ``z`` in ``tile``×``tile`` latent tiles that start every ``tile - overlap`` cells.
-
-    Each tile's top and left ``overlap * down`` pixel rows/columns are cross-faded linearly with
-    the (already blended) tile above and to its left, then every tile is cut to its stride and
-    the pieces are joined: the scheme of diffusers' ``AutoencoderKL.tiled_decode``."""
+    """Decode ``z`` in ``tile``×``tile`` latent tiles that start every ``tile - overlap`` cells,
+    joined by :func:`join_tiles` over ``overlap * down`` pixels: the scheme of diffusers'
+    ``AutoencoderKL.tiled_decode``."""
     stride = tile - overlap
-    blend = overlap * down
-    keep = stride * down
     rows = [
         [vae.decode(z[:, :, i : i + tile, j : j + tile], return_dict=False)[0] for j in range(0, z.shape[3], stride)]
         for i in range(0, z.shape[2], stride)
     ]
+    return join_tiles(rows, overlap * down, stride * down)
+
+
+def join_tiles(rows: list[list[torch.Tensor]], blend: int, keep: int) -> torch.Tensor:
+    """Overlapping tiles (``[B, C, h, w]``, in rows) as one tensor: each tile's top and left
+    ``blend`` rows/columns are cross-faded linearly with the (already blended) tile above and to
+    its left, then every tile is cut to ``keep`` × ``keep`` and the pieces are joined."""
     for r, row in enumerate(rows):
         for c, piece in enumerate(row):
             if r > 0:
