@@ -29,7 +29,8 @@ Formats read (one file may mix them, layer by layer):
   cores ``hada_t1`` / ``hada_t2``) and **LoKr** (``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b``,
   ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b``, optional ``lokr_t2``), with kohya-style names.
 
-Deltas (strength 1; the patch multiplies by the strength), all computed in float32:
+Deltas (strength 1; the patch multiplies by the strength), products of the factors taken in float64
+and rounded once to float32 (the same on every device), added a few rows at a time:
 
 - LoRA: ``up @ down × alpha / rank`` (rank = rows of ``down``; scale 1 without alpha), from
   the LoRA paper (Hu et al. 2021, arXiv:2106.09685) with kohya's alpha convention. With a Tucker
