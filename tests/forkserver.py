@@ -1,15 +1,17 @@
 """A fork server for tests that need graphsd's command in a process of its own (signals, exit
 codes, servers, hostile inputs) but not a fresh interpreter: a helper process imports graphsd
 and the model libraries once (seconds of CPU), then forks one child per request, which runs
-``python ARGS`` as a fresh interpreter would from that point (``-m MODULE`` or a script, as
-``__main__``, in the given folder, environment, umask and data-size limit, on the given
-stdin/stdout/stderr) and ends the way that interpreter would (exit code, signal, traceback).
+``python ARGS`` as a fresh interpreter would from that point (``-m MODULE``, ``-c CODE`` or a
+script, as ``__main__``, in the given folder, environment (``PYTHONPATH`` on ``sys.path``) and
+data-size limit, on the given stdin/stdout/stderr) and ends the way that interpreter would
+(exit code, signal, traceback).
 
 The helper runs no torch operation, so no thread pool exists when it forks; a child gets the
 thread count a fresh interpreter would (``OMP_NUM_THREADS`` of its environment, else torch's
 default). What cannot be forked stays a fresh process in its test: start-up itself (Ctrl-C
-inside ``import torch``), hash seeds across processes, plugins found through ``PYTHONPATH``,
-and one run of the real command end to end (test_main_job.py).
+inside ``import torch``), what graphsd reads when imported (the umask), what is already
+imported (the modules a plugin pulls in), hash seeds across processes, peak RSS (a child
+inherits its parent's), and one run of the real command end to end (test_main_job.py).
 
 Tests use :class:`ForkServer` (the ``forks`` fixture of conftest.py): ``popen()`` returns a
 :class:`Forked`, which has the parts of ``subprocess.Popen`` the tests use."""
@@ -94,9 +96,16 @@ def _child(request: dict[str, Any], fds: list[int], threads: int) -> None:
                                   write_through=bool(request["env"].get("PYTHONUNBUFFERED")))
     sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=-1, closefd=False), errors="backslashreplace",
                                   line_buffering=True)
+    for entry in reversed(request["env"].get("PYTHONPATH", "").split(os.pathsep)):  # as start-up puts them on sys.path
+        if entry and entry not in sys.path:
+            sys.path.insert(1, entry)
     args = request["args"]
     try:
-        if args[0] == "-m":
+        if args[0] == "-c":
+            sys.argv = ["-c", *args[2:]]
+            sys.path[0] = ""
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        elif args[0] == "-m":
             sys.argv = [args[1], *args[2:]]
             warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)  # preloaded
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
@@ -331,7 +340,7 @@ class ForkServer:
         and ``stderr`` are PIPE, None (this process's) or an open file; ``rlimit_data`` (bytes,
         ``ulimit -d``) stands for a ``preexec_fn`` setting it. (No umask: graphsd.paths reads it
         when imported, so a test of the umask needs a fresh interpreter.)"""
-        assert args[0] == sys.executable, "the fork server runs Python: python -m MODULE ... or python SCRIPT ..."
+        assert args[0] == sys.executable, "the fork server runs Python: python -m MODULE ..., python -c CODE ... or python SCRIPT ..."
         ours: list[int] = []
         theirs = [os.open(os.devnull, os.O_RDONLY)]
         streams: list[Any] = []
