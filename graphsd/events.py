@@ -133,8 +133,10 @@ class ModelEvent(Event):
     ``compile_skipped`` (it runs eagerly, e.g. because a hypernetwork's hooks patch it); under a
     VRAM budget, ``place_partial`` (some blocks stay on the CPU and stream, see
     :class:`StreamEvent`), ``reload`` (a component the RAM budget evicted, read again from its
-    files) and ``workspace_grown`` (a call's activations went past the budget by ``nbytes``: the
-    next call keeps that much more room)."""
+    files), ``workspace_grown`` (a call's activations went past the budget by ``nbytes``: the
+    next call keeps that much more room) and ``economy`` (the usual way of computing a call
+    would not fit: its calls now run with fewer activations, ``nbytes``, more slowly; a U-Net's
+    feed-forward in chunks of tokens)."""
 
     kind: ClassVar[str] = "model"
     action: str = ""

@@ -298,13 +298,18 @@ class Layout:
     order they usually run; everything outside them always stays on the device) and
     ``workspace``: for a submodule name ("" is the component itself), a function of that
     submodule's call arguments giving the activation bytes the call needs on the device.
-    ``order`` is the order all blocks last ran in (indices), learned by a :class:`Streamer` and
+    ``economy``: for some of those names, a function ``(args, kwargs, on)`` that sets the
+    submodule to compute that call with fewer activations (``on``; slower, e.g. a U-Net's
+    feed-forward in chunks of tokens) or the usual way, and says whether the economy is on; the
+    workspace estimate then reflects it. It is switched on for a call only when the usual way
+    would not fit the budget. ``order`` is the order all blocks last ran in (indices), learned by a :class:`Streamer` and
     kept here for the next one: a component offloaded between images and streamed again copies
     its blocks in the right order from its first call."""
 
     blocks: list[Block]
     workspace: dict[str, Callable[[tuple, dict], int]] = field(default_factory=dict)
     order: list[int] = field(default_factory=list)
+    economy: dict[str, Callable[[tuple, dict, bool], bool]] = field(default_factory=dict)
 
     def resident_bytes(self, module: torch.nn.Module) -> int:
         """Bytes of the layers that are in no block (they never stream)."""
@@ -739,6 +744,7 @@ class _Entry:
     layout: Layout | None = None
     workspace: int = 0  # activation bytes its calls need (learned from their shapes)
     extra: int = 0  # measured overshoot of the workspace estimate, added to it
+    economy: bool = False  # its last call ran the layout's economy (fewer activations, slower)
     watched: bool = False  # the workspace hooks are installed
     home: dict[int, torch.Tensor] | None = None  # id(tensor) -> its CPU home (pinned on CUDA), under a budget
     patched: bool = False  # a use's patches are applied now
@@ -758,6 +764,9 @@ class KeepOnDevice:
 
     def plan(self, manager: ModelManager, key: str, weights_only: bool = False) -> Plan:
         return Plan(None)
+
+    def fits(self, manager: ModelManager, key: str, workspace: int) -> bool:
+        return True
 
 
 class ModelOffload:
@@ -789,6 +798,18 @@ class ModelOffload:
                 break
             if other != key and other not in manager.in_use:
                 manager.offload(other)
+
+    def fits(self, manager: ModelManager, key: str, workspace: int) -> bool:
+        """Whether component ``key`` can run calls needing ``workspace`` bytes of activations
+        within the budget, next to the components in use (with every block streamed if need be):
+        :meth:`plan` raises exactly when this is False."""
+        entry = manager.entries[key]
+        others = manager.in_use_bytes(exclude=key)
+        if not self.stream or entry.nbytes <= self.vram_budget - others - workspace or not isinstance(entry.module, torch.nn.Module):
+            return True
+        layout = manager.layout(key)
+        ring_min = max((region_bytes(b.module) for b in layout.blocks), default=0)
+        return bool(layout.blocks) and others + workspace + layout.resident_bytes(entry.module) + ring_min <= self.vram_budget
 
     def plan(self, manager: ModelManager, key: str, weights_only: bool = False) -> Plan:
         """Where component ``key``'s blocks go now (resident or streamed), next to the components
@@ -1155,16 +1176,26 @@ class ModelManager:
         layout = self.layout(key)
         for name, estimate in layout.workspace.items():
             target = entry.module.get_submodule(name) if name else entry.module
-            target.register_forward_pre_hook(self._workspace_hook(key, estimate), with_kwargs=True)
+            target.register_forward_pre_hook(self._workspace_hook(key, estimate, layout.economy.get(name)), with_kwargs=True)
             target.register_forward_hook(self._peak_hook(key))
         entry.watched = True
 
-    def _workspace_hook(self, key: str, estimate: Callable[[tuple, dict], int]) -> Callable[..., None]:
+    def _workspace_hook(
+        self, key: str, estimate: Callable[[tuple, dict], int], economy: Callable[[tuple, dict, bool], bool] | None = None
+    ) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             entry = self.entries.get(key)
             if entry is None or key not in self.on_device:
                 return
+            if economy is not None:
+                economy(args, kwargs, False)  # the usual way, unless it does not fit
             need = int(estimate(args, kwargs))
+            economized = economy is not None and not self.strategy.fits(self, key, need + entry.extra) and economy(args, kwargs, True)
+            if economized:
+                need = int(estimate(args, kwargs))
+                if not entry.economy:
+                    self._emit("economy", key, need, str(self.device))
+            entry.economy = economized
             if need > entry.workspace:  # the reserve is the largest call's so far: no re-plan back and forth
                 with self._lock:
                     entry.workspace = need

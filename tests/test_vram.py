@@ -522,3 +522,57 @@ def test_pages_of_a_mapped_file_leave_resident_memory_and_no_value_changes(tmp_p
     own = torch.randn(64, 4096)
     before = own.clone()
     assert drop_file_pages(own) == 0 and torch.equal(own, before)
+
+
+def attention_unet_call() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A tiny SD U-Net with transformer blocks at both levels (float64, to compare with
+    reference.assert_same), a 16×16 call and its unconstrained output."""
+    from sd_tiny import unet as tiny_unet
+
+    import graphsd.std.models.streaming  # noqa: F401 - registers the SD layouts
+
+    both = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    model = tiny_unet(down_block_types=both[0], up_block_types=both[1]).double()
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=gen).double(), torch.randn(2, 77, 32, generator=gen).double()
+    t = torch.tensor(10)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=ctx).sample
+    return model, (x, t, ctx), expected
+
+
+def test_a_unet_call_too_wide_for_the_budget_runs_its_feed_forward_in_chunks():
+    """Under a budget that holds the U-Net's least working set but not a call's activations with
+    the feed-forward whole, the call runs with it in chunks of tokens (an ``economy`` event says
+    so) instead of failing, and gives the unconstrained output (the same products, fewer rows
+    at a time); with room enough it runs whole, to the bit. Below even the chunked need the
+    budget is refused, naming the minimum."""
+    from reference import assert_same
+
+    model, (x, t, ctx), expected = attention_unet_call()
+    m, handle, events = managed(model, 0)
+    layout = m.layout("model")
+    estimate, economy = layout.workspace[""], layout.economy[""]
+    whole = estimate((x,), {})
+    assert economy((x,), {}, True)
+    chunked = estimate((x,), {})
+    economy((x,), {}, False)
+    assert estimate((x,), {}) == whole and chunked < whole
+    least = m.minimum_bytes("model")
+
+    m.strategy.vram_budget = least + (whole + chunked) // 2  # the chunked call fits, the whole one does not
+    with m.use(handle, "unet") as unet, torch.no_grad():
+        got = unet(x, t, encoder_hidden_states=ctx).sample
+    assert [e.action for e in events if e.kind == "model" and e.action == "economy"] == ["economy"]
+    assert all(b._chunk_size for b in model.modules() if type(b).__name__ == "BasicTransformerBlock")
+    assert_same(got, expected)
+
+    m.strategy.vram_budget = least + whole + 2**20  # room enough: whole again, exactly
+    with m.use(handle, "unet") as unet, torch.no_grad():
+        assert torch.equal(unet(x, t, encoder_hidden_states=ctx).sample, expected)
+    assert not any(b._chunk_size for b in model.modules() if type(b).__name__ == "BasicTransformerBlock")
+
+    m.entries["model"].workspace = 0  # forget the reservations of the calls above
+    m.strategy.vram_budget = least + chunked // 2
+    with pytest.raises(VramBudgetError), m.use(handle, "unet") as unet, torch.no_grad():
+        unet(x, t, encoder_hidden_states=ctx)

@@ -21,6 +21,11 @@ down. They are multiplied by 1.25 for what the estimate leaves out (convolution 
 allocator rounding); on CUDA, a call that still goes past the budget makes the next one keep
 room for the difference (:class:`graphsd.memory.ModelManager`).
 
+**Economy.** A U-Net call whose activations would not fit next to the least working set of its
+weights runs every transformer block's feed-forward in chunks of tokens (:func:`unet_economy`),
+which divides the largest part of a transformer block's working set; attention needs no such
+step on the GPU (PyTorch's fused attention does not hold the score matrix).
+
 Importing this module registers :func:`sd_layout` with :func:`graphsd.memory.register_splitter`.
 """
 
@@ -39,6 +44,11 @@ UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D",
 SLACK = 1.25
 #: Feature maps of a block's width a transformer block / a ResNet block holds at its widest.
 TRANSFORMER_MAPS, RESNET_MAPS = 24, 8
+#: Of a transformer block's maps, those of its feed-forward (GEGLU's doubled projection, its gated
+#: half and the product: 8 + 4 + 4), which running the feed-forward in chunks of tokens divides.
+FEED_FORWARD_MAPS = 16
+#: Chunks of tokens a transformer block's feed-forward runs in under a budget too tight for it whole.
+FEED_FORWARD_CHUNKS = 16
 
 
 def _units(module: torch.nn.Module, extra: Callable[[str, torch.nn.Module], bool] | None = None) -> list[tuple[str, torch.nn.Module]]:
@@ -81,22 +91,60 @@ def _maps(height: int, width: int, level: int) -> int:
 
 
 def unet_workspace(unet: torch.nn.Module) -> Callable[[tuple, dict], int]:
-    """Activation bytes of one U-Net call, from its ``sample`` (see the module docstring)."""
+    """Activation bytes of one U-Net call, from its ``sample`` (see the module docstring); with
+    the feed-forward in chunks (:func:`unet_economy`), its maps divided by the chunks."""
     config = unet.config
     widths = list(config.block_out_channels)
     per_level = config.layers_per_block if isinstance(config.layers_per_block, int) else max(config.layers_per_block)
-    attention = ["CrossAttn" in t for t in config.down_block_types]
     element = _element(unet)
+    transformers = _transformer_levels(unet)
+
+    def maps(level: int, positions: int) -> float:
+        if level not in transformers:
+            return RESNET_MAPS
+        chunk = transformers[level][0]._chunk_size
+        return TRANSFORMER_MAPS - FEED_FORWARD_MAPS + FEED_FORWARD_MAPS * (chunk / positions if chunk else 1)
 
     def estimate(args: tuple, kwargs: dict) -> int:
         batch, _, height, width = _first(args, kwargs, "sample").shape
         skips = sum((per_level + 1) * c * _maps(height, width, level) for level, c in enumerate(widths))
-        widest = max(
-            (TRANSFORMER_MAPS if attention[level] else RESNET_MAPS) * c * _maps(height, width, level) for level, c in enumerate(widths)
-        )
+        widest = max(maps(level, _maps(height, width, level)) * c * _maps(height, width, level) for level, c in enumerate(widths))
         return int(SLACK * batch * element * (skips + widest))
 
     return estimate
+
+
+def _transformer_levels(unet: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
+    """The U-Net's transformer blocks by resolution level."""
+    levels: dict[int, list[torch.nn.Module]] = {}
+    for name, module in unet.named_modules():
+        if type(module).__name__ == "BasicTransformerBlock" and hasattr(module, "set_chunk_feed_forward"):
+            levels.setdefault(_level(name, len(unet.config.block_out_channels)), []).append(module)
+    return levels
+
+
+def unet_economy(unet: torch.nn.Module) -> Callable[[tuple, dict, bool], bool] | None:
+    """The U-Net's economy under a tight budget (:class:`graphsd.memory.Layout`): every
+    transformer block's feed-forward runs in :data:`FEED_FORWARD_CHUNKS` chunks of tokens (or the
+    most of 8, 4, 2 that divide its level's positions), so it holds that fraction of its
+    activations at a time; the attention's are unchanged. diffusers' ``enable_forward_chunking``,
+    sized for each call. None for a U-Net without transformer blocks."""
+    transformers = _transformer_levels(unet)
+    if not transformers:
+        return None
+
+    def economy(args: tuple, kwargs: dict, on: bool) -> bool:
+        _, _, height, width = _first(args, kwargs, "sample").shape
+        chunked = False
+        for level, blocks in transformers.items():
+            positions = _maps(height, width, level)
+            chunks = next(n for n in (FEED_FORWARD_CHUNKS, 8, 4, 2, 1) if positions % n == 0) if on else 1
+            for block in blocks:
+                block.set_chunk_feed_forward(positions // chunks if chunks > 1 else None, 1)
+            chunked |= chunks > 1
+        return chunked
+
+    return economy
 
 
 def decoder_workspace(vae: torch.nn.Module) -> Callable[[tuple, dict], int]:
@@ -156,8 +204,10 @@ def sd_layout(module: torch.nn.Module) -> Layout | None:
     if hasattr(module, "down_blocks") and hasattr(module, "conv_in") and config is not None:
         levels = len(config.block_out_channels)
         units = _units(module)
-        workspace = {"": unet_workspace(module)} if hasattr(module, "up_blocks") else {}
-        return Layout(_blocks(units, levels), workspace)
+        if not hasattr(module, "up_blocks"):
+            return Layout(_blocks(units, levels))
+        economy = unet_economy(module)
+        return Layout(_blocks(units, levels), {"": unet_workspace(module)}, economy={"": economy} if economy else {})
     if hasattr(module, "encoder") and hasattr(module, "decoder") and hasattr(module, "post_quant_conv"):
         levels = len(config.block_out_channels)
         units = _units(module, _vae_attention)
