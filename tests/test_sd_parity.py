@@ -203,21 +203,36 @@ def test_img2img_matches_img2img_pipeline(engine, models, tmp_path, sampler):
     assert_same(out["denoise"]["latent"].samples, reference)
 
 
-def test_vae_encode_is_scaled_posterior_mode(engine, models, tmp_path):
+def vae_input(path) -> torch.Tensor:
+    """The PNG at ``path`` as a diffusers VAE takes it: [1, 3, H, W], float64 in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(PILImage.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+    return pixels.permute(2, 0, 1)[None].double() * 2 - 1
+
+
+def test_vae_encode_is_scaled_posterior_mode_and_tiled_matches_diffusers_tiling(engine, models, tmp_path):
     path = write_png(tmp_path / "in.png")
     nodes = {
         "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1", "dtype": "fp64"}},
         "load": {"type": "LoadImage", "inputs": {"path": path}},
         "encode": {"type": "VAEEncode", "inputs": {"vae": "@model.vae", "image": "@load.image"}},
+        "tiled": {
+            "type": "VAEEncode",
+            "inputs": {"vae": "@model.vae", "image": "@load.image", "tiled": True, "tile_size": 32, "tile_overlap": 8},
+        },
     }
-    ours = run(engine, nodes, "encode")["encode"]["latent"].samples
+    out = run(engine, nodes, "encode", "tiled")
     vae = reference_pipeline(models / "sd1", StableDiffusionPipeline).vae
-    pixels = torch.from_numpy(np.asarray(PILImage.open(path).convert("RGB"), dtype=np.float32) / 255.0)
-    x = pixels.permute(2, 0, 1)[None].double() * 2 - 1
+    x = vae_input(path)
     with torch.no_grad():
         reference = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-    assert ours.shape == (1, 4, 8, 8)
-    assert_same(ours, reference)
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = 32, 4, 0.25
+        tiled = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+    assert max_diff(reference, tiled) > 1e-3  # the tiles really are encoded apart
+    for name, expected in (("encode", reference), ("tiled", tiled)):
+        ours = out[name]["latent"].samples
+        assert ours.shape == (1, 4, 8, 8)
+        assert_same(ours, expected, name)
 
 
 def test_vae_decode_matches_vae_and_tiled_matches_diffusers_tiling(engine, models, tmp_path):
@@ -244,31 +259,6 @@ def test_vae_decode_matches_vae_and_tiled_matches_diffusers_tiling(engine, model
         image = out[name]["image"].pixels
         assert image.shape == (1, 64, 64, 3)
         assert_same(image, (reference / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), name)
-
-
-def test_vae_encode_tiled_matches_diffusers_tiling(engine, models, tmp_path):
-    path = write_png(tmp_path / "in.png")
-    nodes = {
-        "model": {"type": "CheckpointLoader", "inputs": {"path": "sd1", "dtype": "fp64"}},
-        "load": {"type": "LoadImage", "inputs": {"path": path}},
-        "plain": {"type": "VAEEncode", "inputs": {"vae": "@model.vae", "image": "@load.image"}},
-        "tiled": {
-            "type": "VAEEncode",
-            "inputs": {"vae": "@model.vae", "image": "@load.image", "tiled": True, "tile_size": 32, "tile_overlap": 8},
-        },
-    }
-    out = run(engine, nodes, "plain", "tiled")
-    vae = AutoencoderKL.from_pretrained(models / "sd1" / "vae", local_files_only=True).to(torch.float64)
-    pixels = torch.from_numpy(np.asarray(PILImage.open(path).convert("RGB"), dtype=np.float32) / 255.0)
-    x = pixels.permute(2, 0, 1)[None].double() * 2 - 1
-    with torch.no_grad():
-        vae.enable_tiling()
-        vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = 32, 4, 0.25
-        reference = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-    tiled = out["tiled"]["latent"].samples
-    assert max_diff(out["plain"]["latent"].samples, tiled) > 1e-3  # the tiles really are encoded apart
-    assert tiled.shape == (1, 4, 8, 8)
-    assert_same(tiled, reference)
 
 
 def test_sdxl_txt2img_matches_sdxl_pipeline(engine, models):

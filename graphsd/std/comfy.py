@@ -519,36 +519,19 @@ def _vae_decode(c: _Conversion, cid: str, gid: str) -> None:
     c.add(gid, "VAEDecode", {"vae": c.value(cid, "vae"), "latent": c.value(cid, "samples")})
 
 
-def _vae_decode_tiled(c: _Conversion, cid: str, gid: str) -> None:
-    c.add(
-        gid,
-        "VAEDecode",
-        {
-            "vae": c.value(cid, "vae"),
-            "latent": c.value(cid, "samples"),
-            "tiled": True,
-            "tile_size": c.value(cid, "tile_size", default=512),
-            "tile_overlap": c.value(cid, "overlap", default=64),
-        },
-    )
+def _tiled_vae(node: str, into: str, source: str) -> Callable[[_Conversion, str, str], None]:
+    """ComfyUI's VAEDecodeTiled / VAEEncodeTiled: graphsd's ``node`` in its tiled mode, its input
+    ``into`` from the ComfyUI input ``source``."""
+
+    def convert(c: _Conversion, cid: str, gid: str) -> None:
+        tiles = {"tiled": True, "tile_size": c.value(cid, "tile_size", default=512), "tile_overlap": c.value(cid, "overlap", default=64)}
+        c.add(gid, node, {"vae": c.value(cid, "vae"), into: c.value(cid, source), **tiles})
+
+    return convert
 
 
 def _vae_encode(c: _Conversion, cid: str, gid: str) -> None:
     c.add(gid, "VAEEncode", {"vae": c.value(cid, "vae"), "image": c.value(cid, "pixels")})
-
-
-def _vae_encode_tiled(c: _Conversion, cid: str, gid: str) -> None:
-    c.add(
-        gid,
-        "VAEEncode",
-        {
-            "vae": c.value(cid, "vae"),
-            "image": c.value(cid, "pixels"),
-            "tiled": True,
-            "tile_size": c.value(cid, "tile_size", default=512),
-            "tile_overlap": c.value(cid, "overlap", default=64),
-        },
-    )
 
 
 def _load_image(c: _Conversion, cid: str, gid: str) -> None:
@@ -621,9 +604,9 @@ CONVERTERS: dict[str, Callable[[_Conversion, str, str], None]] = {
     "KSampler": _ksampler,
     "KSamplerAdvanced": _ksampler_advanced,
     "VAEDecode": _vae_decode,
-    "VAEDecodeTiled": _vae_decode_tiled,
+    "VAEDecodeTiled": _tiled_vae("VAEDecode", "latent", "samples"),
     "VAEEncode": _vae_encode,
-    "VAEEncodeTiled": _vae_encode_tiled,
+    "VAEEncodeTiled": _tiled_vae("VAEEncode", "image", "pixels"),
     "LoadImage": _load_image,
     "SaveImage": _save_image,
     "LoraLoader": _lora,
