@@ -803,13 +803,9 @@ class ModelOffload:
         """Whether component ``key`` can run calls needing ``workspace`` bytes of activations
         within the budget, next to the components in use (with every block streamed if need be):
         :meth:`plan` raises exactly when this is False."""
-        entry = manager.entries[key]
-        others = manager.in_use_bytes(exclude=key)
-        if not self.stream or entry.nbytes <= self.vram_budget - others - workspace or not isinstance(entry.module, torch.nn.Module):
+        if not self.stream or not isinstance(manager.entries[key].module, torch.nn.Module):
             return True
-        layout = manager.layout(key)
-        ring_min = max((region_bytes(b.module) for b in layout.blocks), default=0)
-        return bool(layout.blocks) and others + workspace + layout.resident_bytes(entry.module) + ring_min <= self.vram_budget
+        return manager.in_use_bytes(exclude=key) + workspace + manager.minimum_bytes(key) <= self.vram_budget
 
     def plan(self, manager: ModelManager, key: str, weights_only: bool = False) -> Plan:
         """Where component ``key``'s blocks go now (resident or streamed), next to the components

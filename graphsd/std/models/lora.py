@@ -180,23 +180,15 @@ class LoraLayer:
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
 
-    def delta(
-        self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, rows: slice | None = None
-    ) -> torch.Tensor:
+    def delta(self, shape: torch.Size, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight delta at strength 1, reshaped to ``shape``, in ``dtype`` (float32; float64 for
-        a float64 model); with ``rows`` only those rows (first dimension) of it, which a plain
-        LoRA computes alone (:meth:`pieces`). The factors are multiplied in float64 and the
-        product rounded once to ``dtype``, so the delta is the same whichever device computes it
-        (the GPU for resident weights, the CPU for the pinned copies of streamed ones under a VRAM
-        budget): float32 products summed in a device's own order would differ in their last bits,
-        and an fp16 weight would then round differently where it is streamed than where it is
-        resident."""
+        a float64 model). The factors are multiplied in float64 and the product rounded once to
+        ``dtype``, so the delta is the same whichever device computes it (the GPU for resident
+        weights, the CPU for the pinned copies of streamed ones under a VRAM budget): float32
+        products summed in a device's own order would differ in their last bits, and an fp16
+        weight would then round differently where it is streamed than where it is resident."""
         exact = dtype if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
-        tensors = self.tensors
-        if rows is not None:
-            tensors = {**tensors, "up": tensors["up"][rows]}
-            shape = torch.Size((len(range(shape[0])[rows]), *shape[1:]))
-        t = {k: v.to(device=device, dtype=exact) for k, v in tensors.items()}
+        t = {k: v.to(device=device, dtype=exact) for k, v in self.tensors.items()}
         if self.kind == "lora":
             d, rank = _lora_matrix(t), t["down"].shape[0]
         elif self.kind == "loha":
@@ -222,7 +214,8 @@ class LoraLayer:
         step = max(1, DELTA_PIECE // width)
         for start in range(0, shape[0], step):
             rows = slice(start, min(start + step, shape[0]))
-            yield rows, self.delta(shape, device, dtype, rows)
+            part = LoraLayer(self.kind, {**self.tensors, "up": self.tensors["up"][rows]}, self.alpha)  # those rows' products alone
+            yield rows, part.delta(torch.Size((rows.stop - rows.start, *shape[1:])), device, dtype)
 
 
 def _lora_matrix(t: dict[str, torch.Tensor]) -> torch.Tensor:
