@@ -78,3 +78,18 @@ def test_under_a_budget_a_frame_too_large_to_encode_whole_is_encoded_in_tiles(tm
     assert tile is not None and tile < 256 // down  # the frame did not fit whole
     free = Engine(Settings(output_dir=str(tmp_path)))
     assert torch.equal(got, latent(free, encode_nodes(picture, tiled=True, tile_size=tile * down, tile_overlap=tile // 4 * down)))
+
+
+def test_a_tile_overlap_not_below_the_tile_size_is_refused_by_both_vae_nodes(tmp_path, picture):
+    doc = encode_nodes(picture, tiled=True, tile_size=64, tile_overlap=64)
+    doc["nodes"]["dec"] = {
+        "type": "VAEDecode",
+        "inputs": {"vae": "@m.vae", "latent": "@enc.latent", "tiled": True, "tile_size": 64, "tile_overlap": 64},
+    }
+    engine = Engine(Settings(output_dir=str(tmp_path)))
+    for node, upstream_ok in (("enc", None), ("dec", {"tiled": True, "tile_size": 64, "tile_overlap": 16})):
+        if upstream_ok:
+            doc["nodes"]["enc"]["inputs"].update(upstream_ok)
+        result = engine.run(doc, outputs=[node])
+        [error] = result.errors
+        assert error.node_id == node and "tile_overlap (64) must be smaller than tile_size (64)" in error.message

@@ -452,12 +452,17 @@ class VAEEncode(Node):
                 f"{width // down * down}x{height // down * down})",
                 field="image",
             )
-        if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
-            raise NodeError(
-                f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap"
-            )
-        tiles = (inputs.tile_size // down, inputs.tile_overlap // down) if inputs.tiled else None
-        return self.Outputs(latent=Latent(encode_pixels(ctx, inputs.vae, pixels, "image", tiles)))
+        return self.Outputs(latent=Latent(encode_pixels(ctx, inputs.vae, pixels, "image", _asked_tiles(inputs, down))))
+
+
+def _asked_tiles(inputs: Any, down: int) -> tuple[int, int] | None:
+    """(tile edge, overlap) in latent cells when a VAE node's tiled mode is on (VAEEncode,
+    VAEDecode: ``tiled``, ``tile_size`` and ``tile_overlap`` in pixels), else None."""
+    if not inputs.tiled:
+        return None
+    if inputs.tile_overlap >= inputs.tile_size:
+        raise NodeError(f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap")
+    return inputs.tile_size // down, inputs.tile_overlap // down
 
 
 def encode_pixels(ctx: Context, vae_ref: Vae, pixels: torch.Tensor, field: str, tiles: tuple[int, int] | None = None) -> torch.Tensor:
@@ -548,18 +553,17 @@ class VAEDecode(Node):
     def run(self, inputs: Inputs, ctx: Context) -> Outputs:
         info = model_info(inputs.vae, "vae")
         down = info.latent_downscale
-        if inputs.tiled and inputs.tile_overlap >= inputs.tile_size:
-            raise NodeError(
-                f"tile_overlap ({inputs.tile_overlap}) must be smaller than tile_size ({inputs.tile_size})", field="tile_overlap"
-            )
+        asked = _asked_tiles(inputs, down)
         batch, _, h, w = inputs.latent.samples.shape
         channels, dtype = _first_channels(ctx, inputs.vae, "vae")
         full = (min(inputs.tile_size, h * down), min(inputs.tile_size, w * down)) if inputs.tiled else (h * down, w * down)
         require_memory(ctx.device, feature_map_bytes(batch, channels, full[0], full[1], dtype),
                        f"decoding {batch} latent(s) into {w * down}x{h * down} images", "decode in tiles (tiled: true)", field="latent")
-        # under a VRAM budget a frame whose decode would not fit is decoded in tiles that do
-        tile = inputs.tile_size // down if inputs.tiled else decode_tile(ctx.models, inputs.vae.keys["vae"], tuple(inputs.latent.samples.shape))
-        overlap = 0 if tile is None else inputs.tile_overlap // down if inputs.tiled else min(inputs.tile_overlap // down, tile // 4)
+        if asked is not None:
+            tile, overlap = asked
+        else:  # under a VRAM budget a frame whose decode would not fit is decoded in tiles that do
+            tile = decode_tile(ctx.models, inputs.vae.keys["vae"], tuple(inputs.latent.samples.shape))
+            overlap = 0 if tile is None else min(inputs.tile_overlap // down, tile // 4)
         x = _vae_decode(ctx, inputs.vae, inputs.latent.samples, tile, overlap)
         if not torch.isfinite(x).all():
             if not torch.isfinite(inputs.latent.samples).all():
