@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import CFG, build_model, pipeline_image, txt2img_document  # noqa: E402 - the model builders of the GPU benchmark
 
 BUDGETS = "none,8,6,4,3,2,1.5,1"
+LORA_FILE = "bench-lora.safetensors"  # --lora: written into each model's folder
 ANCHORS = "model,sequential,group_block,group_leaf"
 
 
@@ -77,28 +78,21 @@ def progress(message: str) -> None:
 STARTED = time.perf_counter()
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory, GiB: the kernel's high-water mark of its own address
-    space (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``, which a child started by ``exec`` inherits
-    from its parent: the sweep's parent, which builds the models, would set every row's floor."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB -> GiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # no /proc: KiB -> GiB
-
-
-def rss_now_gib() -> dict:
-    """Resident memory now, split into anonymous (the process's own copies: converted weights,
-    pageable CPU tensors), shared (where the CUDA driver's pinned allocations show) and
-    file-backed (weights used in place from their memory-mapped ``.safetensors`` files, which
-    the kernel can drop and read again)."""
+def memory_gib() -> dict:
+    """This process's resident memory from /proc/self/status, GiB: ``rss_gib``, its peak (the
+    kernel's high-water mark of its own address space, ``VmHWM``; not ``getrusage``'s
+    ``ru_maxrss``, which a child started by ``exec`` inherits from its parent: the sweep's parent,
+    which builds the models, would set every row's floor), and now, split into ``anon_gib`` (the
+    process's own copies: converted weights, pageable CPU tensors), ``shmem_gib`` (where the CUDA
+    driver's pinned allocations show) and ``file_gib`` (weights used in place from their
+    memory-mapped ``.safetensors`` files, which the kernel can drop and read again). Without
+    /proc, the peak from ``getrusage``."""
     status = Path("/proc/self/status")
     if not status.exists():
-        return {}
-    fields = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in status.read_text().splitlines() if line.startswith("Rss")}
-    return {"anon_gib": fields.get("RssAnon", 0.0), "shmem_gib": fields.get("RssShmem", 0.0), "file_gib": fields.get("RssFile", 0.0)}
+        return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB -> GiB
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(("Vm", "Rss"))}
+    names = {"rss_gib": "VmHWM", "anon_gib": "RssAnon", "shmem_gib": "RssShmem", "file_gib": "RssFile"}
+    return {name: kib.get(field, 0) / 2**20 for name, field in names.items()}
 
 
 def measure(once, args) -> dict:
@@ -117,8 +111,7 @@ def measure(once, args) -> dict:
         times.append(time.perf_counter() - t0)
         progress(f"image {i + 1}: {times[-1]:.3f} s")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-    rss = peak_rss_gib()
-    return {"s": statistics.median(times), "times": times, "gib": peak, "rss_gib": rss, **rss_now_gib(), "first": first}
+    return {"s": statistics.median(times), "times": times, "gib": peak, **memory_gib(), "first": first}
 
 
 def write_lora(model: Path, path: Path, rank: int = 8) -> None:
@@ -284,7 +277,7 @@ def child(args) -> None:
     kind, _, value = args.config.partition("@") if "@" in args.config else args.config.partition(":")
     if kind.startswith("graphsd"):
         budget, _, ring = value.partition("r")
-        lora = Path(args.model) / "bench-lora.safetensors" if kind == "graphsd+lora" else None
+        lora = Path(args.model) / LORA_FILE if kind == "graphsd+lora" else None
         result = run_graphsd(args, None if budget == "none" else float(budget), int(ring) if ring else None, lora)
     else:
         result = run_diffusers(args, value)
@@ -297,11 +290,11 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
     t0 = time.perf_counter()
     build_model(name, folder, args.device)
     print(f"[{name}] built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    size = {"sd15": 512, "sdxl": 1024}.get(name, 64)
+    size = args.size or {"sd15": 512, "sdxl": 1024}.get(name, 64)
     results: dict = everything.setdefault(name, {})
     configs = [f"graphsd@{b}" for b in args.budgets] + [f"diffusers:{a}" for a in args.anchors]
     if args.lora:
-        write_lora(folder, folder / "bench-lora.safetensors")
+        write_lora(folder, folder / LORA_FILE)
         configs[len(args.budgets) : len(args.budgets)] = [f"graphsd+lora@{b}" for b in args.lora]
     for config in configs:
         image = tmp / f"{name}-{config.replace(':', '-').replace('@', '-')}.pt"
@@ -431,7 +424,7 @@ def main() -> None:
     )
     for hidden in ("--config", "--model", "--image"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help="image side in pixels (default: 512 for sd15, 1024 for sdxl)")
     parser.add_argument(
         "--device", default="cuda", help="cpu: the budget's policy applied on the CPU (fp32; its peak RSS is meaningful, its times are not)"
     )
