@@ -290,6 +290,15 @@ class Block:
     module: torch.nn.Module
     nbytes: int
     rank: float = 1.0
+    _region: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def region(self) -> int:
+        """Bytes the block takes in the ring (:func:`region_bytes`), counted once: a streamed
+        component's calls ask for it, and a block's tensors keep their sizes (patches change values)."""
+        if self._region is None:
+            self._region = region_bytes(self.module)
+        return self._region
 
 
 @dataclass
@@ -311,9 +320,15 @@ class Layout:
     order: list[int] = field(default_factory=list)
     economy: dict[str, Callable[[tuple, dict, bool], bool]] = field(default_factory=dict)
 
+    _fixed: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def resident_bytes(self, module: torch.nn.Module) -> int:
-        """Bytes of the layers that are in no block (they never stream)."""
-        return module_nbytes(module) - sum(b.nbytes for b in self.blocks)
+        """Bytes of the layers that are in no block (they never stream), counted once per module
+        (the budget's checks ask at every call of a streamed component)."""
+        fixed = self._fixed.get(id(module))
+        if fixed is None:
+            fixed = self._fixed[id(module)] = module_nbytes(module) - sum(b.nbytes for b in self.blocks)
+        return fixed
 
 
 Splitter = Callable[[torch.nn.Module], "Layout | None"]
@@ -424,6 +439,7 @@ class Streamer:
         patched: bool = False,
     ):
         self.module, self.layout, self.device = module, layout, device
+        self.nbytes = module_nbytes(module)  # sizes stay as they are (patches change values)
         self.cuda = device.type == "cuda"
         # the weights' CPU homes by id (ModelManager's): streamed blocks use them as their CPU copies
         self.home = home or {}
@@ -543,7 +559,7 @@ class Streamer:
     def device_bytes(self) -> int:
         """Bytes this component holds on the device: the resident layers and the ring."""
         streamed = sum(self.layout.blocks[i].nbytes for i in self.streamed)
-        return module_nbytes(self.module) - streamed + self.ring.numel()
+        return self.nbytes - streamed + self.ring.numel()
 
     def finish(self) -> None:
         """End of a use: wait for copies in flight (patches may change the pinned copies next)
@@ -822,7 +838,7 @@ class ModelOffload:
         layout = manager.layout(key)
         fixed = layout.resident_bytes(entry.module)
         largest = max((b.nbytes for b in layout.blocks), default=0)
-        ring_min = max((region_bytes(b.module) for b in layout.blocks), default=0)
+        ring_min = max((b.region for b in layout.blocks), default=0)
         minimum = others + workspace + fixed + ring_min
         if not layout.blocks or minimum > self.vram_budget:
             parts = [f"layers that never stream {fixed / MB:.1f} MB", f"its largest block {largest / MB:.1f} MB"]
@@ -1053,7 +1069,7 @@ class ModelManager:
         layout = self.layout(key)
         if not layout.blocks:
             return entry.nbytes
-        return layout.resident_bytes(entry.module) + max(region_bytes(b.module) for b in layout.blocks)
+        return layout.resident_bytes(entry.module) + max(b.region for b in layout.blocks)
 
     def _check_budget(self, key: str) -> None:
         """Raise :class:`VramBudgetError` if component ``key`` cannot run within the VRAM budget
