@@ -225,7 +225,9 @@ def trace(engine, doc: dict, args) -> dict:
         elif "memcpy" not in name and "memset" not in name:
             kernels.append((e.time_range.start, e.time_range.end))
     kernel, copy, both = _covered(kernels), _covered(copies), _covered(kernels + copies)
+    host = host_side(engine, doc, args) if args.device == "cuda" else {}
     return {
+        **host,
         "wall_s": round(wall, 4),
         "kernel_s": round(kernel, 4),  # time at least one kernel ran
         "htod_s": round(copy, 4),  # time a host-to-device copy ran
@@ -233,6 +235,38 @@ def trace(engine, doc: dict, args) -> dict:
         "idle_s": round(wall - both, 4),  # neither (the host or a wait held the device up)
         "nodes": nodes,
     }
+
+
+def host_side(engine, doc: dict, args) -> dict:
+    """One more image, unprofiled: the host's time from the denoise loop's first U-Net call to
+    its last call's return (no synchronisation: how far the host ran ahead of the device) against
+    the device's time for the same stretch, and the calls that made the host wait for the device
+    (CUDA's sync debug mode: each blocking call warns, with the Python line that made it)."""
+    import warnings
+
+    unet = next(e.module for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
+    marks: list[float] = []
+    hooks = [
+        unet.register_forward_pre_hook(lambda *_: marks.append(time.perf_counter()) if not marks else None),
+        unet.register_forward_hook(lambda *_: marks.append(time.perf_counter())),
+    ]
+    engine.cache.clear()
+    _sync(args.device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert engine.run(doc, params={"seed": 98}, outputs=["img"]).ok
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        for h in hooks:
+            h.remove()
+    waits: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            waits[where] = waits.get(where, 0) + 1
+    return {"host_unet_s": round(marks[-1] - marks[0], 4) if len(marks) > 1 else None, "host_waits": waits}
 
 
 def _covered(intervals: list[tuple[float, float]]) -> float:

@@ -793,15 +793,18 @@ class ModelOffload:
     resident ones fit. With ``stream`` (the default) one that does not fit is partially loaded:
     its blocks of lowest ``rank`` (least computation per byte) stay resident as long as there is
     room, the rest stream through a ring that holds ``ring_blocks`` of its largest block (or more,
-    with the room no further block fits in): three by default, so that two copies are in flight
-    while a block runs (measured on an H200, SD1.5 512² under 1 GiB: 1.20 s / image with three,
-    1.66 s with two, although two keep one more block resident). Without ``stream`` a component is always placed
+    with the room no further block fits in): two by default, so that one copy is in flight while
+    a block runs. Every byte of ring is a byte less of resident weights streamed at every call, and
+    measured on an H200 the bytes weigh more than the deeper prefetch: SD1.5 512² under 1 GiB
+    0.93 s / image with two, 1.01 s with three, 1.19 s with four; SDXL 1024² under 3 GiB 2.13 s
+    with two, 2.98 s with three (``python bench/vram.py --budgets none,1,1r2,1r4``; once streamed
+    blocks were copied in one piece each, three stopped paying). Without ``stream`` a component is always placed
     whole (model-level offload only; the budget is then a wish, not a cap). ``on_cpu`` applies
     the policy and the streaming mechanics on a CPU device too (tests)."""
 
     name = "model_offload"
 
-    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 3, on_cpu: bool = False):
+    def __init__(self, vram_budget: int, stream: bool = True, ring_blocks: int = 2, on_cpu: bool = False):
         self.vram_budget = vram_budget
         self.stream = stream
         self.ring_blocks = ring_blocks
