@@ -3,10 +3,20 @@ folders, for fast parity tests against diffusers' own pipelines on CPU.
 
 The VAEs have four blocks, so latents are 1/8 of the image size as in the real models; the
 U-Nets take 8×8 latents (64×64 images).
+
+Each model is built once per process and copied into the folder a test asks for (the same
+seeds give the same weights, so a copy is what building it again would write). Tokenizer
+folders hold CLIP's vocab.json and merges.txt, as the released SD1.5 and SDXL folders do,
+instead of the 3.6 MB tokenizer.json that ``save_pretrained`` writes: the same tokenizer,
+read in a sixth of the time by diffusers and graphsd alike.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,8 +99,57 @@ def sdxl_unet(seed: int, time_ids: int, cross_attention_dim: int) -> UNet2DCondi
     )
 
 
+def save_pipeline(pipe, folder: Path) -> Path:
+    """``pipe.save_pretrained(folder)`` with its tokenizers (each :func:`tokenizer`, unchanged)
+    written as CLIP's released files."""
+    pipe.save_pretrained(folder)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            released_tokenizer(folder / name)
+    return folder
+
+
+def released_tokenizer(folder: Path) -> None:
+    """Replace the tokenizer ``save_pretrained`` wrote in ``folder`` (:func:`tokenizer`'s) by the
+    files it was read from: vocab.json, merges.txt and their configs."""
+    shutil.rmtree(folder)
+    shutil.copytree(clip_tokenizer_dir(), folder, ignore=shutil.ignore_patterns("LICENSE"))
+
+
+_BUILT: dict[str, Path] = {}
+
+
+def _copy_of(build, folder: Path) -> Path:
+    """``build(somewhere)`` once per process, then a copy of it at ``folder`` (new files, new
+    modification times, nothing shared with other copies)."""
+    name = build.__name__
+    if name not in _BUILT:
+        cache = Path(tempfile.mkdtemp(prefix="sd-tiny-"))
+        atexit.register(_remove, cache, os.getpid())
+        _BUILT[name] = build(cache / name)
+    shutil.copytree(_BUILT[name], folder, copy_function=shutil.copyfile, dirs_exist_ok=True)
+    return folder
+
+
+def _remove(cache: Path, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def save_sd1(folder: Path) -> Path:
     """An SD1-style model (PNDM scheduler config like the original SD1 releases)."""
+    return _copy_of(_build_sd1, folder)
+
+
+def save_sdxl_base(folder: Path) -> Path:
+    return _copy_of(_build_sdxl_base, folder)
+
+
+def save_sdxl_refiner(folder: Path) -> Path:
+    return _copy_of(_build_sdxl_refiner, folder)
+
+
+def _build_sd1(folder: Path) -> Path:
     pipe = StableDiffusionPipeline(
         vae=vae(),
         text_encoder=text_encoder(),
@@ -101,15 +160,14 @@ def save_sd1(folder: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
-    return folder
+    return save_pipeline(pipe, folder)
 
 
 def sdxl_scheduler() -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading")
 
 
-def save_sdxl_base(folder: Path) -> Path:
+def _build_sdxl_base(folder: Path) -> Path:
     pipe = StableDiffusionXLPipeline(
         vae=vae(1),
         text_encoder=text_encoder(seed=1),
@@ -119,11 +177,10 @@ def save_sdxl_base(folder: Path) -> Path:
         unet=sdxl_unet(3, time_ids=6, cross_attention_dim=64),
         scheduler=sdxl_scheduler(),
     )
-    pipe.save_pretrained(folder)
-    return folder
+    return save_pipeline(pipe, folder)
 
 
-def save_sdxl_refiner(folder: Path) -> Path:
+def _build_sdxl_refiner(folder: Path) -> Path:
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=vae(1),
         text_encoder=None,
@@ -135,8 +192,7 @@ def save_sdxl_refiner(folder: Path) -> Path:
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
-    pipe.save_pretrained(folder)
-    return folder
+    return save_pipeline(pipe, folder)
 
 
 def save_all(root: Path) -> Path:

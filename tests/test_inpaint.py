@@ -62,7 +62,7 @@ def models(tmp_path_factory):
     """The tiny SD1-style model, and the same with a 9-channel (inpainting) U-Net."""
     root = tmp_path_factory.mktemp("models")
     sd_tiny.save_sd1(root / "sd1")
-    StableDiffusionInpaintPipeline(
+    inpaint = StableDiffusionInpaintPipeline(
         vae=sd_tiny.vae(),
         text_encoder=sd_tiny.text_encoder(),
         tokenizer=sd_tiny.tokenizer(),
@@ -71,7 +71,8 @@ def models(tmp_path_factory):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).save_pretrained(root / "inpaint")
+    )
+    sd_tiny.save_pipeline(inpaint, root / "inpaint")
     return root
 
 

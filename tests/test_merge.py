@@ -28,7 +28,7 @@ WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 def save_sd1(folder: Path, seed: int) -> Path:
     """A tiny SD1 model whose U-Net, text encoder and VAE are drawn from ``seed``."""
-    StableDiffusionPipeline(
+    pipe = StableDiffusionPipeline(
         vae=sd_tiny.vae(seed),
         text_encoder=sd_tiny.text_encoder(seed=seed),
         tokenizer=sd_tiny.tokenizer(),
@@ -37,8 +37,8 @@ def save_sd1(folder: Path, seed: int) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).save_pretrained(folder)
-    return folder
+    )
+    return sd_tiny.save_pipeline(pipe, folder)
 
 
 @pytest.fixture(scope="module")

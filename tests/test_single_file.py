@@ -22,7 +22,7 @@ from diffusers import (
 from reference import assert_same
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sd_tiny import save_sd1, save_sdxl_base
+from sd_tiny import save_pipeline, save_sd1, save_sdxl_base
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from graphsd.context import Settings
@@ -99,8 +99,7 @@ def diffusers_folder(components: dict, folder: Path) -> Path:
     else:
         pipe = StableDiffusionPipeline(**models, tokenizer=clip_tokenizer(), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return folder
+    return save_pipeline(pipe, folder)
 
 
 def config_of(module) -> dict:
