@@ -5,7 +5,7 @@ and SDXL-shaped (1024x1024) models with random weights (the real architectures, 
 
     python bench/vram.py [--models sd15,sdxl] [--budgets none,8,6,4,3,2,1.5,1] \\
         [--anchors model,sequential,group_block,group_leaf] [--steps 20] [--runs 3] [--json out.json] \\
-        [--timeout 600] [--timeouts diffusers:group_leaf=120,...] [--trace]
+        [--timeout 600] [--timeouts diffusers:group_leaf=120,...] [--trace] [--rounds 1] [--cpus auto]
 
 Each configuration runs in its own process, all in one invocation on the same GPU:
 
@@ -28,7 +28,13 @@ that runs out is recorded as timed out, with how far it got (the child reports i
 image as it goes), and the sweep goes on. The table row of each configuration is printed, and the
 ``--json`` file rewritten, as soon as it ends, so a run cut short keeps what it measured.
 
-Printed per configuration: seconds per image (median of ``--runs`` after one warm-up image),
+The host's speed drifts between processes on a shared machine (on one host, configurations where
+nothing streams ranged from 0.65 to 1.19 s per image), so every process runs on the same CPUs
+(``--cpus``: by default those of the GPU's NUMA node) and ``--rounds N`` runs the whole list of
+configurations N times, interleaved, pooling each one's images: a drift then meets every
+configuration instead of the ones that happened to run during it.
+
+Printed per configuration: seconds per image (median of ``--runs`` after one warm-up image, over all rounds),
 peak allocated GPU memory while timing (``torch.cuda.max_memory_allocated``), the process's peak
 RSS, the weight bytes streamed per image (graphsd's StreamEvents), and the largest pixel
 difference from the unconstrained graphsd image of the same seed (graphsd rows) or from the
@@ -330,58 +336,59 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> None:
     if args.lora:
         write_lora(folder, folder / LORA_FILE)
         configs[len(args.budgets) : len(args.budgets)] = [f"graphsd+lora@{b}" for b in args.lora]
-    for config in configs:
-        image = tmp / f"{name}-{config.replace(':', '-').replace('@', '-')}.pt"
-        command = [
-            sys.executable,
-            __file__,
-            "--config",
-            config,
-            "--model",
-            str(folder),
-            "--size",
-            str(size),
-            "--steps",
-            str(args.steps),
-            "--runs",
-            str(args.runs),
-            "--device",
-            args.device,
-            "--image",
-            str(image),
-        ] + (["--trace"] if args.trace else [])
-        limit = args.timeouts.get(config, args.timeout)
-        t0 = time.perf_counter()
-        try:
-            out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=limit)
-        except subprocess.TimeoutExpired as timeout:
-            stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr or ""
-            reached = [line for line in stderr.splitlines() if line.startswith("[") and " s] " in line]
-            results[config] = {"timeout": limit, "reached": reached[-1] if reached else "start-up"}
-            finished(name, config, results, args)
-            continue
-        if out.returncode:
-            results[config] = {"error": out.stderr[-3000:]}
-            print(f"[{name}] {config} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
-            finished(name, config, results, args)
-            continue
-        r = results[config] = json.loads(out.stdout.strip().splitlines()[-1])
-        r["process_s"] = time.perf_counter() - t0
-        reference = next(
-            (
-                tmp / f"{name}-{c.replace(':', '-').replace('@', '-')}.pt"
-                for c in configs
-                if c.split("@")[0].split(":")[0] == config.split("@")[0].split(":")[0] and c in results and "error" not in results[c]
-            ),
-            None,
-        )
-        if reference is not None and reference.exists() and image.exists():
-            r["diff"] = float((torch.load(image) - torch.load(reference)).abs().max())
-        plain = tmp / f"{name}-graphsd-none.pt"
-        if config.startswith("graphsd+lora") and plain.exists() and image.exists():
-            r["lora_effect"] = float((torch.load(image) - torch.load(plain)).abs().max())
-        print(f"[{name}] {config}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    for _ in range(args.rounds):  # rounds interleave the configurations, so a drift of the host's speed meets all of them
+        for config in configs:
+            run_config(name, config, configs, folder, size, args, tmp, results)
+
+
+def run_config(name: str, config: str, configs: list[str], folder: Path, size: int, args, tmp: Path, results: dict) -> None:
+    """One configuration's process. In a later round (``--rounds``) its images join the earlier
+    rounds': the median is over all of them, the peaks are the highest, the differences the largest."""
+    image = tmp / f"{name}-{config.replace(':', '-').replace('@', '-')}.pt"
+    command = [sys.executable, __file__, "--config", config, "--model", str(folder), "--size", str(size)]
+    command += ["--steps", str(args.steps), "--runs", str(args.runs), "--device", args.device, "--image", str(image)]
+    command += ["--trace"] if args.trace else []
+    limit = args.timeouts.get(config, args.timeout)
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=limit)
+    except subprocess.TimeoutExpired as timeout:
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr or ""
+        reached = [line for line in stderr.splitlines() if line.startswith("[") and " s] " in line]
+        results.setdefault(config, {"timeout": limit, "reached": reached[-1] if reached else "start-up"})
         finished(name, config, results, args)
+        return
+    if out.returncode:
+        results[config] = {"error": out.stderr[-3000:]}
+        print(f"[{name}] {config} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        finished(name, config, results, args)
+        return
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["process_s"] = time.perf_counter() - t0
+    reference = next(
+        (
+            tmp / f"{name}-{c.replace(':', '-').replace('@', '-')}.pt"
+            for c in configs
+            if c.split("@")[0].split(":")[0] == config.split("@")[0].split(":")[0] and c in results and "error" not in results[c]
+        ),
+        None,
+    )
+    if reference is not None and reference.exists() and image.exists():
+        r["diff"] = float((torch.load(image) - torch.load(reference)).abs().max())
+    plain = tmp / f"{name}-graphsd-none.pt"
+    if config.startswith("graphsd+lora") and plain.exists() and image.exists():
+        r["lora_effect"] = float((torch.load(image) - torch.load(plain)).abs().max())
+    print(f"[{name}] {config}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    earlier = results.get(config)
+    if earlier is not None and "times" in earlier:  # a later round: pool its images with the earlier ones
+        r["round_s"] = earlier.get("round_s", [earlier["s"]]) + [r["s"]]
+        r["times"] = earlier["times"] + r["times"]
+        r["s"] = statistics.median(r["times"])
+        for key in ("gib", "rss_gib", "diff", "process_s"):
+            if key in earlier and key in r:
+                r[key] = max(r[key], earlier[key])
+    results[config] = r
+    finished(name, config, results, args)
 
 
 def finished(name: str, config: str, results: dict, args) -> None:
@@ -413,6 +420,35 @@ def row(config: str, r: dict, results: dict) -> str:
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"
     effect = f"  (LoRA changes the image by {r['lora_effect']:.3g})" if "lora_effect" in r else ""
     return f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}{effect}"
+
+
+def cpu_list(text: str) -> set[int]:
+    """CPUs of a list like ``0-7,16`` (the kernel's cpulist format)."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def pin_cpus(spec: str, device: str) -> list[int]:
+    """Run this process and its children on the CPUs ``spec`` names (``auto``: those of the GPU's
+    NUMA node, whose copies from pinned memory do not cross sockets, where the kernel says; ``all``:
+    no change). The same CPUs for every configuration take one source of spread out of the times.
+    Returns the CPUs used."""
+    allowed = os.sched_getaffinity(0)
+    wanted = allowed
+    if spec == "auto" and device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        local = Path(f"/sys/bus/pci/devices/{bus}/local_cpulist")
+        wanted = cpu_list(local.read_text()) & allowed if local.exists() else allowed
+    elif spec not in ("auto", "all"):
+        wanted = cpu_list(spec) & allowed
+    if wanted and wanted != allowed:
+        os.sched_setaffinity(0, wanted)
+    return sorted(wanted or allowed)
 
 
 def link_speed() -> dict:
@@ -447,6 +483,10 @@ def main() -> None:
     parser.add_argument("--lora", default="", help="budgets (GiB, or none) for graphsd+lora rows, e.g. none,1")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration's process this many times, interleaved")
+    parser.add_argument(
+        "--cpus", default="auto", help="CPUs the processes run on: auto (the GPU's NUMA node, on CUDA), all, or a list like 0-7,16"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
     parser.add_argument(
         "--timeouts", default="", help="limits for single configurations, e.g. diffusers:group_leaf=120,graphsd@1=90 (seconds)"
@@ -478,6 +518,8 @@ def main() -> None:
     args.lora = [b for b in args.lora.split(",") if b]
     everything: dict = {}
     args.everything = everything
+    everything["host"] = {"cpus": pin_cpus(args.cpus, args.device), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+    print(f"host: {everything['host']}", file=sys.stderr, flush=True)
     if args.device == "cuda":
         everything["link_gb_s"] = link_speed()
         print(f"host-to-device from pinned memory, GB/s: {everything['link_gb_s']}", file=sys.stderr, flush=True)
@@ -487,7 +529,7 @@ def main() -> None:
     if args.device == "cuda":
         print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; fp16, batch 1")
     for name, results in everything.items():
-        if name != "link_gb_s":
+        if name not in ("link_gb_s", "host"):
             report(name, results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))
