@@ -178,7 +178,8 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None, lora
     uses = [e for e in streamed if e["action"] == "use"]
     if args.trace:
         result["trace"] = trace(engine, doc, args)
-    plans = {e["key"].rsplit(":", 1)[-1] if ":" in e["key"] else e["key"]: e for e in streamed if e["action"] == "plan"}
+    # keys are "<file hash>:<component>:<dtype>": one entry per component (its last plan)
+    plans = {e["key"].split(":")[-2] if e["key"].count(":") >= 2 else e["key"]: e for e in streamed if e["action"] == "plan"}
     result["streamed_gib"] = sum(e["bytes_moved"] for e in uses) / 2**30
     result["split"] = {
         key: {
