@@ -123,6 +123,21 @@ def _call_one(pm: pluggy.PluginManager, plugin: Any, hook: str) -> list[Any]:
     return [r for r in results if r is not None]
 
 
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager, quicker to register a module: pluggy inspects every attribute of
+    a plugin (``inspect.getattr_static`` each, ~1,200 for graphsd's built-in modules with their
+    imports); a module attribute that neither is named like a hook nor carries the ``@hookimpl``
+    mark (a function named otherwise may still implement a hook through ``specname``) is passed
+    over from the module's dictionary instead."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if isinstance(plugin, ModuleType) and not name.startswith(f"{PROJECT}_"):
+            value = plugin.__dict__.get(name)
+            if not (callable(value) and hasattr(value, f"{PROJECT}_impl")):
+                return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 HOOK_NAMES = sorted(name for name in dir(hookspecs) if name.startswith(f"{PROJECT}_"))
 
 
@@ -134,12 +149,11 @@ def _hook_problems(pm: pluggy.PluginManager, name: str, plugin: Any) -> list[str
     for attr in sorted(dir(plugin)):
         if not attr.startswith(f"{PROJECT}_") or not callable(getattr(plugin, attr, None)):
             continue
-        marked = pm.parse_hookimpl_opts(plugin, attr) is not None
-        close = difflib.get_close_matches(attr, HOOK_NAMES, n=1)
         if attr not in HOOK_NAMES:
+            close = difflib.get_close_matches(attr, HOOK_NAMES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"plugin '{name}': {attr} is not a graphsd hook{hint}, so it is never called")
-        elif not marked:
+        elif pm.parse_hookimpl_opts(plugin, attr) is None:
             problems.append(
                 f"plugin '{name}': {attr} is not decorated with @hookimpl (from graphsd import hookimpl), so it is never called"
             )
@@ -150,7 +164,7 @@ def load_plugins(plugins_dirs: list[str] | tuple[str, ...] = (), load_entry_poin
     """Build a plugin manager and the registry of nodes/types/samplers. Never raises for a
     broken plugin: problems end up in ``registry.warnings`` and ``registry.plugins``; so do
     misspelt and unmarked hooks."""
-    pm = pluggy.PluginManager(PROJECT)
+    pm = _PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     reg = Registry()
     for name, source, loader in _candidates(plugin_dirs(plugins_dirs), load_entry_points):
