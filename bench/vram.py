@@ -246,9 +246,9 @@ def trace(engine, doc: dict, args) -> dict:
 
 def host_side(engine, doc: dict, args) -> dict:
     """One more image, unprofiled: the host's time from the denoise loop's first U-Net call to
-    its last call's return (no synchronisation: how far the host ran ahead of the device) against
-    the device's time for the same stretch, and the calls that made the host wait for the device
-    (CUDA's sync debug mode: each blocking call warns, with the Python line that made it)."""
+    its last call's return (no synchronisation; near the image's time when the host, not the
+    device, sets the pace), and the calls that made the host wait for the device (CUDA's sync
+    debug mode: each blocking call warns, with the Python line that made it)."""
     import warnings
 
     unet = next(e.module for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
