@@ -32,6 +32,7 @@ when allowed, and then only through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -434,7 +435,10 @@ def _build_text(family: str, role: str, config: dict[str, Any], tensors: dict[st
     return module
 
 
+@functools.lru_cache(maxsize=2)
 def _tokenizer(pad_token: str | None = None) -> Any:
+    """The shipped CLIP tokenizer, with ``pad_token`` (SDXL's second tokenizer pads with "!"),
+    read once per process and shared (graphsd only reads tokenizers)."""
     from transformers import CLIPTokenizer
 
     from graphsd.std.text.tokenizer import clip_tokenizer_dir
