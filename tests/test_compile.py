@@ -141,6 +141,17 @@ def test_an_unknown_mode_or_backend_is_refused_with_the_choices():
 
 
 @pytest.mark.slow
+def test_both_conventions_run_one_compiled_unet(models, tmp_path):
+    """ComfyUI's convention calls the U-Net with its timestep as diffusers' does (one float32
+    number), so switching conventions does not recompile it."""
+    torch._dynamo.reset()  # nothing compiled by earlier tests may serve the second call
+    fast = engine(models, tmp_path, compile="reduce-overhead", compile_backend="aot_eager", compile_cache_dir=str(tmp_path / "cache"))
+    run(fast, workflow())
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(fast, workflow(convention="comfyui", sampler="dpmpp_2m"))
+
+
+@pytest.mark.slow
 def test_eager_runs_put_nothing_on_the_fast_path(eager_engine):
     result = run(eager_engine, workflow())
     assert compile_events(result) == []

@@ -150,7 +150,10 @@ class Denoiser:
         if self.keep is not None:
             x = self.keep.model_input(x, sigma)
         c_in = 1 / math.sqrt(sigma * sigma + 1)
-        t = self.table.timestep(sigma).to(x.device, non_blocking=True)  # a blocking copy would wait for the GPU every step
+        # one float32 number, as diffusers' schedulers give it (the same value: the time embedding
+        # computes in float32 either way), so a compiled U-Net serves both conventions without
+        # recompiling for the timestep's dtype or rank; a blocking copy would wait for the GPU every step
+        t = self.table.timestep(sigma)[0].to(x.device, torch.float32, non_blocking=True)
 
         def finish(out: torch.Tensor, area: Cells | None) -> torch.Tensor:
             return self.table.denoised(crop(x, area), out, sigma)
