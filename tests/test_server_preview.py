@@ -105,6 +105,9 @@ def run_prompt(server: Served, seed: int, announce: bool, **extra) -> tuple[str,
         if announce:
             ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
             reply = receive(ws)
+            # the queue's status broadcasts (the shared server has other clients) may come first
+            while isinstance(reply, dict) and reply["type"] == "status":
+                reply = receive(ws)
             assert reply["type"] == "feature_flags"
         prompt_id = server.queue_prompt(txt2img(seed=seed, steps=STEPS, cfg=1.0), sid, **extra)
         texts, frames = [], []
