@@ -480,6 +480,24 @@ class _Timeout(Exception):
     pass
 
 
+def _status_mb(name: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(name)
+
+
+def _reset_peak() -> bool:
+    """Restart the process's peak-RSS count (VmHWM) from its current RSS, so a case's peak is its
+    own and not an earlier case's; False where the kernel does not offer it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_case(c: Case, base: Path) -> dict:
     from graphsd.cli import main
 
@@ -491,6 +509,8 @@ def run_case(c: Case, base: Path) -> dict:
     try:
         argv = c.setup(folder)
         before = _snapshot(folder)
+        own_peak = _reset_peak()
+        record["start_mb"] = _status_mb("VmRSS")
         err, out = io.StringIO(), io.StringIO()
 
         def on_alarm(signum, frame):
@@ -518,7 +538,8 @@ def run_case(c: Case, base: Path) -> dict:
             exit=code,
             stderr=err.getvalue()[-4000:],
             stdout=out.getvalue()[-2000:],
-            maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # the case's own peak where the count could be restarted, else the process's so far
+            maxrss_mb=_status_mb("VmHWM") if own_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             removed=sorted(set(before) - set(after)),
             changed=sorted(k for k in set(before) & set(after) if before[k] != after[k]),
             added=sorted(set(after) - set(before)),

@@ -23,7 +23,6 @@ replaced file is loaded afresh.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 from dataclasses import dataclass, replace
@@ -199,17 +198,9 @@ def _keeps_fp32(index: dict[str, Any], folder: Path, dtype: torch.dtype) -> bool
     return bool(_read_json(config).get("force_upcast"))
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer_of(cls: type, folder: str, fingerprint: str) -> Any:
-    """The tokenizer in ``folder``, read once per content (``fingerprint``) and shared: graphsd
-    only reads tokenizers (as :func:`graphsd.std.text.tokenizer.clip_tokenizer`), and reading
-    one takes 0.1-0.5 s, which a workflow loading the same checkpoint again would pay each time."""
-    return cls.from_pretrained(folder, local_files_only=True)
-
-
 def _component_loader(cls: type, folder: Path, dtype: torch.dtype, allow_pickle: bool, tokenizer: bool):
     if tokenizer:
-        return lambda: _tokenizer_of(cls, str(folder), file_fingerprint(folder))
+        return lambda: cls.from_pretrained(str(folder), local_files_only=True)
     weights = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES]
     safetensors = any(p.suffix == ".safetensors" for p in weights)
     if weights and not safetensors and not allow_pickle:
