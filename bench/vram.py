@@ -11,7 +11,8 @@ Each configuration runs in its own process, all in one invocation on the same GP
 
 - ``graphsd@B``: ``Engine(Settings(device="cuda", vram_budget_mb=B * 1024))`` (``none``: no budget);
   ``graphsd@BrN``: the same with a streaming ring of N of the largest block (``ModelOffload.ring_blocks``;
-  the default otherwise);
+  the default otherwise); a trailing ``w`` (``graphsd@1w``) keeps every ResNet whole (the layout before
+  the largest were divided into their convolutions);
 - ``graphsd+lora@B`` (``--lora``): the same with a LoRA on the U-Net (``LoraLoader``, a random rank-8
   PEFT-format file over every attention projection, written once per model): its difference is
   from ``graphsd+lora@none`` (streaming must not change the LoRA image), and ``lora_effect`` is
@@ -178,6 +179,8 @@ def run_graphsd(args, budget: float | None, ring_blocks: int | None = None, lora
     uses = [e for e in streamed if e["action"] == "use"]
     if args.trace:
         result["trace"] = trace(engine, doc, args)
+    if args.timeline and args.device == "cuda":
+        result["timeline"] = timeline(engine, doc, args)
     # keys are "<file hash>:<component>:<dtype>": one entry per component (its last plan)
     plans = {e["key"].split(":")[-2] if e["key"].count(":") >= 2 else e["key"]: e for e in streamed if e["action"] == "plan"}
     result["streamed_gib"] = sum(e["bytes_moved"] for e in uses) / 2**30
@@ -242,6 +245,63 @@ def trace(engine, doc: dict, args) -> dict:
         "idle_s": round(wall - both, 4),  # neither (the host or a wait held the device up)
         "nodes": nodes,
     }
+
+
+def timeline(engine, doc: dict, args, call: int | None = None) -> dict:
+    """One more image; for one U-Net call in its middle (the ``call``-th), each block's start and
+    end on the host (ms from the call's start) and on the device (ms from the call's start on the
+    compute stream, CUDA events), and each streamed block's copy: when the host issued it and when
+    it ended on the copy stream. A streamed block that starts on the device later than its host
+    start plus the device's lag waited for its copy; the rows say which blocks and by how much."""
+    from graphsd.memory import Streamer
+
+    call = call or max(1, args.steps // 2)
+    key, entry = next((k, e) for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
+    state = {"calls": 0}
+    marks: list[tuple[str, str, float, torch.cuda.Event]] = []
+
+    def mark(kind: str, name: str, stream=None) -> None:
+        if state["calls"] == call:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(stream)
+            marks.append((kind, name, time.perf_counter(), event))
+
+    def call_start(*_) -> None:
+        state["calls"] += 1
+        mark("call", "")
+
+    hooks = [entry.module.register_forward_pre_hook(call_start), entry.module.register_forward_hook(lambda *_: mark("end", ""))]
+    for block in engine.models.layout(key).blocks:
+        hooks.append(block.module.register_forward_pre_hook(lambda *_, n=block.name: mark("start", n)))
+        hooks.append(block.module.register_forward_hook(lambda *_, n=block.name: mark("stop", n)))
+    issue = Streamer._issue
+
+    def timed_issue(self, i: int) -> bool:
+        issued = issue(self, i)
+        if issued and self.copy_stream is not None:
+            mark("copied", self.layout.blocks[i].name, self.copy_stream)
+        return issued
+
+    Streamer._issue = timed_issue
+    engine.cache.clear()
+    try:
+        assert engine.run(doc, params={"seed": 97}, outputs=["img"]).ok
+        torch.cuda.synchronize()
+    finally:
+        Streamer._issue = issue
+        for h in hooks:
+            h.remove()
+    if not marks:
+        return {}
+    _, _, host0, gpu0 = marks[0]
+    streamer = entry.streamer
+    streamed = {streamer.layout.blocks[i].name for i in streamer.streamed} if streamer is not None else set()
+    sizes = {b.name: b.nbytes for b in engine.models.layout(key).blocks}
+    rows = [
+        [kind, name, round((host - host0) * 1e3, 3), round(gpu0.elapsed_time(event), 3), name in streamed, sizes.get(name, 0)]
+        for kind, name, host, event in marks
+    ]
+    return {"call": call, "rows": rows}
 
 
 def host_side(engine, doc: dict, args) -> dict:
@@ -317,6 +377,11 @@ def run_diffusers(args, anchor: str) -> dict:
 def child(args) -> None:
     kind, _, value = args.config.partition("@") if "@" in args.config else args.config.partition(":")
     if kind.startswith("graphsd"):
+        if value.endswith("w"):  # whole ResNets: none divided into its convolutions (the layout before they were)
+            from graphsd.std.models import streaming
+
+            streaming._split_resnets = lambda units: units
+            value = value[:-1]
         budget, _, ring = value.partition("r")
         lora = Path(args.model) / LORA_FILE if kind == "graphsd+lora" else None
         result = run_graphsd(args, None if budget == "none" else float(budget), int(ring) if ring else None, lora)
@@ -349,6 +414,7 @@ def run_config(name: str, config: str, configs: list[str], folder: Path, size: i
     command = [sys.executable, __file__, "--config", config, "--model", str(folder), "--size", str(size)]
     command += ["--steps", str(args.steps), "--runs", str(args.runs), "--device", args.device, "--image", str(image)]
     command += ["--trace"] if args.trace else []
+    command += ["--timeline"] if args.timeline and config.startswith("graphsd") else []
     limit = args.timeouts.get(config, args.timeout)
     t0 = time.perf_counter()
     try:
@@ -415,7 +481,7 @@ def row(config: str, r: dict, results: dict) -> str:
     kind = config.partition("@")[0] if config.startswith("graphsd") else "graphsd"
     base = results.get(f"{kind}@none", {}).get("s")
     ratio = f"{r['s'] / base:.2f}" if base else "-"
-    budget = config.partition("@")[2].partition("r")[0]
+    budget = config.partition("@")[2].rstrip("w").partition("r")[0]
     within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
     streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"
@@ -496,6 +562,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     parser.add_argument(
         "--trace", action="store_true", help="graphsd rows: also time each node and the device's kernels and copies of one image"
+    )
+    parser.add_argument(
+        "--timeline", action="store_true", help="graphsd rows (CUDA): each block's host and device start/end and copy of one U-Net call"
     )
     for hidden in ("--config", "--model", "--image"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
