@@ -12,7 +12,8 @@ Each configuration runs in its own process, all in one invocation on the same GP
 - ``graphsd@B``: ``Engine(Settings(device="cuda", vram_budget_mb=B * 1024))`` (``none``: no budget);
   ``graphsd@BrN``: the same with a streaming ring of N of the largest block (``ModelOffload.ring_blocks``;
   the default otherwise); a trailing ``w`` (``graphsd@1w``) keeps every ResNet whole (the layout before
-  the largest were divided into their convolutions);
+  the largest were divided into their convolutions), a trailing ``s`` keeps the smallest blocks resident
+  and streams the largest (fewest streamed blocks per byte) instead of the lowest-resolution ones;
 - ``graphsd+lora@B`` (``--lora``): the same with a LoRA on the U-Net (``LoraLoader``, a random rank-8
   PEFT-format file over every attention projection, written once per model): its difference is
   from ``graphsd+lora@none`` (streaming must not change the LoRA image), and ``lora_effect`` is
@@ -276,11 +277,10 @@ def timeline(engine, doc: dict, args, call: int | None = None) -> dict:
         hooks.append(block.module.register_forward_hook(lambda *_, n=block.name: mark("stop", n)))
     issue = Streamer._issue
 
-    def timed_issue(self, i: int) -> bool:
-        issued = issue(self, i)
-        if issued and self.copy_stream is not None:
+    def timed_issue(self, i: int, start: int) -> None:
+        issue(self, i, start)
+        if self.copy_stream is not None:
             mark("copied", self.layout.blocks[i].name, self.copy_stream)
-        return issued
 
     Streamer._issue = timed_issue
     engine.cache.clear()
@@ -382,6 +382,14 @@ def child(args) -> None:
 
             streaming._split_resnets = lambda units: units
             value = value[:-1]
+        if value.endswith("s"):  # residency by size: the smallest blocks stay, the largest stream (fewest hooks per byte)
+            from graphsd.memory import ModelOffload
+
+            def by_size(layout) -> list[int]:
+                return sorted(range(len(layout.blocks)), key=lambda i: layout.blocks[i].nbytes)
+
+            ModelOffload.residency_order = staticmethod(by_size)
+            value = value[:-1]
         budget, _, ring = value.partition("r")
         lora = Path(args.model) / LORA_FILE if kind == "graphsd+lora" else None
         result = run_graphsd(args, None if budget == "none" else float(budget), int(ring) if ring else None, lora)
@@ -481,7 +489,7 @@ def row(config: str, r: dict, results: dict) -> str:
     kind = config.partition("@")[0] if config.startswith("graphsd") else "graphsd"
     base = results.get(f"{kind}@none", {}).get("s")
     ratio = f"{r['s'] / base:.2f}" if base else "-"
-    budget = config.partition("@")[2].rstrip("w").partition("r")[0]
+    budget = config.partition("@")[2].rstrip("ws").partition("r")[0]
     within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
     streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"
