@@ -267,11 +267,20 @@ def timeline(engine, doc: dict, args, call: int | None = None) -> dict:
             event.record(stream)
             marks.append((kind, name, time.perf_counter(), event))
 
+    spans: list[list] = []  # every call: host start and end, device start and end events
+
     def call_start(*_) -> None:
         state["calls"] += 1
         mark("call", "")
+        spans.append([time.perf_counter(), None, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+        spans[-1][2].record()
 
-    hooks = [entry.module.register_forward_pre_hook(call_start), entry.module.register_forward_hook(lambda *_: mark("end", ""))]
+    def call_end(*_) -> None:
+        mark("end", "")
+        spans[-1][1] = time.perf_counter()
+        spans[-1][3].record()
+
+    hooks = [entry.module.register_forward_pre_hook(call_start), entry.module.register_forward_hook(call_end)]
     for block in engine.models.layout(key).blocks:
         hooks.append(block.module.register_forward_pre_hook(lambda *_, n=block.name: mark("start", n)))
         hooks.append(block.module.register_forward_hook(lambda *_, n=block.name: mark("stop", n)))
@@ -284,9 +293,12 @@ def timeline(engine, doc: dict, args, call: int | None = None) -> dict:
 
     Streamer._issue = timed_issue
     engine.cache.clear()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
     try:
         assert engine.run(doc, params={"seed": 97}, outputs=["img"]).ok
         torch.cuda.synchronize()
+        ended = time.perf_counter()
     finally:
         Streamer._issue = issue
         for h in hooks:
@@ -301,7 +313,9 @@ def timeline(engine, doc: dict, args, call: int | None = None) -> dict:
         [kind, name, round((host - host0) * 1e3, 3), round(gpu0.elapsed_time(event), 3), name in streamed, sizes.get(name, 0)]
         for kind, name, host, event in marks
     ]
-    return {"call": call, "rows": rows}
+    calls = [[round((h0 - began) * 1e3, 2), round((h1 - h0) * 1e3, 2), round(e0.elapsed_time(e1), 2)] for h0, h1, e0, e1 in spans]
+    # the image's time, and each call's start (ms into the image), host and device milliseconds
+    return {"call": call, "rows": rows, "image_ms": round((ended - began) * 1e3, 1), "calls": calls}
 
 
 def host_side(engine, doc: dict, args) -> dict:
