@@ -399,10 +399,7 @@ def child(args) -> None:
         if value.endswith("s"):  # residency by size: the smallest blocks stay, the largest stream (fewest hooks per byte)
             from graphsd.memory import ModelOffload
 
-            def by_size(layout) -> list[int]:
-                return sorted(range(len(layout.blocks)), key=lambda i: layout.blocks[i].nbytes)
-
-            ModelOffload.residency_order = staticmethod(by_size)
+            ModelOffload.residency = "size"
             value = value[:-1]
         budget, _, ring = value.partition("r")
         lora = Path(args.model) / LORA_FILE if kind == "graphsd+lora" else None

@@ -826,11 +826,19 @@ class ModelOffload:
         self.ring_blocks = ring_blocks
         self.on_cpu = on_cpu
 
-    @staticmethod
-    def residency_order(layout: Layout) -> list[int]:
-        """The order blocks are kept resident in while there is room (the rest stream): lowest
-        ``rank`` first, the larger of equal rank first."""
-        return sorted(range(len(layout.blocks)), key=lambda i: (layout.blocks[i].rank, -layout.blocks[i].nbytes))
+    #: Which blocks stay resident when not all fit: ``"rank"`` keeps the lowest-ranked first (a
+    #: U-Net's low-resolution blocks: large weights, little computation to hide their copies
+    #: behind), ``"size"`` the smallest first, so the fewest blocks stream for the bytes that must
+    #: (each streamed block costs host time at every call: hooks, a copy, events).
+    residency = "rank"
+
+    def residency_order(self, layout: Layout) -> list[int]:
+        """The order blocks are kept resident in while there is room (the rest stream), by
+        :attr:`residency`; ties go to the lower rank."""
+        blocks = layout.blocks
+        if self.residency == "size":
+            return sorted(range(len(blocks)), key=lambda i: (blocks[i].nbytes, blocks[i].rank))
+        return sorted(range(len(blocks)), key=lambda i: (blocks[i].rank, -blocks[i].nbytes))
 
     def make_room(self, manager: ModelManager, key: str, nbytes: int) -> None:
         """Offload least recently used components not in use until ``nbytes`` more fit."""
