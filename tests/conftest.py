@@ -18,38 +18,58 @@ torch.set_num_threads(int(os.environ.get("GRAPHSD_TEST_THREADS") or os.environ.g
 # in collection order (--no-loadscope-reorder: otherwise the files with the most tests go first,
 # which puts the few-test files of servers, subprocesses and Ray last and leaves one worker running
 # them alone for minutes at the end). The files in SHARED_SERVER go to one worker together, as one
-# unit (pytest_xdist_make_scheduler below). These files take longest (tens of seconds each, on 2
-# cores), so they start first and the many short files fill in around them. Longest first; a file
-# not listed runs after them in the usual order.
+# unit (pytest_xdist_make_scheduler below). Longest first, so the many short files fill in around
+# the long ones and the run ends on files of a second or less (a worker is handed its next file
+# while it runs its current file's last tests, so a long file late in the order can leave the other
+# worker idle); a file not listed (each under ~2 s) runs after them in the usual order.
 SHARED_SERVER = [  # in this order: the first needs a fresh server, the last restarts and stops it
     "tests/test_server.py",
     "tests/test_server_preview.py",
     "tests/test_server_load.py",
 ]
-LONGEST_FIRST = [  # as measured in a full run with -n 2 (Ray's worker processes take CPU besides its own worker)
-    "tests/test_ray.py",
-    *SHARED_SERVER,
-    "tests/test_single_file.py",
-    "tests/test_lora_style.py",
-    "tests/test_compile.py",
-    "tests/test_main_job.py",
-    "tests/test_controlnet.py",
-    "tests/test_inpaint.py",
+LONGEST_FIRST = [  # seconds each took in a full run with -n 2 (Ray's worker processes take CPU besides its own worker)
+    "tests/test_ray.py",  # 161
+    *SHARED_SERVER,  # 86 together
+    "tests/test_main_job.py",  # 39
+    "tests/test_lora_style.py",  # 37
+    "tests/test_single_file.py",  # 27
+    "tests/test_compile.py",  # 26
+    "tests/test_frontend.py",  # 23
+    "tests/test_hostile.py",  # 19
+    "tests/test_samplers_comfy.py",  # 15
+    "tests/test_comfy_ui_format.py",  # 12
+    "tests/test_controlnet.py",  # 12
+    "plugins/graphsd-train/tests/test_training_diffusion.py",  # 11
+    "tests/test_inpaint.py",  # 10
     "tests/test_batching.py",
-    "tests/test_sd_parity.py",
     "tests/test_embeddings.py",
-    "tests/test_sd_nodes.py",
-    "tests/test_samplers_comfy.py",
-    "tests/test_model_family.py",
-    "tests/test_comfy_simple_nodes.py",
-    "tests/test_hostile.py",
-    "tests/test_sd_workflows.py",
-    "tests/test_frontend.py",
-    "tests/test_lora_nodes.py",
-    "tests/test_text_encode.py",
+    "tests/test_sd_parity.py",  # 9
+    "tests/test_lora_nodes.py",  # 8
     "tests/test_merge.py",
-    "tests/test_comfy_ui_format.py",
+    "tests/test_lora.py",
+    "tests/test_sd_nodes.py",  # 6
+    "tests/test_vram.py",
+    "tests/test_comfy_sampling.py",
+    "tests/test_architecture.py",
+    "tests/test_engine.py",
+    "tests/test_text_encode.py",
+    "tests/test_comfy_loaders.py",
     "tests/test_signals.py",
+    "tests/test_model_family.py",  # 5
+    "tests/test_conditioning_ops.py",
+    "tests/test_inversion.py",
+    "tests/test_comfy_simple_nodes.py",
+    "tests/test_paths.py",
+    "tests/test_sd_workflows.py",
+    "tests/test_workflow_fuzz.py",  # 4
+    "tests/test_vae_encode_tiled.py",
+    "plugins/graphsd-train/tests/test_training_data.py",
+    "tests/test_convert.py",
+    "tests/test_lora_formats.py",
+    "tests/test_model_files_hostile.py",
+    "plugins/graphsd-train/tests/test_lora_training.py",  # 3
+    "tests/test_hypernetwork.py",
+    "plugins/graphsd-train/tests/test_save_model.py",  # 2
 ]
 
 
