@@ -12,8 +12,8 @@ Each configuration runs in its own process, all in one invocation on the same GP
 - ``graphsd@B``: ``Engine(Settings(device="cuda", vram_budget_mb=B * 1024))`` (``none``: no budget);
   ``graphsd@BrN``: the same with a streaming ring of N of the largest block (``ModelOffload.ring_blocks``;
   the default otherwise); a trailing ``w`` (``graphsd@1w``) keeps every ResNet whole (the layout before
-  the largest were divided into their convolutions), a trailing ``s`` keeps the smallest blocks resident
-  and streams the largest (fewest streamed blocks per byte) instead of the lowest-resolution ones;
+  the largest were divided into their convolutions); a trailing ``k`` keeps the lowest-resolution blocks
+  resident (``ModelOffload.residency = "rank"``), ``s`` the smallest (``"size"``, the default);
 - ``graphsd+lora@B`` (``--lora``): the same with a LoRA on the U-Net (``LoraLoader``, a random rank-8
   PEFT-format file over every attention projection, written once per model): its difference is
   from ``graphsd+lora@none`` (streaming must not change the LoRA image), and ``lora_effect`` is
@@ -396,10 +396,10 @@ def child(args) -> None:
 
             streaming._split_resnets = lambda units: units
             value = value[:-1]
-        if value.endswith("s"):  # residency by size: the smallest blocks stay, the largest stream (fewest hooks per byte)
+        if value[-1:] in ("s", "k"):  # residency by size (the default) or by rank (ModelOffload.residency)
             from graphsd.memory import ModelOffload
 
-            ModelOffload.residency = "size"
+            ModelOffload.residency = "size" if value.endswith("s") else "rank"
             value = value[:-1]
         budget, _, ring = value.partition("r")
         lora = Path(args.model) / LORA_FILE if kind == "graphsd+lora" else None
@@ -500,7 +500,7 @@ def row(config: str, r: dict, results: dict) -> str:
     kind = config.partition("@")[0] if config.startswith("graphsd") else "graphsd"
     base = results.get(f"{kind}@none", {}).get("s")
     ratio = f"{r['s'] / base:.2f}" if base else "-"
-    budget = config.partition("@")[2].rstrip("ws").partition("r")[0]
+    budget = config.partition("@")[2].rstrip("wsk").partition("r")[0]
     within = "-" if budget in ("", "none") else ("yes" if r["gib"] <= 1.05 * float(budget) else "NO")
     streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"

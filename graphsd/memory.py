@@ -282,9 +282,10 @@ def _device_of(module: Any) -> torch.device:
 @dataclass
 class Block:
     """A unit of streaming: a submodule whose weights move to the device together, just before
-    its forward. ``rank`` orders which blocks stream first when not all fit: the higher, the more
-    computation the block does per byte of weights (a U-Net block at a higher resolution), so
-    the better its copy hides behind computation."""
+    its forward. ``rank``: the higher, the more computation the block does per byte of weights
+    (a U-Net block at a higher resolution), so the better its copy hides behind computation; it
+    decides which blocks stream under :attr:`ModelOffload.residency` ``"rank"`` and breaks ties
+    under ``"size"``."""
 
     name: str
     module: torch.nn.Module
@@ -807,7 +808,7 @@ class ModelOffload:
     A component that fits next to the components in use (and the activations its call needs) is
     placed whole, after moving least recently used components back to the CPU until the
     resident ones fit. With ``stream`` (the default) one that does not fit is partially loaded:
-    its blocks of lowest ``rank`` (least computation per byte) stay resident as long as there is
+    its blocks stay resident in :meth:`residency_order` (the smallest first) as long as there is
     room, the rest stream through a ring that holds ``ring_blocks`` of its largest block (or more,
     with the room no further block fits in): two by default, so that one copy is in flight while
     a block runs. Every byte of ring is a byte less of resident weights streamed at every call, and
@@ -826,11 +827,16 @@ class ModelOffload:
         self.ring_blocks = ring_blocks
         self.on_cpu = on_cpu
 
-    #: Which blocks stay resident when not all fit: ``"rank"`` keeps the lowest-ranked first (a
-    #: U-Net's low-resolution blocks: large weights, little computation to hide their copies
-    #: behind), ``"size"`` the smallest first, so the fewest blocks stream for the bytes that must
-    #: (each streamed block costs host time at every call: hooks, a copy, events).
-    residency = "rank"
+    #: Which blocks stay resident when not all fit: ``"size"`` keeps the smallest first, so the
+    #: fewest blocks stream for the bytes that must (each streamed block costs host time at every
+    #: call: its hooks, a copy, events); ``"rank"`` the lowest-ranked first (a U-Net's
+    #: low-resolution blocks: large weights, little computation to hide their copies behind). On
+    #: an H200, where the eager loop is bound by the host, "size" was faster for SD1.5 under 1 GiB
+    #: in each of three invocations (1.33 / 1.38 / 1.41 × the unbudgeted time against 1.42 / 1.50 /
+    #: 1.44 ×; a U-Net call 28.6 ms against 33.3 ms, 27.3 ms without a budget) and level with
+    #: "rank" for SDXL under 3 GiB (1.26 / 1.40 / 1.49 × against 1.95 / 1.33 / 1.51 ×). A GPU
+    #: whose loop is bound by its own computation, with a slower link, may prefer "rank".
+    residency = "size"
 
     def residency_order(self, layout: Layout) -> list[int]:
         """The order blocks are kept resident in while there is room (the rest stream), by

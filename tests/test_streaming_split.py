@@ -49,3 +49,31 @@ def test_split_resnets_streamed_through_the_least_ring_give_the_unconstrained_nu
     assert all(torch.equal(g, expected) for g in got)
     assert any(name.endswith(".conv1") for name in transfers) and any(name.endswith(".conv_shortcut") for name in transfers)
     assert m.device_bytes() <= m.strategy.vram_budget
+
+
+def test_the_smallest_blocks_stay_resident_so_the_fewest_stream():
+    """The default residency keeps the smallest blocks on the device and streams the largest (each
+    streamed block costs host time at every call); the numbers are the unconstrained ones."""
+    from test_vram import Recording, managed, recording_layout
+
+    torch.manual_seed(0)
+    model = Recording([16, 48, 16, 32, 16])  # blocks of 16x48, 48x16, 16x32, 32x16 and 16x16 weights
+    layout = recording_layout(model, ranks=[4, 1, 1, 4, 4])
+    sizes = [b.nbytes for b in layout.blocks]
+    ring = max(region_bytes(b.module) for b in layout.blocks)  # a ring of one block (ring_blocks=1 below)
+    by_size = sorted(range(5), key=lambda i: (sizes[i], layout.blocks[i].rank))
+    keep = by_size[:3]
+    budget = layout.resident_bytes(model) + ring + sum(sizes[i] for i in keep)
+    x = torch.randn(3, 8)
+    expected = model(x)
+    m, handle, _ = managed(model, budget, layout)
+    m.strategy.ring_blocks = 1
+    assert m.strategy.residency == "size"
+    with m.use(handle, "unet") as mod:
+        got = [mod(x) for _ in range(2)]
+    streamer = m.entries["model"].streamer
+    assert streamer.resident == set(keep) and sorted(streamer.streamed) == sorted(set(range(5)) - set(keep))
+    assert min(sizes[i] for i in streamer.streamed) >= max(sizes[i] for i in keep)  # the largest stream
+    assert all(torch.equal(g, expected) for g in got)
+    m.strategy.residency = "rank"  # the other order keeps other blocks under the same budget
+    assert m.strategy.residency_order(layout)[:3] != keep

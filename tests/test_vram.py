@@ -101,6 +101,7 @@ def test_split_keeps_low_rank_blocks_resident_and_streams_the_rest_in_order():
     expected = model(x)
     m, handle, events = managed(model, budget, layout)
     m.strategy.ring_blocks = 2
+    m.strategy.residency = "rank"  # the low-rank blocks stay (the default keeps the smallest: tests/test_streaming_split.py)
     with m.use(handle, "unet") as mod:
         model.log.clear()
         first = mod(x)

@@ -8,10 +8,11 @@ convolutions), its down/upsampling convolutions and the
 VAE's attention; a CLIP text encoder by its encoder layers. What lies between them (the
 input/output convolutions, the time and class embeddings, the transformers' projections and
 norms, the token embeddings) is small and always stays on the device. A block's ``rank`` is the
-number of spatial positions it works on relative to the full latent (4^-level), so when not all
-blocks fit the policy keeps the low-resolution blocks resident, whose weights are large and whose
-computation is short, and streams the high-resolution ones, whose copies hide behind their long
-computation.
+number of spatial positions it works on relative to the full latent (4^-level): under
+:attr:`graphsd.memory.ModelOffload.residency` ``"rank"`` the low-resolution blocks, whose weights
+are large and whose computation is short, stay resident and the high-resolution ones stream,
+their copies hidden behind long computation; under ``"size"`` (the default) the smallest blocks stay
+and the largest stream, the fewest for the bytes.
 
 **Workspaces.** Each estimate is a bound made of the tensors a call holds at its widest point,
 from the shape of its input: for the U-Net the skip connections kept for the up path plus the
