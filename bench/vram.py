@@ -5,7 +5,7 @@ and SDXL-shaped (1024x1024) models with random weights (the real architectures, 
 
     python bench/vram.py [--models sd15,sdxl] [--budgets none,8,6,4,3,2,1.5,1] \\
         [--anchors model,sequential,group_block,group_leaf] [--steps 20] [--runs 3] [--json out.json] \\
-        [--timeout 600] [--timeouts diffusers:group_leaf=120,...] [--trace] [--rounds 1] [--cpus auto]
+        [--timeout 600] [--timeouts diffusers:group_leaf=120,...] [--trace] [--timeline] [--rounds 1] [--cpus auto]
 
 Each configuration runs in its own process, all in one invocation on the same GPU:
 
@@ -44,7 +44,10 @@ first diffusers row (diffusers rows), and any ``workspace_grown`` events (a call
 the budget's activation estimate; the next call plans with the difference). ``--trace`` adds, for
 the graphsd rows, one more image timed node by node with the device synchronised at each node's
 start and end, and the device's kernel, host-to-device copy, overlap and idle time over it
-(torch.profiler). ``--smoke`` runs tiny models on the CPU with the budget
+(torch.profiler). ``--timeline`` adds, for the graphsd rows on CUDA, one more image with every U-Net
+call's host and device time and, for its middle call, each block's start and end on the host and on
+the device (CUDA events) and each streamed block's copy: which blocks waited for a copy, and what the
+budget costs the host. ``--smoke`` runs tiny models on the CPU with the budget
 policy applied to the CPU (checks the script, measures nothing).
 """
 
