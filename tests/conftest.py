@@ -6,13 +6,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# Tiny models: one thread is faster than two fighting over small kernels. Tolerances must not
+# depend on it: run the suite with GRAPHSD_TEST_THREADS (or OMP_NUM_THREADS) set to 2 or 4 too
+# (kernels then split and order their sums differently). The processes the tests start (the
+# commands, servers and batteries forked or run fresh, Ray's workers) follow OMP_NUM_THREADS, so
+# it is set to the same count when it is not set: otherwise they take one thread per core and, on
+# two cores with two xdist workers busy, spend a tenth of the run's CPU fighting over them.
+THREADS = os.environ.get("GRAPHSD_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or "1"
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tiny models: one thread is faster than two fighting over small kernels. Tolerances must not
-# depend on it: run the suite with GRAPHSD_TEST_THREADS (or OMP_NUM_THREADS, which subprocesses
-# the tests start also follow) set to 2 or 4 too (kernels then split and order their sums differently).
-torch.set_num_threads(int(os.environ.get("GRAPHSD_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or "1"))
+torch.set_num_threads(int(THREADS))
 
 # pytest-xdist (--dist loadfile, pyproject.toml) gives each worker whole files, one after another
 # in collection order (--no-loadscope-reorder: otherwise the files with the most tests go first,
