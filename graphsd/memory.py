@@ -833,7 +833,7 @@ class ModelOffload:
     #: low-resolution blocks: large weights, little computation to hide their copies behind). On
     #: an H200, where the eager loop is bound by the host, "size" was faster for SD1.5 under 1 GiB
     #: in each of three invocations (1.33 / 1.38 / 1.41 × the unbudgeted time against 1.42 / 1.50 /
-    #: 1.44 ×; a U-Net call 28.6 ms against 33.3 ms, 27.3 ms without a budget) and level with
+    #: 1.44 ×; a U-Net call 28.5 ms against 33.2 ms, 27.3 ms without a budget) and level with
     #: "rank" for SDXL under 3 GiB (1.26 / 1.40 / 1.49 × against 1.95 / 1.33 / 1.51 ×). A GPU
     #: whose loop is bound by its own computation, with a slower link, may prefer "rank".
     residency = "size"
