@@ -589,8 +589,9 @@ def _vae_decode(ctx: Context, vae_ref: Vae, samples: torch.Tensor, tile: int | N
     and infinite values are left for the caller to report."""
     info = model_info(vae_ref, "vae")
     with ctx.models.use(vae_ref, "vae") as vae, torch.no_grad():
-        work = working_dtype(vae.dtype)
-        z = (samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(vae.dtype)
+        dtype = vae.dtype  # read once: diffusers' ``ModelMixin.dtype`` walks every submodule
+        work = working_dtype(dtype)
+        z = (samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(dtype)
         if tile is not None:
             x = decode_tiled(vae, z, tile, overlap, info.latent_downscale)
         else:

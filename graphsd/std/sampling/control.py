@@ -103,6 +103,9 @@ class ControlRun:
     def __init__(self, ctx: Context, plan: Guidance, unet: Any, position: Position):
         self.ctx, self.unet, self.position = ctx, unet, position
         self.controls = {id(c): c for b in plan.batches if b.control is not None for c in b.control.chain()}
+        # dtypes read once per run (diffusers' ``ModelMixin.dtype`` walks every submodule: ms a U-Net)
+        self.dtype = unet.dtype if self.controls else None
+        self.dtypes: dict[str, torch.dtype] = {}
         self.nets: dict[str, Any] = {}
         self.windows = {key: window(c, position) for key, c in self.controls.items()}
         self.hints: dict[tuple[int, ...], torch.Tensor] = {}
@@ -115,6 +118,7 @@ class ControlRun:
                 net = self._stack.enter_context(self.ctx.models.use(control.net, "controlnet"))
                 check_fits(net, self.unet)
                 self.nets[key] = net
+                self.dtypes[key] = net.dtype
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -125,7 +129,7 @@ class ControlRun:
         if key not in self.hints:
             downscale = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
             hint = hint_for(control, x.shape[2], x.shape[3], x.shape[0] // passes, passes, downscale)
-            self.hints[key] = hint.to(x.device, net.dtype)
+            self.hints[key] = hint.to(x.device, self.dtypes[control.net.keys["controlnet"]])
         return self.hints[key]
 
     def residuals(self, batch: UNetBatch, x: torch.Tensor, t: torch.Tensor, position: float) -> dict[str, Any]:
@@ -140,22 +144,22 @@ class ControlRun:
             low, high = self.windows[id(control)]
             if not low <= position <= high:
                 continue
-            net = self.nets[control.net.keys["controlnet"]]
+            net, dtype = self.nets[control.net.keys["controlnet"]], self.dtypes[control.net.keys["controlnet"]]
             if x.shape[1] != net.config.in_channels:
                 raise DenoiseError(f"the ControlNet takes {net.config.in_channels}-channel latents, these have {x.shape[1]}", "positive")
-            added = None if batch.added is None else {k: v.to(net.dtype) for k, v in batch.added.items()}
+            added = None if batch.added is None else {k: v.to(dtype) for k, v in batch.added.items()}
             out_down, out_mid = net(
-                x.to(net.dtype),
+                x.to(dtype),
                 t,
-                encoder_hidden_states=batch.context.to(net.dtype),
+                encoder_hidden_states=batch.context.to(dtype),
                 controlnet_cond=self._hint(control, net, x, len(batch.passes)),
                 conditioning_scale=control.strength,
                 added_cond_kwargs=added,
                 return_dict=False,
             )
-            here = [r.to(self.unet.dtype) for r in out_down]
+            here = [r.to(self.dtype) for r in out_down]
             down = here if down is None else [a + b for a, b in zip(here, down, strict=True)]
-            mid = out_mid.to(self.unet.dtype) if mid is None else out_mid.to(self.unet.dtype) + mid
+            mid = out_mid.to(self.dtype) if mid is None else out_mid.to(self.dtype) + mid
         if down is None:
             return {}
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}

@@ -125,6 +125,8 @@ class Denoiser:
         controls: ControlRun | None = None,
     ):
         self.unet, self.table = unet, table
+        # read once: diffusers' ``ModelMixin.dtype`` walks every submodule (milliseconds a U-Net call)
+        self.dtype = unet.dtype
         self.cfg, self.guidance, self.work = cfg, guidance, work
         self.plan = plan if plan is not None else Guidance.single(context, added, guidance)
         self.keep = keep
@@ -136,7 +138,7 @@ class Denoiser:
         if batch.concat is not None:  # an inpainting U-Net: + mask + masked-picture latent
             model_input = torch.cat([model_input, batch.concat], dim=1)
         out = self.unet(
-            model_input.to(self.unet.dtype),
+            model_input.to(self.dtype),
             t,
             encoder_hidden_states=batch.context,
             added_cond_kwargs=batch.added,
