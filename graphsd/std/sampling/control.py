@@ -124,12 +124,12 @@ class ControlRun:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def _hint(self, control: Control, net: Any, x: torch.Tensor, passes: int) -> torch.Tensor:
+    def _hint(self, control: Control, net: Any, dtype: torch.dtype, x: torch.Tensor, passes: int) -> torch.Tensor:
         key = (id(control), *x.shape, passes)
         if key not in self.hints:
             downscale = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
             hint = hint_for(control, x.shape[2], x.shape[3], x.shape[0] // passes, passes, downscale)
-            self.hints[key] = hint.to(x.device, self.dtypes[control.net.keys["controlnet"]])
+            self.hints[key] = hint.to(x.device, dtype)
         return self.hints[key]
 
     def residuals(self, batch: UNetBatch, x: torch.Tensor, t: torch.Tensor, position: float) -> dict[str, Any]:
@@ -144,7 +144,8 @@ class ControlRun:
             low, high = self.windows[id(control)]
             if not low <= position <= high:
                 continue
-            net, dtype = self.nets[control.net.keys["controlnet"]], self.dtypes[control.net.keys["controlnet"]]
+            key = control.net.keys["controlnet"]
+            net, dtype = self.nets[key], self.dtypes[key]
             if x.shape[1] != net.config.in_channels:
                 raise DenoiseError(f"the ControlNet takes {net.config.in_channels}-channel latents, these have {x.shape[1]}", "positive")
             added = None if batch.added is None else {k: v.to(dtype) for k, v in batch.added.items()}
@@ -152,7 +153,7 @@ class ControlRun:
                 x.to(dtype),
                 t,
                 encoder_hidden_states=batch.context.to(dtype),
-                controlnet_cond=self._hint(control, net, x, len(batch.passes)),
+                controlnet_cond=self._hint(control, net, dtype, x, len(batch.passes)),
                 conditioning_scale=control.strength,
                 added_cond_kwargs=added,
                 return_dict=False,

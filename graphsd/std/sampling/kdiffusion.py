@@ -109,7 +109,8 @@ class Denoiser:
     classifier-free guidance; returns the guided and the unguided estimate. ``context`` /
     ``added`` are one plain conditioning per side (stacked ``[uncond, cond]`` when ``guidance``)
     unless ``plan`` gives the conditionings; ``keep`` applies ComfyUI's inpainting rule around
-    each evaluation."""
+    each evaluation. ``dtype`` is the U-Net's (read from it when not given: diffusers'
+    ``ModelMixin.dtype`` walks every submodule, milliseconds a read, so it is read once per run)."""
 
     def __init__(
         self,
@@ -123,10 +124,10 @@ class Denoiser:
         plan: Guidance | None = None,
         keep: KeepOutsideMask | None = None,
         controls: ControlRun | None = None,
+        dtype: torch.dtype | None = None,
     ):
         self.unet, self.table = unet, table
-        # read once: diffusers' ``ModelMixin.dtype`` walks every submodule (milliseconds a U-Net call)
-        self.dtype = unet.dtype
+        self.dtype = dtype if dtype is not None else unet.dtype
         self.cfg, self.guidance, self.work = cfg, guidance, work
         self.plan = plan if plan is not None else Guidance.single(context, added, guidance)
         self.keep = keep
@@ -246,7 +247,8 @@ def sample_sigmas(
     ``first_step`` numbers the progress steps."""
     device = ctx.device
     info = model_info(unet_ref, "unet")
-    work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
+    unet_dtype = ctx.models.get(unet_ref.keys["unet"]).dtype  # read once (a walk over every submodule)
+    work = working_dtype(unet_dtype)
     check_start_latent(latent, noise)
     table = model_sigma_table(unet_ref, "unet")
 
@@ -282,9 +284,9 @@ def sample_sigmas(
     with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
         unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
-        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet.dtype, concat, seed=noise.seed)
+        plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet_dtype, concat, seed=noise.seed)
         controls = stack.enter_context(ControlRun(ctx, plan, unet, sigma_position(table.sigma, len(table.sigmas))))
-        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep, controls=controls)
+        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep, controls=controls, dtype=unet_dtype)
         last: list[torch.Tensor] = []  # the denoised estimate the sampler reported for its last step
 
         def step_done(i: int, denoised: torch.Tensor) -> None:
