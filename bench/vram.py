@@ -41,7 +41,10 @@ peak allocated GPU memory while timing (``torch.cuda.max_memory_allocated``), th
 RSS, the weight bytes streamed per image (graphsd's StreamEvents), and the largest pixel
 difference from the unconstrained graphsd image of the same seed (graphsd rows) or from the
 first diffusers row (diffusers rows), and any ``workspace_grown`` events (a call that went past
-the budget's activation estimate; the next call plans with the difference). ``--trace`` adds, for
+the budget's activation estimate; the next call plans with the difference), and after each timed
+image, outside its time, the host's speed (milliseconds of a fixed pure-Python loop: ``host ms``,
+the median) and the GPU's SM clock (``nvidia-smi``; lowest-highest), so a slow row says whether
+the host or the GPU was slow. ``--trace`` adds, for
 the graphsd rows, one more image timed node by node with the device synchronised at each node's
 start and end, and the device's kernel, host-to-device copy, overlap and idle time over it
 (torch.profiler). ``--timeline`` adds, for the graphsd rows on CUDA, one more image with every U-Net
@@ -106,23 +109,63 @@ def memory_gib() -> dict:
     return {name: kib.get(field, 0) / 2**20 for name, field in names.items()}
 
 
+def host_probe_ms() -> float:
+    """Milliseconds of a fixed piece of pure-Python work: the host's speed right now (the GPU
+    machine's images drift by up to ~1.9 x between images; this says whether the host did)."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(200_000):
+        total += i & 7
+    return round((time.perf_counter() - t0) * 1e3, 2)
+
+
+def gpu_clocks(device: str) -> dict:
+    """The GPU's SM clock (MHz), power (W), temperature (C) and throttle reasons now, from
+    ``nvidia-smi`` (empty when there is none): whether the device slowed down. The GPU is named by
+    its PCI address (``CUDA_VISIBLE_DEVICES`` renumbers devices, not ``nvidia-smi``'s ids); the
+    throttle field has had two names, and a driver that knows neither still gives the rest."""
+    if device != "cuda":
+        return {}
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    address = f"{getattr(p, 'pci_domain_id', 0):08X}:{getattr(p, 'pci_bus_id', 0):02X}:{getattr(p, 'pci_device_id', 0):02X}.0"
+    names = ["sm_mhz", "watts", "celsius", "throttle"]
+    for throttle in ("clocks_event_reasons.active", "clocks_throttle_reasons.active", ""):
+        fields = ",".join(["clocks.sm", "power.draw", "temperature.gpu"] + ([throttle] if throttle else []))
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", f"--id={address}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        if out.returncode == 0:
+            return dict(zip(names, (v.strip() for v in out.stdout.strip().split(",")), strict=False))
+    return {}
+
+
 def measure(once, args) -> dict:
-    """One warm-up image, then ``--runs`` timed ones with the peak allocation over them."""
+    """One warm-up image, then ``--runs`` timed ones with the peak allocation over them; after
+    each image the host's speed (:func:`host_probe_ms`) and the GPU's clocks (:func:`gpu_clocks`),
+    outside the timed span."""
     progress("set up; warm-up image")
     first = once(0)
     _sync(args.device)
     progress("warm-up image done")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times: list[float] = []
+    machine: list[dict] = []
     for i in range(args.runs):
         t0 = time.perf_counter()
         once(1 + i)
         _sync(args.device)
         times.append(time.perf_counter() - t0)
-        progress(f"image {i + 1}: {times[-1]:.3f} s")
+        machine.append({"host_ms": host_probe_ms(), **gpu_clocks(args.device)})
+        progress(f"image {i + 1}: {times[-1]:.3f} s {machine[-1]}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-    return {"s": statistics.median(times), "times": times, "gib": peak, **memory_gib(), "first": first}
+    return {"s": statistics.median(times), "times": times, "machine": machine, "gib": peak, **memory_gib(), "first": first}
 
 
 def write_lora(model: Path, path: Path, rank: int = 8) -> None:
@@ -472,6 +515,7 @@ def run_config(name: str, config: str, configs: list[str], folder: Path, size: i
     if earlier is not None and "times" in earlier:  # a later round: pool its images with the earlier ones
         r["round_s"] = earlier.get("round_s", [earlier["s"]]) + [r["s"]]
         r["times"] = earlier["times"] + r["times"]
+        r["machine"] = earlier.get("machine", []) + r.get("machine", [])
         r["s"] = statistics.median(r["times"])
         for key in ("gib", "rss_gib", "diff", "process_s"):
             if key in earlier and key in r:
@@ -489,7 +533,7 @@ def finished(name: str, config: str, results: dict, args) -> None:
 
 HEADER = (
     f"{'configuration':<22} {'s / image':>9} {'× none':>7} {'peak GiB':>9} {'≤ budget':>9} {'RSS GiB':>8} "
-    f"{'streamed GiB/img':>16} {'max |Δpixel|':>12}"
+    f"{'streamed GiB/img':>16} {'max |Δpixel|':>12} {'host ms':>8} {'SM MHz':>11}"
 )
 
 
@@ -508,7 +552,15 @@ def row(config: str, r: dict, results: dict) -> str:
     streamed = f"{r['streamed_gib']:.2f}" if "streamed_gib" in r else "-"
     diff = f"{r['diff']:.3g}" if "diff" in r else "-"
     effect = f"  (LoRA changes the image by {r['lora_effect']:.3g})" if "lora_effect" in r else ""
-    return f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}{effect}"
+    # the images' host probes (median) and the GPU's SM clocks (lowest-highest): a slow row on a slow host or GPU says so
+    machine = r.get("machine") or []
+    host = f"{statistics.median(m['host_ms'] for m in machine):.1f}" if machine else "-"
+    clocks = sorted(int(m["sm_mhz"]) for m in machine if str(m.get("sm_mhz", "")).isdigit())
+    sm = f"{clocks[0]}-{clocks[-1]}" if clocks else "-"
+    return (
+        f"{config:<22} {r['s']:>9.3f} {ratio:>7} {r['gib']:>9.2f} {within:>9} {r['rss_gib']:>8.2f} {streamed:>16} {diff:>12}"
+        f" {host:>8} {sm:>11}{effect}"
+    )
 
 
 def cpu_list(text: str) -> set[int]:
