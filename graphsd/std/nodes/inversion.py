@@ -44,7 +44,7 @@ from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, max_passes, p
 from graphsd.std.sampling.inpaint import is_inpainting_unet
 from graphsd.std.sampling.loop import DenoiseSettings
 from graphsd.std.sampling.preview import Previewer
-from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
+from graphsd.types import Conditioning, Latent, Noise, UNet, weight_dtype, working_dtype
 
 #: Timestep spacings for which DDIMInverseScheduler retraces DDIMScheduler's timesteps.
 MIRRORED_SPACINGS = ("leading", "trailing")
@@ -165,7 +165,7 @@ def invert(
     U-Net's working precision."""
     device = ctx.device
     info = model_info(unet_ref, "unet")
-    work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
+    work = working_dtype(weight_dtype(ctx.models.get(unet_ref.keys["unet"])))
     x = latent.samples.to(device, work)
     timesteps = scheduler.timesteps.to(device)
     guided = negative is not None and cfg != 1.0
@@ -173,7 +173,7 @@ def invert(
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
         unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
-        dtype = unet.dtype
+        dtype = weight_dtype(unet)
         scores = (defaults.negative_aesthetic_score, defaults.aesthetic_score)
         plan = plan_guidance(info, positive, negative, guided, tuple(x.shape), scores, device, dtype)
         controls = stack.enter_context(ControlRun(ctx, plan, unet, timestep_position(scheduler.config.num_train_timesteps)))

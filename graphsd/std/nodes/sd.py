@@ -32,7 +32,7 @@ from graphsd.std.sampling.ksamplers import KSAMPLERS, NOT_SUPPORTED
 from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, denoise, denoise_batch
 from graphsd.std.sampling.schedulers import SAMPLERS, SCHEDULES, UnsupportedSchedule
 from graphsd.std.sampling.sigmas import COMFY_SCHEDULERS
-from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, working_dtype
+from graphsd.types import Clip, Conditioning, Image, Latent, Noise, UNet, Vae, weight_dtype, working_dtype
 
 MAX_SEED = 2**64 - 1
 BUILTIN_SAMPLERS = "euler, euler_ancestral, heun, ddim, lms, dpmpp_2m, dpmpp_2m_sde, unipc"
@@ -122,7 +122,7 @@ def _require_latent_memory(shape: tuple[int, ...]) -> None:
 def _first_channels(ctx: Context, handle: Any, role: str) -> tuple[int, torch.dtype]:
     """Channels of the full-resolution blocks of a U-Net or VAE, and its weight dtype."""
     module = ctx.models.get(handle.keys[role])
-    return int(module.config.block_out_channels[0]), module.dtype
+    return int(module.config.block_out_channels[0]), weight_dtype(module)
 
 
 class LatentNoise(Node):
@@ -589,7 +589,7 @@ def _vae_decode(ctx: Context, vae_ref: Vae, samples: torch.Tensor, tile: int | N
     and infinite values are left for the caller to report."""
     info = model_info(vae_ref, "vae")
     with ctx.models.use(vae_ref, "vae") as vae, torch.no_grad():
-        dtype = vae.dtype  # read once: diffusers' ``ModelMixin.dtype`` walks every submodule
+        dtype = weight_dtype(vae)
         work = working_dtype(dtype)
         z = (samples.to(ctx.device, work) / info.scaling_factor + info.shift_factor).to(dtype)
         if tile is not None:

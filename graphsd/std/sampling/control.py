@@ -40,6 +40,7 @@ from graphsd.context import Context
 from graphsd.std.models.controlnet import Control
 from graphsd.std.nodes.comfy_core import center_crop
 from graphsd.std.sampling.guidance import DenoiseError, Guidance, UNetBatch
+from graphsd.types import weight_dtype
 
 #: Percent of the schedule → the loop's position on it (a sigma, or a timestep).
 Position = Callable[[float], float]
@@ -104,7 +105,7 @@ class ControlRun:
         self.ctx, self.unet, self.position = ctx, unet, position
         self.controls = {id(c): c for b in plan.batches if b.control is not None for c in b.control.chain()}
         # dtypes read once per run (diffusers' ``ModelMixin.dtype`` walks every submodule: ms a U-Net)
-        self.dtype = unet.dtype if self.controls else None
+        self.dtype = weight_dtype(unet) if self.controls else None
         self.dtypes: dict[str, torch.dtype] = {}
         self.nets: dict[str, Any] = {}
         self.windows = {key: window(c, position) for key, c in self.controls.items()}

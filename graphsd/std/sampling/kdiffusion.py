@@ -52,7 +52,7 @@ from graphsd.std.sampling.ksamplers import BROWNIAN, DISCARD_PENULTIMATE, KSAMPL
 from graphsd.std.sampling.loop import DenoiseError, DenoiseSettings, check_start_latent
 from graphsd.std.sampling.preview import Previewer
 from graphsd.std.sampling.sigmas import SigmaTable, comfy_sigmas
-from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
+from graphsd.types import Conditioning, Latent, Noise, UNet, weight_dtype, working_dtype
 
 
 class GaussianNoise:
@@ -109,8 +109,8 @@ class Denoiser:
     classifier-free guidance; returns the guided and the unguided estimate. ``context`` /
     ``added`` are one plain conditioning per side (stacked ``[uncond, cond]`` when ``guidance``)
     unless ``plan`` gives the conditionings; ``keep`` applies ComfyUI's inpainting rule around
-    each evaluation. ``dtype`` is the U-Net's (read from it when not given: diffusers'
-    ``ModelMixin.dtype`` walks every submodule, milliseconds a read, so it is read once per run)."""
+    each evaluation. ``dtype`` is the U-Net's (read from its weights when not given:
+    :func:`~graphsd.types.weight_dtype`)."""
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ class Denoiser:
         dtype: torch.dtype | None = None,
     ):
         self.unet, self.table = unet, table
-        self.dtype = dtype if dtype is not None else unet.dtype
+        self.dtype = dtype if dtype is not None else weight_dtype(unet)
         self.cfg, self.guidance, self.work = cfg, guidance, work
         self.plan = plan if plan is not None else Guidance.single(context, added, guidance)
         self.keep = keep
@@ -247,7 +247,7 @@ def sample_sigmas(
     ``first_step`` numbers the progress steps."""
     device = ctx.device
     info = model_info(unet_ref, "unet")
-    unet_dtype = ctx.models.get(unet_ref.keys["unet"]).dtype  # read once (a walk over every submodule)
+    unet_dtype = weight_dtype(ctx.models.get(unet_ref.keys["unet"]))
     work = working_dtype(unet_dtype)
     check_start_latent(latent, noise)
     table = model_sigma_table(unet_ref, "unet")

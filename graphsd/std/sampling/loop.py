@@ -54,7 +54,7 @@ from graphsd.std.sampling.control import ControlRun, timestep_position
 from graphsd.std.sampling.guidance import DenoiseError, UNetBatch, merge_plans, plan_guidance
 from graphsd.std.sampling.inpaint import inpaint_channels, is_inpainting_unet, latent_mask
 from graphsd.std.sampling.preview import Previewer
-from graphsd.types import Conditioning, Latent, Noise, UNet, working_dtype
+from graphsd.types import Conditioning, Latent, Noise, UNet, weight_dtype, working_dtype
 
 
 @dataclass
@@ -164,7 +164,7 @@ def denoise_batch(
     ctx = ctxs[0]
     device = ctx.device
     info = model_info(unet_ref, "unet")
-    work = working_dtype(ctx.models.get(unet_ref.keys["unet"]).dtype)
+    work = working_dtype(weight_dtype(ctx.models.get(unet_ref.keys["unet"])))
     for noise_i, latent_i in zip(noises, latents, strict=True):
         check_start_latent(latent_i, noise_i)
     if len(noises) == 1:
@@ -204,7 +204,7 @@ def denoise_batch(
     previewer = Previewer.for_run(ctx, unet_ref)  # None unless the run asked for previews
     with ctx.models.use(unet_ref, "unet") as unet, ExitStack() as stack:
         unet = fast(ctx, unet_ref, "unet", unet)  # compiled when Settings.compile asks
-        dtype = unet.dtype
+        dtype = weight_dtype(unet)
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         concat = partial(inpaint_channels, latent=latent, shape=shape, convention="diffusers", device=device, dtype=work)
         if len(noises) == 1:

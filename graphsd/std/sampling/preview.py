@@ -46,7 +46,7 @@ from PIL import Image as PILImage
 
 from graphsd.context import Context
 from graphsd.std.models.family import ModelInfo, model_info
-from graphsd.types import UNet, Vae
+from graphsd.types import UNet, Vae, weight_dtype
 
 #: Calibration batch: 9 solid colours (RGB cube corners and mid-grey), the rest gradients.
 CALIBRATION_IMAGES = 16
@@ -184,5 +184,5 @@ class Previewer:
             latent = F.interpolate(latent.float(), size=size, mode="area")
         with self.ctx.models.use(self.vae_ref, "vae") as vae:
             z = latent.to(self.ctx.device, torch.float32) / info.scaling_factor + info.shift_factor
-            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+            x = vae.decode(z.to(weight_dtype(vae)), return_dict=False)[0]
         return (x[0].float().cpu() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0)
