@@ -474,22 +474,27 @@ def test_a_block_whose_home_is_not_one_span_is_copied_tensor_by_tensor():
     assert copies == sum(2 if i == 1 else 1 for i in moved)  # weight and bias one by one for block 1
 
 
-def test_a_component_streamed_again_after_an_offload_copies_in_the_order_its_blocks_ran():
-    """The order learned while streaming is kept with the layout: after an offload (a component
-    taking turns with others between images) the new streamer's very first call copies in the
-    order the blocks ran, so no copy made ahead is thrown away."""
+def test_a_component_streamed_again_after_an_offload_keeps_its_streamer_and_copies_in_the_order_its_blocks_ran():
+    """A component taking turns with others between images keeps its streamer through an
+    offload (parked: its ring freed, every weight at its home), so placing it again walks none of
+    its modules; the order learned while streaming is kept, so its very first call after the
+    offload copies in the order the blocks ran and no copy made ahead is thrown away."""
     model, m, handle, x, expected = misordered_six()
     run_order = [f"blocks.{i}" for i in range(6)]
     with m.use(handle, "unet") as mod:
         assert torch.equal(mod(x), expected)
-        first = list(m.entries["model"].streamer.transfers)
+        kept = m.entries["model"].streamer
+        first = list(kept.transfers)
     assert first[:6] != run_order  # the first call ever follows the layout's guess
     m.offload("model")
-    assert m.entries["model"].streamer is None
+    assert m.entries["model"].streamer is kept and kept.parked and kept.ring.numel() == 0
+    home = m.entries["model"].home
+    assert all(p.data_ptr() == home[id(p)].data_ptr() for p in model.parameters())  # nothing left off its home
     with m.use(handle, "unet") as mod:
         assert torch.equal(mod(x), expected)
         streamer = m.entries["model"].streamer
         transfers, moved = list(streamer.transfers), streamer.bytes_moved
+    assert streamer is kept and not kept.parked
     assert transfers[:6] == run_order
     call = sum(b.nbytes for b in m.layout("model").blocks)
     assert moved < 2 * call  # one call's blocks and the next call's first ones, nothing copied twice
