@@ -601,7 +601,7 @@ class Streamer:
 
     def remove(self) -> None:
         """Take the hooks off and bring every streamed block back as a plain CPU tensor."""
-        self.finish()
+        self.park()
         for h in self.hooks:
             h.remove()
         for entries in self.tensors:
@@ -609,8 +609,7 @@ class Streamer:
                 if t.master is not None:
                     t.tensor.data = t.master
                     t.master = None
-        self.spans, self.views, self.slices = {}, {}, {}
-        self.ring = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self.spans = {}
 
     # ---- the ring ----------------------------------------------------------------------------
     def _allocate(self, size: int) -> int | None:

@@ -109,8 +109,7 @@ class Denoiser:
     classifier-free guidance; returns the guided and the unguided estimate. ``context`` /
     ``added`` are one plain conditioning per side (stacked ``[uncond, cond]`` when ``guidance``)
     unless ``plan`` gives the conditionings; ``keep`` applies ComfyUI's inpainting rule around
-    each evaluation. ``dtype`` is the U-Net's (read from its weights when not given:
-    :func:`~graphsd.types.weight_dtype`)."""
+    each evaluation."""
 
     def __init__(
         self,
@@ -124,10 +123,9 @@ class Denoiser:
         plan: Guidance | None = None,
         keep: KeepOutsideMask | None = None,
         controls: ControlRun | None = None,
-        dtype: torch.dtype | None = None,
     ):
         self.unet, self.table = unet, table
-        self.dtype = dtype if dtype is not None else weight_dtype(unet)
+        self.dtype = weight_dtype(unet)
         self.cfg, self.guidance, self.work = cfg, guidance, work
         self.plan = plan if plan is not None else Guidance.single(context, added, guidance)
         self.keep = keep
@@ -286,7 +284,7 @@ def sample_sigmas(
         scores = (settings.negative_aesthetic_score, settings.aesthetic_score)
         plan = plan_guidance(info, positive, negative, guidance, shape, scores, device, unet_dtype, concat, seed=noise.seed)
         controls = stack.enter_context(ControlRun(ctx, plan, unet, sigma_position(table.sigma, len(table.sigmas))))
-        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep, controls=controls, dtype=unet_dtype)
+        model = Denoiser(unet, table, None, None, settings.cfg, guidance, work, plan=plan, keep=keep, controls=controls)
         last: list[torch.Tensor] = []  # the denoised estimate the sampler reported for its last step
 
         def step_done(i: int, denoised: torch.Tensor) -> None:
