@@ -17,6 +17,8 @@ Each configuration runs in its own process, all in one invocation on the same GP
   the warm-up a user pays after a restart;
 - ``graphsd_fp8``: ``Settings(compile="fp8")`` (float8 linear layers through torchao; not fp16's
   numbers, so a row of its own, never the headline);
+- ``graphsd_autotune``: ``Settings(compile="max-autotune")`` (inductor times matrix and
+  convolution kernel choices while compiling: a long first compile);
 - ``CONFIG:PRESET`` for a graphsd fast-path row: the same with the fast path's tuning constants
   (graphsd.std.models.compile) set to one of :data:`TUNINGS` (``plain`` is last session's path),
   to measure each lever in one invocation.
@@ -34,8 +36,9 @@ peak GPU memory while timing, the warm-up (the first two images, compiles includ
 load is not in it), the host-device synchronisations during one image (``torch.cuda`` sync debug
 mode), for the compiled rows the largest pixel difference (in [0, 1]) from the eager image of
 the same library and seed (fp16 rows are checked against :data:`FP16_PIXEL_TOLERANCE`), and the
-time of each phase of one more image (text encoding, denoise loop, VAE decode). Then the ratios
-the issue asks for. ``--smoke`` runs the same code on
+time of each phase of one more image (text encoding, denoise loop, VAE decode). ``--profile``
+adds one more image under torch.profiler per row: the GPU's busy and idle milliseconds (equal
+busy times mean the same GPU work). Then the ratios the issue asks for. ``--smoke`` runs the same code on
 tiny models on the CPU (for checking the script, not for numbers).
 """
 
@@ -58,6 +61,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, CFG, PROMPT = 20, 7.5, "a red circle on a white background"
 CONFIGS = ("diffusers", "graphsd", "diffusers_compiled", "graphsd_fast", "graphsd_fast_2nd")
+#: rows run only when named: fp8 (not fp16's numbers) and max-autotune (a compile of many minutes)
+EXTRA_CONFIGS = ("graphsd_fp8", "graphsd_autotune")
 #: the largest pixel difference (values in [0, 1]) an fp16 fast path may have from eager: fp16
 #: rounding differs between kernels (fused, reordered sums, other convolution algorithms) by
 #: about 2**-11 relative per operation, and 20 steps carry it into the image; four 8-bit levels
@@ -276,6 +281,34 @@ def prewarm(fn, device: str) -> dict:
     return {"cold_parallel": time.perf_counter() - t0, "first": first}
 
 
+def device_profile(fn, device: str) -> dict:
+    """One more image under torch.profiler (device activity only, so the host runs at its own
+    pace): the wall time, the time at least one kernel or copy ran on the GPU (busy), the rest
+    (idle: the host, a launch or a synchronisation held the GPU up), and the number of kernels.
+    Equal busy times mean equal GPU work: what is left between two rows is then idle time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return {}
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn(301)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return {}
+    busy, (start, end) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            busy, start = busy + end - start, a
+        end = max(end, b)
+    busy += end - start
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "mem" not in e.name.lower())
+    return {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "idle_ms": wall * 1e3 - busy / 1e3, "kernels": kernels}
+
+
 def timed(fn, device: str):
     """``fn``'s result and its seconds, the device synchronised before and after."""
     synchronize(device)
@@ -316,6 +349,8 @@ def run_graphsd(args, mode: str) -> dict:
     if args.prewarm_only:
         return {"load": load, **prewarm(once, args.device)}
     result = measure(once, args.runs, args.device)
+    if args.profile:
+        result["profile"] = device_profile(once, args.device)
     # phases of one more image: the nodes' own durations (the denoise node ends with the latent on
     # the CPU and the decode node checks the pixels, so each waits for its GPU work)
     res = engine.run(doc, params={"seed": 200}, outputs=["img"])
@@ -356,6 +391,8 @@ def run_diffusers(args, compiled: bool) -> dict:
     if args.prewarm_only:
         return {"load": load, **prewarm(once, device)}
     result = measure(once, args.runs, device)
+    if args.profile:
+        result["profile"] = device_profile(once, device)
     # phases of one more image: prompt encoding and VAE decode timed with a sync around each, the
     # denoise loop is the rest
     spent = {"text": 0.0, "decode": 0.0}
@@ -384,6 +421,7 @@ def child(args) -> None:
         "graphsd_fast": lambda: run_graphsd(args, "reduce-overhead"),
         "graphsd_fast_2nd": lambda: run_graphsd(args, "reduce-overhead"),
         "graphsd_fp8": lambda: run_graphsd(args, "fp8"),
+        "graphsd_autotune": lambda: run_graphsd(args, "max-autotune"),
     }[config]()
     torch.save(result.pop("first"), args.image)
     print(json.dumps(result))
@@ -394,7 +432,7 @@ def child(args) -> None:
 
 def compiled(config: str) -> bool:
     """Whether a row compiles (and so can be prewarmed)."""
-    return config.split(":")[0] in ("diffusers_compiled", "graphsd_fast", "graphsd_fp8")
+    return config.split(":")[0] in ("diffusers_compiled", "graphsd_fast", *EXTRA_CONFIGS)
 
 
 def bench_model(name: str, args, tmp: Path, everything: dict) -> dict:
@@ -413,7 +451,7 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> dict:
         return [
             sys.executable, __file__, "--config", config, "--model", str(folder), "--size", str(size), "--steps", str(args.steps),
             "--runs", str(args.runs), "--device", args.device, "--backend", args.backend, "--cache", str(cache), "--image", str(image),
-        ] + (["--prewarm-only"] if prewarm_only else [])  # fmt: skip
+        ] + (["--prewarm-only"] if prewarm_only else []) + (["--profile"] if args.profile else [])  # fmt: skip
 
     def finish(config: str, out: subprocess.CompletedProcess | None, seconds: float, key: str) -> None:
         if out is None:
@@ -457,6 +495,8 @@ def bench_model(name: str, args, tmp: Path, everything: dict) -> dict:
                 done = subprocess.CompletedProcess(proc.args, proc.returncode, *(f.read_text() for f in logs_of(config)))
                 finish(config, done if proc.returncode != -9 else None, time.perf_counter() - started, f"{config} (cold)")
     for config in args.configs:
+        if "error" in results.get(f"{config} (cold)", {}):  # its compile failed or outlasted --timeout: again would too
+            continue
         t0 = time.perf_counter()
         try:
             out = subprocess.run(command(config, False), capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
@@ -495,12 +535,17 @@ def report(name: str, results: dict, runs: int) -> None:
         phases = " ".join(f"{ph[k]:>{w}.3f}" if ph.get(k) is not None else f"{'-':>{w}}" for k, w in widths)
         print(f"{config:<26} {r['s']:>9.3f} {r['gib']:>8.2f} {r['warmup']:>9.1f} {cold:>7} {syncs:>5} {diff:>12} {phases}")
     print(f"  ('!': over the fp16 tolerance of {FP16_PIXEL_TOLERANCE:.4f}; 'cold': first compile while other rows compiled too)")
+    profiled = {c: r["profile"] for c, r in results.items() if r.get("profile")}
+    if profiled:
+        print(f"\n{'one more image, profiled':<26} {'wall ms':>8} {'GPU busy':>8} {'idle':>6} {'kernels':>7}")
+        for config, p in profiled.items():
+            print(f"{config:<26} {p['wall_ms']:>8.1f} {p['busy_ms']:>8.1f} {p['idle_ms']:>6.1f} {p['kernels']:>7}")
 
     def ratio(a: str, b: str, what: str) -> None:
         if all(c in results and "error" not in results[c] for c in (a, b)):
             print(f"  {what}: {a} / {b} = {results[a]['s'] / results[b]['s']:.2f}")
 
-    for fast in [c for c in results if c.startswith(("graphsd_fast", "graphsd_fp8")) and not c.endswith("(cold)")]:
+    for fast in [c for c in results if c.startswith(("graphsd_fast", *EXTRA_CONFIGS)) and not c.endswith("(cold)")]:
         ratio(fast, "diffusers_compiled", "vs compiled diffusers (issue: fast path <= 0.66 SD1.5, <= 0.70 SDXL)")
     ratio("graphsd", "diffusers", "eager vs eager (issue: <= 1.02)")
     ratio("graphsd_fast", "graphsd", "graphsd fast path vs graphsd eager")
@@ -516,6 +561,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, aot_eager: checks the script, measures nothing")
     parser.add_argument("--prewarm", type=int, default=0, metavar="N", help="compile the compiled rows first, N processes at a time")
+    parser.add_argument("--profile", action="store_true", help="profile one more image per row: GPU busy and idle time (CUDA)")
     parser.add_argument("--prewarm-only", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--config", "--model", "--cache", "--image"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -532,9 +578,9 @@ def main() -> None:
         args.device, args.backend, args.steps, args.runs = "cpu", "aot_eager", 2, 1
         args.models = args.models if args.models.startswith("tiny") else "tiny,tinyxl"
     args.configs = args.configs.split(",")
-    unknown = [c for c in args.configs if c.split(":")[0] not in (*CONFIGS, "graphsd_fp8") or c.partition(":")[2] not in ("", *TUNINGS)]
+    unknown = [c for c in args.configs if c.split(":")[0] not in (*CONFIGS, *EXTRA_CONFIGS) or c.partition(":")[2] not in ("", *TUNINGS)]
     if unknown:
-        parser.error(f"unknown configuration(s) {', '.join(unknown)}; use {', '.join(CONFIGS)}, graphsd_fp8, CONFIG:{'|'.join(TUNINGS)}")
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; use {', '.join(CONFIGS + EXTRA_CONFIGS)}, CONFIG:{'|'.join(TUNINGS)}")
     everything = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
