@@ -27,7 +27,7 @@ from graphsd import Engine, Settings
 from graphsd.cli import build_parser
 from graphsd.context import COMPILE_MODES
 from graphsd.events import ModelEvent
-from graphsd.std.models.compile import cache_dir, fuse_projections, refresh_projections, twin
+from graphsd.std.models.compile import cache_dir, fp8_eligible, fuse_projections, refresh_projections, twin
 
 SEED = 5
 
@@ -286,6 +286,19 @@ def test_fp8_is_refused_where_float8_does_not_run(models, tmp_path):
     message = str(result.errors[0])
     assert "denoise" in message and "compile mode fp8 needs an NVIDIA GPU of compute capability 8.9" in message
     assert "this run is on cpu" in message
+
+
+def test_fp8_takes_every_transformer_projection_and_no_embedding():
+    """fp8 mode quantizes the attention projections and feed-forward layers of every transformer
+    block (with SDXL's linear in/out projections), never a layer that works on the time or
+    added-condition embedding (one row per image: nothing to gain, precision to lose)."""
+    unet = sd_tiny.sdxl_unet(0, time_ids=6, cross_attention_dim=48)
+    linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    chosen = {n for n, m in unet.named_modules() if fp8_eligible(m, n)}
+    in_blocks = {n for n in linears if ".transformer_blocks." in n or n.endswith((".proj_in", ".proj_out"))}
+    embeddings = {n for n in linears if n.startswith(("time_embedding.", "add_embedding.")) or ".resnets." in n}
+    assert in_blocks and embeddings and linears == in_blocks | embeddings
+    assert chosen == in_blocks
 
 
 # ---- where compiled artefacts persist ---------------------------------------------------------

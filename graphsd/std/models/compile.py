@@ -51,7 +51,8 @@ large linear layers (attention projections, feed-forward) quantized to float8 wi
 per-tensor scales through ``torchao`` (Hopper or newer GPUs; ``pip install torchao``). The
 quantized weights live in the twin, made from the weights with the handle's patches applied;
 another set of patches (a LoRA strength, say) makes another twin and compiles it again. Its
-output differs from fp16's by more than rounding: bench/gpu.py reports the difference.
+output differs from fp16's by more than rounding: bench/gpu.py reports the difference on a GPU,
+bench/fp8_error.py emulates the rounding on the CPU (graphsd-tiny's outlines move by a pixel).
 """
 
 from __future__ import annotations
@@ -188,20 +189,25 @@ def check_fp8(device: torch.device) -> None:
         )
 
 
+def fp8_eligible(layer: torch.nn.Module, name: str) -> bool:
+    """Whether fp8 mode quantizes this layer (``name`` its path in the U-Net): the large linear
+    layers (attention projections, feed-forward; float8 matrix products need dimensions that are
+    multiples of 16), not the time and added-condition embeddings nor the resnets' projections
+    of the time embedding (one row per image: nothing to gain, precision to lose)."""
+    if not isinstance(layer, torch.nn.Linear) or "embedding" in name or name.endswith("time_emb_proj"):
+        return False
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
 def quantize_fp8(module: torch.nn.Module) -> None:
-    """The module's large linear layers to float8 weights and activations (dynamic per-tensor
-    scales) through torchao; the time and added-condition embeddings (two rows) stay as they are."""
+    """The module's :func:`fp8_eligible` layers to float8 weights and activations (dynamic
+    per-tensor scales) through torchao."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
     except ImportError:
         raise RuntimeError("compile mode fp8 needs the torchao package: pip install torchao") from None
 
-    def large(layer: torch.nn.Module, name: str) -> bool:
-        return (
-            isinstance(layer, torch.nn.Linear) and "embedding" not in name and layer.in_features % 16 == 0 and layer.out_features % 16 == 0
-        )
-
-    quantize_(module, Float8DynamicActivationFloat8WeightConfig(), filter_fn=large)
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(), filter_fn=fp8_eligible)
 
 
 @contextmanager
