@@ -68,6 +68,18 @@ EXTRA_CONFIGS = ("graphsd_fp8", "graphsd_autotune")
 #: about 2**-11 relative per operation, and 20 steps carry it into the image; four 8-bit levels
 #: bound what was seen (under one level) with room, while a wrong graph is off by far more
 FP16_PIXEL_TOLERANCE = 4 / 255
+#: the U-Nets of the real architectures (``UNet2DConditionModel`` arguments; the cross-attention
+#: width and SDXL's added conditions come from the text encoders)
+SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8)
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+)
 #: fast-path tuning presets (values for graphsd.std.models.compile's constants)
 _PLAIN = {"FUSE_QKV": False, "SDPA_BACKENDS": (), "CUDNN_BENCHMARK": False, "INDUCTOR_OPTIONS": {"conv_1x1_as_mm": True}}
 _CUDNN_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
@@ -174,18 +186,7 @@ def build_model(name: str, folder: Path, device: str) -> None:
                 projection_dim=1280,
                 hidden_act="gelu",
             )
-            if xl:
-                unet_config = dict(
-                    sample_size=128,
-                    block_out_channels=(320, 640, 1280),
-                    layers_per_block=2,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                    transformer_layers_per_block=(1, 2, 10),
-                    attention_head_dim=(5, 10, 20),
-                )
-            else:
-                unet_config = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8)
+            unet_config = SDXL_UNET if xl else SD15_UNET
         clip_l = dict(l_config, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
         te = CLIPTextModel(CLIPTextConfig(**clip_l))
         vae = AutoencoderKL(

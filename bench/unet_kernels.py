@@ -19,9 +19,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import SD15_UNET, SDXL_UNET  # noqa: E402 - the architectures of the GPU benchmark
 
 #: kernel-name fragments of each kind (cuDNN/cuBLAS/flash/inductor names), first match wins
 KINDS = (
@@ -47,19 +52,11 @@ def build(model: str, device: str) -> tuple[torch.nn.Module, tuple, dict]:
     torch.manual_seed(0)
     with torch.device(device):
         if model == "sd15":
-            unet = UNet2DConditionModel(
-                sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8, cross_attention_dim=768
-            )
+            unet = UNet2DConditionModel(**SD15_UNET, cross_attention_dim=768)
             latent, context, extra = (2, 4, 64, 64), (2, 77, 768), {}
         else:
             unet = UNet2DConditionModel(
-                sample_size=128,
-                block_out_channels=(320, 640, 1280),
-                layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10),
-                attention_head_dim=(5, 10, 20),
+                **SDXL_UNET,
                 cross_attention_dim=2048,
                 use_linear_projection=True,
                 addition_embed_type="text_time",
