@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_server_harness import ROOT, Served, events_until_done, pngs, receive, txt2img
+from test_server_harness import ROOT, Served, assert_same_png, events_until_done, pngs, receive, txt2img
 
 from graphsd import Engine, Settings
 from graphsd.batch import MANIFEST, BatchOptions, run_batch
@@ -88,7 +88,7 @@ def test_a_60_row_batch_completes_exactly_once_and_a_second_run_skips_it(cluster
     assert {r.worker for r in result} == {0, 1}  # both workers took rows
     # the same image as one process makes for that row
     local = Engine(Settings(device="cpu", output_dir=str(cluster["base"] / "local"))).run(WORKFLOW, {**COMMON, **rows[7]})
-    assert (output / names[7] / "txt2img_00001.png").read_bytes() == Path(local.files[0]).read_bytes()
+    assert_same_png(output / names[7] / "txt2img_00001.png", Path(local.files[0]))
     _, again, code = batch(cluster, "sixty", rows)
     assert code == 0 and [r.status for r in again] == ["skipped"] * 60
     assert_exactly_once(output, names, "skipped")

@@ -5,6 +5,7 @@ graphsd-tiny at tiny sizes."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -21,8 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import websocket
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 URL_RE = re.compile(r"graphsd serve: (http://\S+?)/?$")
@@ -238,6 +241,16 @@ def txt2img(
     prompt["6"]["inputs"]["text"] = text
     prompt["9"]["inputs"]["filename_prefix"] = prefix
     return prompt
+
+
+def assert_same_png(ours: str | Path | bytes, reference: str | Path | bytes) -> None:
+    """The same picture within one 8-bit level (PNG files or bytes): a server or a Ray worker is
+    another process, whose kernels may split their sums over threads differently (OMP_NUM_THREADS,
+    how busy the cores are), which moves float32 results by a few ulps; on a value that lies next
+    to a rounding boundary of the 8-bit scale that flips the byte by one, never by more."""
+    a, b = (np.asarray(Image.open(io.BytesIO(p) if isinstance(p, bytes) else p).convert("RGB"), dtype=np.int16) for p in (ours, reference))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert int(np.abs(a - b).max()) <= 1, f"the pictures differ by {int(np.abs(a - b).max())} levels"
 
 
 def pngs(folder: Path) -> list[Path]:
