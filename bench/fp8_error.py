@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import FP16_PIXEL_TOLERANCE, build_model, txt2img_document  # noqa: E402 - the model builders of the GPU benchmark
+from gpu import FP16_PIXEL_TOLERANCE, build_model, txt2img_document, unet_entry  # noqa: E402 - the model builders of the GPU benchmark
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -63,7 +63,7 @@ def images(model: str, dtype: str, size: int, steps: int, seeds: int, fp8: bool)
     assert engine.run(doc, outputs=["m"]).ok
     layers = 0
     if fp8:
-        unet = next(e.module for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
+        unet = unet_entry(engine)[1].module
         layers = emulate_fp8(unet)
     out = []
     for seed in range(seeds):

@@ -235,6 +235,11 @@ def build_model(name: str, folder: Path, device: str) -> None:
     pipe.to(torch.float16 if device == "cuda" else torch.float32).save_pretrained(folder)
 
 
+def unet_entry(engine) -> tuple:
+    """The key and ModelManager entry of the U-Net an Engine has loaded (keys end ``:unet:<n>``)."""
+    return next((k, e) for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
+
+
 # ---- one configuration (child process) --------------------------------------------------------
 
 

@@ -72,7 +72,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import CFG, build_model, pipeline_image, txt2img_document  # noqa: E402 - the model builders of the GPU benchmark
+from gpu import CFG, build_model, pipeline_image, txt2img_document, unet_entry  # noqa: E402 - the model builders of the GPU benchmark
 
 BUDGETS = "none,8,6,4,3,2,1.5,1"
 LORA_FILE = "bench-lora.safetensors"  # --lora: written into each model's folder
@@ -303,7 +303,7 @@ def timeline(engine, doc: dict, args, call: int | None = None) -> dict:
     from graphsd.memory import Streamer
 
     call = call or max(1, args.steps // 2)
-    key, entry = next((k, e) for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
+    key, entry = unet_entry(engine)
     state = {"calls": 0}
     marks: list[tuple[str, str, float, torch.cuda.Event]] = []
 
@@ -371,7 +371,7 @@ def host_side(engine, doc: dict, args) -> dict:
     debug mode: each blocking call warns, with the Python line that made it)."""
     import warnings
 
-    unet = next(e.module for k, e in engine.models.entries.items() if k.split(":")[-2:-1] == ["unet"])
+    unet = unet_entry(engine)[1].module
     marks: list[float] = []
     hooks = [
         unet.register_forward_pre_hook(lambda *_: marks.append(time.perf_counter()) if not marks else None),
