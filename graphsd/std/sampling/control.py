@@ -104,9 +104,6 @@ class ControlRun:
     def __init__(self, ctx: Context, plan: Guidance, unet: Any, position: Position):
         self.ctx, self.unet, self.position = ctx, unet, position
         self.controls = {id(c): c for b in plan.batches if b.control is not None for c in b.control.chain()}
-        # dtypes read once per run (diffusers' ``ModelMixin.dtype`` walks every submodule: ms a U-Net)
-        self.dtype = weight_dtype(unet) if self.controls else None
-        self.dtypes: dict[str, torch.dtype] = {}
         self.nets: dict[str, Any] = {}
         self.windows = {key: window(c, position) for key, c in self.controls.items()}
         self.hints: dict[tuple[int, ...], torch.Tensor] = {}
@@ -119,7 +116,6 @@ class ControlRun:
                 net = self._stack.enter_context(self.ctx.models.use(control.net, "controlnet"))
                 check_fits(net, self.unet)
                 self.nets[key] = net
-                self.dtypes[key] = net.dtype
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -141,12 +137,13 @@ class ControlRun:
             return {}
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        unet_dtype = weight_dtype(self.unet)
         for control in batch.control.chain():
             low, high = self.windows[id(control)]
             if not low <= position <= high:
                 continue
-            key = control.net.keys["controlnet"]
-            net, dtype = self.nets[key], self.dtypes[key]
+            net = self.nets[control.net.keys["controlnet"]]
+            dtype = weight_dtype(net)  # not ``net.dtype``: diffusers' walks every submodule
             if x.shape[1] != net.config.in_channels:
                 raise DenoiseError(f"the ControlNet takes {net.config.in_channels}-channel latents, these have {x.shape[1]}", "positive")
             added = None if batch.added is None else {k: v.to(dtype) for k, v in batch.added.items()}
@@ -159,9 +156,9 @@ class ControlRun:
                 added_cond_kwargs=added,
                 return_dict=False,
             )
-            here = [r.to(self.dtype) for r in out_down]
+            here = [r.to(unet_dtype) for r in out_down]
             down = here if down is None else [a + b for a, b in zip(here, down, strict=True)]
-            mid = out_mid.to(self.dtype) if mid is None else out_mid.to(self.dtype) + mid
+            mid = out_mid.to(unet_dtype) if mid is None else out_mid.to(unet_dtype) + mid
         if down is None:
             return {}
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
